@@ -1,19 +1,36 @@
 """Trust bundles: the X.509 and JWT authorities of one trust domain.
 
 Parsing and writing of the SPIFFE bundle format (SPIFFE_Trust_Domain_and_Bundle.md, a JWKS with `use`
-`x509-svid`/`jwt-svid`) and of PEM bundles lives here.
+`x509-svid`/`jwt-svid`) and of PEM bundles lives here. A bundle never names its own trust domain on the wire
+(section 3 of the spec): every parser takes the trust domain from the caller's configuration.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from svidgate.errors import BundleError
 from svidgate.identity.spiffe_id import TrustDomain
+
+X509_SVID_USE = "x509-svid"
+JWT_SVID_USE = "jwt-svid"
+
+# JSON integers are unbounded; the spec asks for at least 64 bits (4.1.1), and more than that is nonsense that
+# would break every Go peer, so it is rejected rather than carried along.
+_MAX_UINT64 = 2**64 - 1
+_MAX_INT64 = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -36,3 +53,339 @@ class Bundle:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "jwt_authorities", MappingProxyType(dict(self.jwt_authorities)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# SPIFFE bundle (JWKS)
+
+
+def parse_spiffe_bundle(trust_domain: TrustDomain, data: bytes) -> Bundle:
+    """Parse a SPIFFE bundle (an RFC 7517 JWK Set with SPIFFE parameters).
+
+    Entries whose `use` or `kty` svidgate does not know are ignored, as section 4.1.3/4.2 require, so a bundle
+    from a newer implementation still loads. Everything svidgate does use is checked strictly: an `x509-svid`
+    entry carries exactly one certificate in `x5c` (as go-spiffe and SPIRE require) whose key matches the
+    JWK's, and a `jwt-svid` entry has a `kid` that no other entry has.
+
+    Args:
+        trust_domain: the trust domain the bundle belongs to (from configuration, never from the document).
+        data: the JSON document.
+
+    Returns:
+        The bundle, with `sequence` and `refresh_hint` when the document sets them.
+
+    Raises:
+        BundleError: the document is not JSON, not a JWK Set, or an entry svidgate uses is malformed. The
+            message names the entry's index and the rule it breaks.
+    """
+    try:
+        doc = json.loads(data, object_pairs_hook=_no_duplicate_members)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and Python's 4300-digit integer limit.
+        raise BundleError(f"SPIFFE bundle for {trust_domain}: not valid JSON: {exc}") from None
+    except _DuplicateMemberError as exc:
+        raise BundleError(f"SPIFFE bundle for {trust_domain}: duplicate JSON member {exc.name!r}") from None
+    where = f"SPIFFE bundle for {trust_domain}"
+    if not isinstance(doc, dict):
+        raise BundleError(f"{where}: the document must be a JSON object, not {_json_type(doc)}")
+    sequence = _optional_int(doc, "spiffe_sequence", 0, _MAX_UINT64, where)
+    refresh_hint = _optional_int(doc, "spiffe_refresh_hint", 0, _MAX_INT64, where)
+    if "keys" not in doc:
+        # 4.1.3: "The parameter keys MUST be present."
+        raise BundleError(f"{where}: the 'keys' member is missing")
+    keys = doc["keys"]
+    if not isinstance(keys, list):
+        raise BundleError(f"{where}: 'keys' must be an array, not {_json_type(keys)}")
+
+    x509_authorities: list[x509.Certificate] = []
+    jwt_authorities: dict[str, PublicKeyTypes] = {}
+    for index, jwk in enumerate(keys):
+        entry = f"{where}: keys[{index}]"
+        if not isinstance(jwk, dict):
+            raise BundleError(f"{entry}: must be a JSON object, not {_json_type(jwk)}")
+        use = jwk.get("use")
+        if use not in (X509_SVID_USE, JWT_SVID_USE):
+            continue  # 4.2.2: unknown (or absent) use -> ignore the entire element
+        kty = jwk.get("kty")
+        if not isinstance(kty, str):
+            raise BundleError(f"{entry}: 'kty' must be set (section 4.2.1)")
+        if kty not in _KNOWN_KTY:
+            continue  # 4.2.1: unknown key type -> ignore the entire element
+        if use == X509_SVID_USE:
+            cert = _x509_authority_from_jwk(jwk, entry)
+            if all(cert != known for known in x509_authorities):
+                x509_authorities.append(cert)
+        else:
+            kid = jwk.get("kid")
+            if not isinstance(kid, str) or not kid:
+                raise BundleError(
+                    f"{entry}: a jwt-svid key must have a non-empty string 'kid' (JWT-SVID.md 6)"
+                )
+            if kid in jwt_authorities:
+                raise BundleError(f"{entry}: duplicate 'kid' {kid!r}")
+            jwt_authorities[kid] = public_key_from_jwk(jwk, entry)
+    return Bundle(
+        trust_domain=trust_domain,
+        x509_authorities=tuple(x509_authorities),
+        jwt_authorities=jwt_authorities,
+        sequence=sequence,
+        refresh_hint=refresh_hint,
+    )
+
+
+def spiffe_bundle_json(bundle: Bundle) -> bytes:
+    """Write `bundle` as a SPIFFE bundle document (what a bundle endpoint serves).
+
+    X.509 authorities become `x509-svid` entries without `kid` and with exactly one certificate in `x5c`
+    (X509-SVID.md 6.1); JWT authorities become `jwt-svid` entries with their `kid` (JWT-SVID.md 6). The output
+    is deterministic for equal input, so it can be hashed into a resource version.
+
+    Args:
+        bundle: the bundle to write.
+
+    Returns:
+        UTF-8 JSON, indented for humans, ending in a newline.
+
+    Raises:
+        BundleError: an authority has a key type a JWK cannot express.
+    """
+    keys: list[dict[str, Any]] = []
+    for index, cert in enumerate(bundle.x509_authorities):
+        der = cert.public_bytes(serialization.Encoding.DER)
+        key_members = public_key_to_jwk(cert.public_key(), f"x509 authority {index}")
+        keys.append({"use": X509_SVID_USE, **key_members, "x5c": [base64.b64encode(der).decode("ascii")]})
+    for kid, key in bundle.jwt_authorities.items():
+        keys.append({"use": JWT_SVID_USE, "kid": kid, **public_key_to_jwk(key, f"jwt authority {kid!r}")})
+    doc: dict[str, Any] = {"keys": keys}
+    if bundle.sequence is not None:
+        doc["spiffe_sequence"] = bundle.sequence
+    if bundle.refresh_hint is not None:
+        doc["spiffe_refresh_hint"] = bundle.refresh_hint
+    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEM bundles (X.509 authorities only)
+
+_PEM_BLOCK_RE = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END ([A-Z0-9 ]+)-----",
+    re.DOTALL,
+)
+
+
+def parse_pem_bundle(trust_domain: TrustDomain, data: bytes) -> Bundle:
+    """Parse a PEM file of CA certificates into a bundle with X.509 authorities only.
+
+    Any PEM block that is not a ``CERTIFICATE`` (a private key, a CSR) is an error rather than skipped: it
+    almost always means the wrong file was configured.
+
+    Args:
+        trust_domain: the trust domain the certificates are authorities for.
+        data: one or more PEM ``CERTIFICATE`` blocks.
+
+    Returns:
+        The bundle (no JWT authorities, no sequence, no refresh hint).
+
+    Raises:
+        BundleError: no certificate, a non-certificate block, or a block that does not parse.
+    """
+    return Bundle(
+        trust_domain=trust_domain, x509_authorities=_pem_certificates(data, f"PEM bundle for {trust_domain}")
+    )
+
+
+def pem_bundle(bundle: Bundle) -> bytes:
+    """The X.509 authorities of `bundle` as concatenated PEM ``CERTIFICATE`` blocks (what Envoy's
+    `trusted_ca` and most TLS stacks read). JWT authorities are not representable and are left out.
+    """
+    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in bundle.x509_authorities)
+
+
+def x509_authorities_pem(bundle: Bundle) -> bytes:
+    """Alias of `pem_bundle`: the X.509 authorities of `bundle` as PEM."""
+    return pem_bundle(bundle)
+
+
+def _pem_certificates(data: bytes, where: str) -> tuple[x509.Certificate, ...]:
+    if not isinstance(data, bytes):
+        raise BundleError(f"{where}: expected bytes, not {type(data).__name__}")
+    certs: list[x509.Certificate] = []
+    for index, match in enumerate(_PEM_BLOCK_RE.finditer(data)):
+        label, end_label = match.group(1).decode("ascii"), match.group(3).decode("ascii")
+        if label != end_label:
+            raise BundleError(f"{where}: PEM block {index} begins as {label!r} but ends as {end_label!r}")
+        if label != "CERTIFICATE":
+            raise BundleError(f"{where}: PEM block {index} is a {label!r}, expected only CERTIFICATE blocks")
+        try:
+            cert = x509.load_pem_x509_certificate(match.group(0))
+        except ValueError as exc:
+            raise BundleError(f"{where}: PEM block {index} is not a valid certificate: {exc}") from None
+        if all(cert != known for known in certs):
+            certs.append(cert)
+    if not certs:
+        raise BundleError(f"{where}: no PEM CERTIFICATE block found")
+    return tuple(certs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# JWK <-> public key
+
+_KNOWN_KTY = frozenset({"EC", "RSA", "OKP"})
+_EC_CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
+    "P-256": (ec.SECP256R1(), 32),
+    "P-384": (ec.SECP384R1(), 48),
+    "P-521": (ec.SECP521R1(), 66),
+}
+
+
+def public_key_from_jwk(jwk: Mapping[str, Any], where: str = "JWK") -> PublicKeyTypes:
+    """Build a public key from the key members of a JWK (``EC``, ``RSA`` or ``OKP`` Ed25519/Ed448).
+
+    Args:
+        jwk: the JWK object.
+        where: names the JWK in error messages.
+
+    Returns:
+        The public key.
+
+    Raises:
+        BundleError: a member is missing, of the wrong type, not base64url, or does not describe a valid key.
+    """
+    kty = jwk.get("kty")
+    try:
+        if kty == "EC":
+            crv = jwk.get("crv")
+            if crv not in _EC_CURVES:
+                raise BundleError(f"{where}: unsupported EC curve {crv!r}")
+            curve, size = _EC_CURVES[crv]
+            x, y = _b64url_member(jwk, "x", where), _b64url_member(jwk, "y", where)
+            if len(x) != size or len(y) != size:
+                raise BundleError(f"{where}: EC coordinates must be {size} bytes for {crv}")
+            return ec.EllipticCurvePublicNumbers(
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve
+            ).public_key()
+        if kty == "RSA":
+            n, e = _b64url_member(jwk, "n", where), _b64url_member(jwk, "e", where)
+            return rsa.RSAPublicNumbers(int.from_bytes(e, "big"), int.from_bytes(n, "big")).public_key()
+        if kty == "OKP":
+            crv = jwk.get("crv")
+            x = _b64url_member(jwk, "x", where)
+            if crv == "Ed25519":
+                return ed25519.Ed25519PublicKey.from_public_bytes(x)
+            if crv == "Ed448":
+                return ed448.Ed448PublicKey.from_public_bytes(x)
+            raise BundleError(f"{where}: unsupported OKP curve {crv!r}")
+    except ValueError as exc:
+        # cryptography raises ValueError for points off the curve, tiny RSA moduli and the like.
+        raise BundleError(f"{where}: not a valid {kty} public key: {exc}") from None
+    raise BundleError(f"{where}: unsupported key type {kty!r}")
+
+
+def public_key_to_jwk(key: PublicKeyTypes, where: str = "key") -> dict[str, str]:
+    """The RFC 7517/7518/8037 key members (``kty`` and its parameters) of a public key.
+
+    Raises:
+        BundleError: the key type has no JWK representation svidgate supports.
+    """
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        for crv, (curve, size) in _EC_CURVES.items():
+            if curve.name == key.curve.name:
+                numbers = key.public_numbers()
+                return {"kty": "EC", "crv": crv, "x": _b64url(numbers.x, size), "y": _b64url(numbers.y, size)}
+        raise BundleError(f"{where}: unsupported EC curve {key.curve.name}")
+    if isinstance(key, rsa.RSAPublicKey):
+        rsa_numbers = key.public_numbers()
+        return {"kty": "RSA", "n": _b64url(rsa_numbers.n), "e": _b64url(rsa_numbers.e)}
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        crv = "Ed25519" if isinstance(key, ed25519.Ed25519PublicKey) else "Ed448"
+        return {"kty": "OKP", "crv": crv, "x": base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")}
+    raise BundleError(f"{where}: {type(key).__name__} has no JWK representation")
+
+
+def _x509_authority_from_jwk(jwk: Mapping[str, Any], entry: str) -> x509.Certificate:
+    if "kid" in jwk:
+        # X509-SVID.md 6.1: "the kid parameter of each JWK entry MUST NOT be set" -- a kid here would let a
+        # JWT validator pick an X.509 CA key to verify tokens with (cross-SVID-type key confusion).
+        raise BundleError(f"{entry}: an x509-svid entry must not have a 'kid'")
+    x5c = jwk.get("x5c")
+    if not isinstance(x5c, list) or len(x5c) != 1:
+        got = len(x5c) if isinstance(x5c, list) else _json_type(x5c)
+        raise BundleError(
+            f"{entry}: an x509-svid entry must have exactly one certificate in 'x5c' (got {got})"
+        )
+    if not isinstance(x5c[0], str):
+        raise BundleError(f"{entry}: x5c[0] must be a base64 string")
+    try:
+        # RFC 7517 4.7: x5c values are standard base64 (not base64url) of the DER.
+        der = base64.b64decode(x5c[0], validate=True)
+        cert = x509.load_der_x509_certificate(der)
+    except (binascii.Error, ValueError) as exc:
+        raise BundleError(f"{entry}: x5c[0] is not a base64 DER certificate: {exc}") from None
+    if _has_key_members(jwk) and public_key_from_jwk(jwk, entry) != cert.public_key():
+        raise BundleError(f"{entry}: the JWK's key does not match the key of its x5c certificate")
+    return cert
+
+
+def _has_key_members(jwk: Mapping[str, Any]) -> bool:
+    return any(member in jwk for member in ("x", "y", "n", "e"))
+
+
+def _b64url_member(jwk: Mapping[str, Any], name: str, where: str) -> bytes:
+    value = jwk.get(name)
+    if not isinstance(value, str) or not value:
+        raise BundleError(f"{where}: member {name!r} must be a non-empty base64url string")
+    if "=" in value or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise BundleError(f"{where}: member {name!r} is not unpadded base64url")
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise BundleError(f"{where}: member {name!r} is not valid base64url") from None
+
+
+def _b64url(value: int, size: int | None = None) -> str:
+    length = size if size is not None else max(1, (value.bit_length() + 7) // 8)
+    return base64.urlsafe_b64encode(value.to_bytes(length, "big")).rstrip(b"=").decode("ascii")
+
+
+def _optional_int(doc: Mapping[str, Any], name: str, low: int, high: int, where: str) -> int | None:
+    if name not in doc or doc[name] is None:
+        return None
+    value = doc[name]
+    # bool is an int in Python; `true` is not a sequence number.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BundleError(f"{where}: {name!r} must be an integer, not {_json_type(value)}")
+    if not low <= value <= high:
+        raise BundleError(f"{where}: {name!r} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+class _DuplicateMemberError(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of duplicate members silently; two different "x5c" or "kid" in one JWK are an
+    # ambiguity that different parsers would resolve differently, so refuse it.
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise _DuplicateMemberError(name)
+        result[name] = value
+    return result

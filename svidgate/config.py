@@ -1,0 +1,1445 @@
+"""svidgate's configuration: YAML in, one frozen, typed `Config` out.
+
+Every key is documented (with its default) in docs/configuration.md; this module is the only reader of the
+YAML. Everything is validated here, once, at load time: an unknown key, a value of the wrong type or a
+cross-reference that cannot work is a `ConfigError` whose message starts with the key's path
+(``authz.policies[2].audiences: expected a list of strings``), so that the services downstream can trust the
+object they receive. Durations are ``90s``, ``5m``, ``1h30m``, ``2d``, ``250ms`` or plain numbers of seconds.
+
+This module imports only the identity domain types; never gRPC, never the services.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, Protocol, TypeVar, cast
+
+import yaml
+
+from svidgate.errors import ConfigError, SpiffeIdError
+from svidgate.identity.keys import KeyType
+from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+
+#: Environment variable naming the config file when `--config` is not given.
+CONFIG_ENV = "SVIDGATE_CONFIG"
+#: The trust domain of the embedded default configuration (and of any file that does not name one).
+DEFAULT_TRUST_DOMAIN = "svidgate.local"
+
+SELECTOR_TYPES: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "envoy": frozenset({"node_id", "cluster"}),
+        "unix": frozenset({"uid", "gid"}),
+    }
+)
+
+_T = TypeVar("_T")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listening address: a unix socket path or a TCP host and port.
+
+    `str()` gives the canonical form used in the config and logs (``unix:///run/s.sock``, ``tcp://h:p``).
+    """
+
+    kind: Literal["unix", "tcp"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def grpc_target(self) -> str:
+        """The address in gRPC's syntax for `add_insecure_port()`: ``unix:/p``, ``h:p`` or ``[::1]:p``."""
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"{_bracket(self.host)}:{self.port}"
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix://{self.path}"
+        return f"tcp://{_bracket(self.host)}:{self.port}"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """Where svidgate listens.
+
+    Attributes:
+        grpc: SDS (and, unless `check` is set, ext_authz Check) listeners.
+        workload_api: the SPIFFE Workload API socket, or None to not serve it.
+        http: ``(host, port)`` of the metrics/health HTTP listener, or None.
+        check: a separate listener for ext_authz Check only (so the hot path can run on its own server), or
+            None to serve Check on the `grpc` listeners.
+    """
+
+    grpc: tuple[Address, ...]
+    workload_api: Address | None
+    http: tuple[str, int] | None
+    check: Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CaConfig:
+    """The built-in CA. All durations in seconds."""
+
+    key_type: KeyType = KeyType.EC_P256
+    x509_svid_ttl: float = 3600.0
+    jwt_svid_ttl: float = 300.0
+    ca_ttl: float = 365 * 86400.0
+
+
+class CallerLike(Protocol):
+    """What a selector looks at: the attributes of `svidgate.identity.entitlement.CallerInfo`."""
+
+    @property
+    def node_id(self) -> str | None: ...
+    @property
+    def cluster(self) -> str | None: ...
+    @property
+    def uid(self) -> int | None: ...
+    @property
+    def gid(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """One SPIRE-style selector, ``type:key:value`` (``envoy:node_id:backend``, ``unix:uid:1000``).
+
+    The special selector ``any`` (type ``any``, empty key and value) matches every caller. It exists so that
+    "match everyone" is spelled out on purpose in a config (development only); a workload with no selectors
+    is a config error rather than a silent match-all.
+    """
+
+    type: str
+    key: str = ""
+    value: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Selector:
+        """Parse ``type:key:value`` (the value may itself contain ``:``) or ``any``.
+
+        Raises:
+            ConfigError: unknown type or key, missing value, or a non-integer uid/gid (no path prefix; the
+                caller adds it).
+        """
+        if text == "any":
+            return cls("any")
+        parts = text.split(":", 2)
+        if len(parts) != 3 or not parts[2]:
+            raise ConfigError(f"{text!r} is not a selector of the form type:key:value (or 'any')")
+        type_, key, value = parts
+        keys = SELECTOR_TYPES.get(type_)
+        if keys is None:
+            known = ", ".join([*sorted(SELECTOR_TYPES), "any"])
+            raise ConfigError(f"{text!r}: unknown selector type {type_!r} (known: {known})")
+        if key not in keys:
+            raise ConfigError(
+                f"{text!r}: unknown {type_} selector key {key!r} (known: {', '.join(sorted(keys))})"
+            )
+        if type_ == "unix" and not (value.isascii() and value.isdigit()):
+            raise ConfigError(f"{text!r}: unix:{key} takes a numeric id")
+        return cls(type_, key, value)
+
+    def matches(self, caller: CallerLike) -> bool:
+        """True when the caller has this selector's attribute with exactly this value.
+
+        A caller attribute that is unknown (None, e.g. uid on a TCP connection) never matches.
+        """
+        if self.type == "any":
+            return True
+        if self.type == "envoy":
+            actual: object = caller.node_id if self.key == "node_id" else caller.cluster
+            return actual is not None and actual == self.value
+        if self.type == "unix":
+            number = caller.uid if self.key == "uid" else caller.gid
+            return number is not None and str(number) == self.value
+        return False
+
+    def __str__(self) -> str:
+        return "any" if self.type == "any" else f"{self.type}:{self.key}:{self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """An identity svidgate hands out, and who may receive it.
+
+    Attributes:
+        spiffe_id: the SVID's SPIFFE ID (always in the configured trust domain).
+        selectors: a caller is entitled when ALL of them match (never empty).
+        dns_names: extra DNS SANs on the X.509-SVID.
+        hint: the Workload API `hint` for this SVID ("" = none).
+    """
+
+    spiffe_id: SpiffeId
+    selectors: tuple[Selector, ...]
+    dns_names: tuple[str, ...] = ()
+    hint: str = ""
+
+    def matches(self, caller: CallerLike) -> bool:
+        """True when every selector matches the caller."""
+        return bool(self.selectors) and all(s.matches(caller) for s in self.selectors)
+
+
+@dataclass(frozen=True, slots=True)
+class BundleEndpoint:
+    """A SPIFFE federation bundle endpoint (SPIFFE_Federation.md).
+
+    Attributes:
+        url: ``https://`` URL of the endpoint.
+        profile: ``https_web`` (WebPKI: system CAs, or `ca_file`) or ``https_spiffe`` (the server presents an
+            X.509-SVID for `endpoint_spiffe_id`, validated against the bundle of that ID's trust domain).
+        endpoint_spiffe_id: the SPIFFE ID the server must present (https_spiffe only).
+        refresh: seconds between fetches when the bundle carries no ``spiffe_refresh_hint``.
+        ca_file: PEM roots to trust instead of the system store (https_web only; for private PKIs).
+    """
+
+    url: str
+    profile: Literal["https_web", "https_spiffe"]
+    endpoint_spiffe_id: SpiffeId | None = None
+    refresh: float = 300.0
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FederationConfig:
+    """Where the bundle of one federated trust domain comes from.
+
+    With both set, the file is the starting (bootstrap) bundle and the endpoint keeps it current.
+    """
+
+    bundle_file: Path | None = None
+    bundle_endpoint: BundleEndpoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SdsConfig:
+    """SDS resource naming and the validation context flavour."""
+
+    default_svid_name: str = "default"
+    own_bundle_name: str = "ROOTCA"
+    all_bundles_name: str = "ALL"
+    validation: Literal["spiffe", "trusted_ca"] = "spiffe"
+    istio_compat: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AllowRule:
+    """Who a policy lets through, by the caller's JWT-SVID subject.
+
+    Kinds: ``id`` (exactly this SPIFFE ID), ``glob`` (``spiffe://td/a/*``: any ID whose path starts with
+    ``/a/`` and has at least one more segment; ``*`` is allowed only as the whole last segment),
+    ``trust_domain`` (``spiffe://td``: every ID of that trust domain) and ``any`` (``*``: any SVID that
+    validated).
+    """
+
+    kind: Literal["id", "glob", "trust_domain", "any"]
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> AllowRule:
+        """Parse one `allow` entry.
+
+        Raises:
+            ConfigError: not one of the four forms (no path prefix; the caller adds it).
+        """
+        if text == "*":
+            return cls("any", "*")
+        try:
+            if text.endswith("/*"):
+                prefix = text[:-2]
+                if "*" in prefix:
+                    raise ConfigError(f"{text!r}: '*' is allowed only as the last path segment")
+                SpiffeId.parse(prefix)
+                return cls("glob", text)
+            if "*" in text:
+                raise ConfigError(
+                    f"{text!r}: '*' is allowed only as the last path segment ('spiffe://td/a/*')"
+                )
+            spiffe_id = SpiffeId.parse(text)
+        except SpiffeIdError as exc:
+            raise ConfigError(str(exc)) from None
+        if spiffe_id.path == "":
+            return cls("trust_domain", str(spiffe_id))
+        return cls("id", str(spiffe_id))
+
+    @property
+    def trust_domain(self) -> TrustDomain | None:
+        """The trust domain this rule is about (None for ``*``)."""
+        if self.kind == "any":
+            return None
+        return TrustDomain.parse(self.value[:-2] if self.kind == "glob" else self.value)
+
+    def matches(self, spiffe_id: SpiffeId) -> bool:
+        """True when `spiffe_id` is allowed by this rule."""
+        if self.kind == "any":
+            return True
+        if self.kind == "id":
+            return str(spiffe_id) == self.value
+        if self.kind == "trust_domain":
+            return str(spiffe_id.trust_domain.id) == self.value
+        # glob: "spiffe://td/a/*" -> the ID starts with "spiffe://td/a/" and has a non-empty rest; SpiffeId
+        # already forbids empty segments, so "non-empty rest" means at least one more whole segment.
+        prefix = self.value[:-1]
+        text = str(spiffe_id)
+        return text.startswith(prefix) and len(text) > len(prefix)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyMatch:
+    """Which requests a policy applies to; all criteria must hold, an empty criterion matches everything.
+
+    Attributes:
+        hosts: lower-case `:authority` values (with or without port; a leading ``*.`` matches any subdomain).
+        path_prefix / path_exact / path_regex: at most one of them is set; the regex must match the whole
+            path (without the query string).
+        methods: upper-case HTTP methods.
+        context_extensions: key/value pairs that must all be present in the Check request's
+            `context_extensions` (set per route in Envoy).
+    """
+
+    hosts: tuple[str, ...] = ()
+    path_prefix: str | None = None
+    path_exact: str | None = None
+    path_regex: re.Pattern[str] | None = None
+    methods: tuple[str, ...] = ()
+    context_extensions: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "context_extensions", MappingProxyType(dict(self.context_extensions)))
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One ext_authz policy. The first policy (in config order) whose `match` holds decides.
+
+    Attributes:
+        mode: ``validate`` checks the caller's JWT-SVID; ``inject`` mints a JWT-SVID for `inject_spiffe_id`
+            with audience `inject_audience` and adds it to the request (egress).
+        inject_spiffe_id: inject mode only; defaults to the only configured workload.
+    """
+
+    name: str
+    match: PolicyMatch = field(default_factory=PolicyMatch)
+    audiences: tuple[str, ...] = ()
+    allow: tuple[AllowRule, ...] = ()
+    require_token: bool = True
+    dry_run: bool = False
+    keep_token: bool = False
+    mode: Literal["validate", "inject"] = "validate"
+    inject_audience: str | None = None
+    inject_spiffe_id: SpiffeId | None = None
+
+    def allows(self, spiffe_id: SpiffeId) -> bool:
+        """True when any `allow` rule matches the (already validated) subject."""
+        return any(rule.matches(spiffe_id) for rule in self.allow)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionLogConfig:
+    sample_rate: float = 1.0
+    max_per_second: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzConfig:
+    """ext_authz: where the token is, the policies, and what happens when none matches."""
+
+    token_header: str = "authorization"  # noqa: S105 -- a header name
+    token_prefix: str = "Bearer "  # noqa: S105 -- a scheme prefix
+    policies: tuple[Policy, ...] = ()
+    default: Literal["deny", "allow"] = "deny"
+    leeway: float = 30.0
+    hide_details: bool = False
+    cache_size: int = 10000
+    decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """Where svidgate's own identities come from.
+
+    Attributes:
+        kind: ``builtin`` (the built-in CA mints SVIDs for `workloads`), ``spire`` (an upstream SPIRE agent's
+            Workload API at `spire_socket`) or ``files`` (watched PEM files).
+        poll_interval: seconds between checks of watched files (files source and federation bundle files).
+    """
+
+    kind: Literal["builtin", "spire", "files"] = "builtin"
+    spire_socket: str | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    bundle_file: Path | None = None
+    poll_interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Process-level settings (read by `svidgate.server`).
+
+    Attributes:
+        drain_grace: seconds SIGTERM waits for in-flight calls before cancelling what is left.
+        reflection: serve gRPC server reflection (debugging only).
+        config_poll_interval: seconds between checks of the config file for changes; 0 = off (SIGHUP still
+            reloads).
+        socket_mode: permission bits of the unix sockets svidgate creates.
+    """
+
+    drain_grace: float = 10.0
+    reflection: bool = False
+    config_poll_interval: float = 2.0
+    socket_mode: int = 0o660
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: Literal["json", "logfmt"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration, validated. Build it with `load_config` or `parse_config`."""
+
+    trust_domain: TrustDomain
+    state_dir: Path
+    listen: ListenConfig
+    ca: CaConfig = field(default_factory=CaConfig)
+    workloads: tuple[Workload, ...] = ()
+    federation: Mapping[TrustDomain, FederationConfig] = field(default_factory=dict)
+    sds: SdsConfig = field(default_factory=SdsConfig)
+    authz: AuthzConfig = field(default_factory=AuthzConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "federation", MappingProxyType(dict(self.federation)))
+
+    def warnings(self) -> tuple[str, ...]:
+        """Valid but risky settings, one sentence each, for the runtime and `check-config` to report."""
+        found = [
+            f"workload {w.spiffe_id} uses the 'any' selector: every caller is entitled (development only)"
+            for w in self.workloads
+            if any(s.type == "any" for s in w.selectors)
+        ]
+        if self.authz.default == "allow":
+            found.append("authz.default is allow: requests that match no policy are let through")
+        found += [
+            f"authz policy {p.name!r} is dry_run: it never denies" for p in self.authz.policies if p.dry_run
+        ]
+        return tuple(found)
+
+    def summary(self) -> str:
+        """One line for humans: what this config does."""
+        endpoints = sum(1 for f in self.federation.values() if f.bundle_endpoint is not None)
+        listeners = ", ".join(str(a) for a in self.listen.grpc) or "none"
+        return (
+            f"trust domain {self.trust_domain}, source {self.source.kind}, "
+            f"{_plural(len(self.workloads), 'workload')}, "
+            f"{_plural(len(self.federation), 'federated trust domain')} ({endpoints} via bundle endpoint), "
+            f"{_plural(len(self.authz.policies), 'authz policy', 'authz policies')} "
+            f"(default {self.authz.default}), "
+            f"gRPC on {listeners}"
+        )
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Defaults that depend on the environment
+# ----------------------------------------------------------------------------------------------------
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/svidgate``, else ``~/.local/state/svidgate`` (the CA state lives here)."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME")
+    if base and os.path.isabs(base):
+        return Path(base) / "svidgate"
+    home = env.get("HOME") or os.path.expanduser("~")
+    return Path(home) / ".local" / "state" / "svidgate"
+
+
+def default_runtime_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_RUNTIME_DIR/svidgate``, else ``/tmp/svidgate-<uid>`` (the unix sockets live here)."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_RUNTIME_DIR")
+    if base and os.path.isabs(base):
+        return Path(base) / "svidgate"
+    return Path(f"/tmp/svidgate-{os.getuid()}")
+
+
+def default_config_text(env: Mapping[str, str] | None = None) -> str:
+    """The embedded default configuration as YAML (what `load_config(None)` parses).
+
+    Development only: its one workload uses the ``any`` selector, so every caller that can reach the sockets
+    receives ``spiffe://svidgate.local/default``.
+    """
+    runtime = default_runtime_dir(env)
+    return f"""\
+# svidgate embedded default configuration (development only).
+trust_domain: {DEFAULT_TRUST_DOMAIN}
+state_dir: {json.dumps(str(default_state_dir(env)))}
+listen:
+  grpc:
+    - {json.dumps(f"unix://{runtime}/svidgate.sock")}
+    - tcp://127.0.0.1:8081
+  workload_api: {json.dumps(f"unix://{runtime}/workload.sock")}
+  http: 127.0.0.1:8082
+workloads:
+  - spiffe_id: spiffe://{DEFAULT_TRUST_DOMAIN}/default
+    selectors: [any]   # every caller; never use this outside development
+"""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def config_path_from_env(env: Mapping[str, str] | None = None) -> Path | None:
+    """The config file named by ``$SVIDGATE_CONFIG``, or None when it is unset or empty."""
+    env = os.environ if env is None else env
+    value = env.get(CONFIG_ENV, "")
+    return Path(value) if value else None
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration file at `path`, or the embedded default when `path` is None.
+
+    Relative file paths inside the config (bundle files, certificates) are relative to the config file's
+    directory.
+
+    Args:
+        path: the YAML file, or None for the embedded default.
+        env: environment for the defaults that depend on it (``XDG_*``, ``HOME``); `os.environ` when None.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: the file cannot be read or is invalid; the message names the file and the key's path.
+    """
+    if path is None:
+        return parse_config(default_config_text(env), "<embedded default>", env=env)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return parse_config(text, str(path), base_dir=path.parent, env=env)
+
+
+def parse_config(
+    text: str,
+    origin: str = "<config>",
+    *,
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Parse and validate a YAML configuration.
+
+    Args:
+        text: the YAML document.
+        origin: the name shown in errors (a file name).
+        base_dir: directory that relative paths are relative to (current directory when None).
+        env: environment for environment-dependent defaults; `os.environ` when None.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: ``"<origin>: <key path>: <problem>"``; YAML syntax errors carry line and column.
+    """
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"{origin}: {where}{problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: invalid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    try:
+        return _Parser(base_dir or Path.cwd(), env if env is not None else os.environ).config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    result: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in result
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "mapping keys must be scalars", key_node.start_mark
+            ) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        result[key] = loader.construct_object(value_node, deep=True)
+    return result
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Value readers: each takes the key's path for its error message
+# ----------------------------------------------------------------------------------------------------
+
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z")
+_METHOD_RE = re.compile(r"[A-Z]+\Z")
+_DNS_RE = re.compile(
+    r"(?:\*\.)?(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z"
+)
+_LEVELS: tuple[Literal["debug", "info", "warning", "error"], ...] = ("debug", "info", "warning", "error")
+_PROFILES: tuple[Literal["https_web", "https_spiffe"], ...] = ("https_web", "https_spiffe")
+_MODES: tuple[Literal["validate", "inject"], ...] = ("validate", "inject")
+_SOURCE_KINDS: tuple[Literal["builtin", "spire", "files"], ...] = ("builtin", "spire", "files")
+_VALIDATIONS: tuple[Literal["spiffe", "trusted_ca"], ...] = ("spiffe", "trusted_ca")
+_DEFAULTS: tuple[Literal["deny", "allow"], ...] = ("deny", "allow")
+_FORMATS: tuple[Literal["json", "logfmt"], ...] = ("json", "logfmt")
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _mapping(value: object, path: str, keys: Sequence[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {_type_name(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: keys must be strings, got {key!r}")
+        if key not in keys:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"{where}: unknown key (expected one of: {', '.join(keys)})")
+    return cast(dict[str, Any], value)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _str(value: object, path: str, *, empty_ok: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {_type_name(value)}")
+    if not value and not empty_ok:
+        raise ConfigError(f"{path}: must not be empty")
+    return value
+
+
+def _opt_str(value: object, path: str) -> str | None:
+    return None if value is None else _str(value, path)
+
+
+def _bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {_type_name(value)}")
+    return value
+
+
+def _int(value: object, path: str, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: expected an integer, got {_type_name(value)}")
+    if value < minimum:
+        raise ConfigError(f"{path}: must be at least {minimum}")
+    return value
+
+
+def _number(value: object, path: str, *, minimum: float = 0.0, maximum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{path}: expected a number, got {_type_name(value)}")
+    number = float(value)
+    if number != number or number < minimum or (maximum is not None and number > maximum):
+        bound = f"between {minimum:g} and {maximum:g}" if maximum is not None else f"at least {minimum:g}"
+        raise ConfigError(f"{path}: must be {bound}")
+    return number
+
+
+def parse_duration(value: object, path: str = "duration", *, allow_zero: bool = False) -> float:
+    """Parse a duration: ``250ms``, ``90s``, ``5m``, ``1h30m``, ``2d`` or a plain number of seconds.
+
+    Args:
+        value: the YAML value (string or number).
+        path: the key's path for the error message.
+        allow_zero: whether 0 is meaningful for this key.
+
+    Returns:
+        Seconds.
+
+    Raises:
+        ConfigError: not a duration, negative, or zero where zero is meaningless.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a duration like 90s, 5m or 1h30m, got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            raise ConfigError(f"{path}: must not be negative")
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif text and re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|d|h|m|s))+", text):
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART_RE.findall(text))
+        else:
+            raise ConfigError(f"{path}: {value!r} is not a duration (use e.g. 90s, 5m, 1h30m, 2d or seconds)")
+    else:
+        raise ConfigError(f"{path}: expected a duration like 90s, 5m or 1h30m, got {_type_name(value)}")
+    if seconds != seconds or seconds == float("inf"):
+        raise ConfigError(f"{path}: must be a finite duration")
+    if seconds < 0:
+        raise ConfigError(f"{path}: must not be negative")
+    if seconds == 0 and not allow_zero:
+        raise ConfigError(f"{path}: must be greater than zero")
+    return seconds
+
+
+def _list(value: object, path: str, what: str = "a list") -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: expected {what}, got {_type_name(value)}")
+    return value
+
+
+def _str_list(value: object, path: str) -> tuple[str, ...]:
+    items = _list(value, path, "a list of strings")
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            if not isinstance(item, str):
+                raise ConfigError(f"{path}: expected a list of strings ({path}[{i}] is {_type_name(item)})")
+            raise ConfigError(f"{path}[{i}]: must not be empty")
+    return tuple(items)
+
+
+def _choice(value: object, path: str, choices: Sequence[_T]) -> _T:
+    for choice in choices:
+        if value == choice and isinstance(value, str):
+            return choice
+    shown = ", ".join(str(c) for c in choices)
+    raise ConfigError(f"{path}: expected one of {shown}, got {value!r}")
+
+
+def _spiffe_id(value: object, path: str) -> SpiffeId:
+    text = _str(value, path)
+    try:
+        return SpiffeId.parse(text)
+    except SpiffeIdError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _trust_domain(value: object, path: str) -> TrustDomain:
+    text = _str(value, path)
+    try:
+        return TrustDomain.parse(text)
+    except SpiffeIdError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_address(text: str, path: str = "address") -> Address:
+    """Parse ``unix:///abs/path`` (also ``unix:/abs/path``), ``tcp://host:port`` or ``host:port``.
+
+    Raises:
+        ConfigError: relative unix path, missing or out-of-range port, bad host.
+    """
+    if text.startswith("unix:"):
+        rest = text[len("unix:") :]
+        sock = rest[2:] if rest.startswith("//") else rest
+        if not sock.startswith("/"):
+            raise ConfigError(f"{path}: {text!r}: a unix socket path must be absolute (unix:///run/x.sock)")
+        if "\0" in sock:
+            raise ConfigError(f"{path}: {text!r}: NUL in a socket path")
+        # sun_path is 108 bytes on Linux including the terminating NUL.
+        if len(os.fsencode(sock)) > 107:
+            raise ConfigError(f"{path}: {text!r}: unix socket paths are limited to 107 bytes")
+        return Address("unix", path=os.path.normpath(sock))
+    rest = text[len("tcp://") :] if text.startswith("tcp://") else text
+    if "://" in rest:
+        raise ConfigError(f"{path}: {text!r}: expected unix:///path, tcp://host:port or host:port")
+    host, port = _host_port(rest, f"{path}: {text!r}")
+    return Address("tcp", host=host, port=port)
+
+
+def _host_port(text: str, where: str) -> tuple[str, int]:
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ConfigError(f"{where}: expected [ipv6]:port")
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{where}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"{where}: expected host:port")
+        if ":" in host:
+            raise ConfigError(f"{where}: put an IPv6 address in brackets ([::1]:8081)")
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+            raise ConfigError(f"{where}: {host!r} is not a host name or IP address")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Parser:
+    def __init__(self, base_dir: Path, env: Mapping[str, str]) -> None:
+        self._base_dir = base_dir
+        self._env = env
+
+    def _path(self, value: object, path: str) -> Path:
+        text = _str(value, path)
+        if "\0" in text:
+            raise ConfigError(f"{path}: NUL in a path")
+        result = Path(os.path.expanduser(text))
+        return result if result.is_absolute() else self._base_dir / result
+
+    def _opt_path(self, value: object, path: str) -> Path | None:
+        return None if value is None else self._path(value, path)
+
+    def config(self, data: object) -> Config:
+        top = _mapping(
+            data,
+            "",
+            (
+                "trust_domain",
+                "state_dir",
+                "listen",
+                "ca",
+                "workloads",
+                "federation",
+                "sds",
+                "authz",
+                "source",
+                "log",
+                "server",
+            ),
+        )
+        if not isinstance(data, dict):
+            raise ConfigError("expected a mapping at the top level")
+        trust_domain = _trust_domain(top.get("trust_domain", DEFAULT_TRUST_DOMAIN), "trust_domain")
+        if "trust_domain" in top and "://" in str(top["trust_domain"]):
+            raise ConfigError("trust_domain: give the trust domain name, without spiffe://")
+        state_dir = (
+            self._path(top["state_dir"], "state_dir") if "state_dir" in top else default_state_dir(self._env)
+        )
+        listen = self.listen(top.get("listen"), "listen")
+        ca = self.ca(top.get("ca"), "ca")
+        source = self.source(top.get("source"), "source")
+        workloads = self.workloads(top.get("workloads"), "workloads", trust_domain)
+        federation = self.federation(top.get("federation"), "federation", trust_domain)
+        sds = self.sds(top.get("sds"), "sds")
+        authz = self.authz(top.get("authz"), "authz", trust_domain, workloads, federation, source)
+        log_config = self.log(top.get("log"), "log")
+        server = self.server(top.get("server"), "server")
+        return Config(
+            trust_domain=trust_domain,
+            state_dir=state_dir,
+            listen=listen,
+            ca=ca,
+            workloads=workloads,
+            federation=federation,
+            sds=sds,
+            authz=authz,
+            source=source,
+            log=log_config,
+            server=server,
+        )
+
+    # -- listen ----------------------------------------------------------------------------------------
+
+    def listen(self, value: object, path: str) -> ListenConfig:
+        section = _mapping(value, path, ("grpc", "workload_api", "http", "check"))
+        runtime = default_runtime_dir(self._env)
+        if "grpc" in section:
+            raw = section["grpc"]
+            items = [raw] if isinstance(raw, str) else _list(raw, _join(path, "grpc"), "an address or a list")
+            grpc = tuple(
+                parse_address(_str(item, f"{path}.grpc[{i}]"), f"{path}.grpc[{i}]")
+                for i, item in enumerate(items)
+            )
+        else:
+            grpc = (
+                Address("unix", path=str(runtime / "svidgate.sock")),
+                Address("tcp", host="127.0.0.1", port=8081),
+            )
+        if "workload_api" in section:
+            raw_wl = section["workload_api"]
+            workload_api = (
+                None
+                if raw_wl is None
+                else parse_address(_str(raw_wl, f"{path}.workload_api"), f"{path}.workload_api")
+            )
+            if workload_api is not None and workload_api.kind != "unix":
+                # The Workload API authenticates callers by their peer credentials; TCP has none.
+                raise ConfigError(f"{path}.workload_api: the Workload API is served on a unix socket only")
+        else:
+            workload_api = Address("unix", path=str(runtime / "workload.sock"))
+        http: tuple[str, int] | None
+        if "http" in section:
+            raw_http = section["http"]
+            if raw_http is None:
+                http = None
+            else:
+                text = _str(raw_http, f"{path}.http")
+                text = text[len("http://") :] if text.startswith("http://") else text
+                http = _host_port(text, f"{path}.http: {raw_http!r}")
+        else:
+            http = ("127.0.0.1", 8082)
+        check_raw = section.get("check")
+        check = (
+            None if check_raw is None else parse_address(_str(check_raw, f"{path}.check"), f"{path}.check")
+        )
+        seen: dict[str, str] = {}
+        named: list[tuple[str, Address | None]] = [(f"{path}.grpc[{i}]", a) for i, a in enumerate(grpc)]
+        named += [(f"{path}.workload_api", workload_api), (f"{path}.check", check)]
+        if http is not None:
+            named.append((f"{path}.http", Address("tcp", host=http[0], port=http[1])))
+        for where, address in named:
+            if address is None or (address.kind == "tcp" and address.port == 0):
+                continue
+            key = str(address)
+            if key in seen:
+                raise ConfigError(f"{where}: {key} is already used by {seen[key]}")
+            seen[key] = where
+        return ListenConfig(grpc=grpc, workload_api=workload_api, http=http, check=check)
+
+    # -- ca --------------------------------------------------------------------------------------------
+
+    def ca(self, value: object, path: str) -> CaConfig:
+        section = _mapping(value, path, ("key_type", "x509_svid_ttl", "jwt_svid_ttl", "ca_ttl"))
+        defaults = CaConfig()
+        key_type = defaults.key_type
+        if "key_type" in section:
+            raw = section["key_type"]
+            try:
+                key_type = KeyType(raw)
+            except ValueError:
+                known = ", ".join(k.value for k in KeyType)
+                raise ConfigError(f"{path}.key_type: expected one of {known}, got {raw!r}") from None
+        x509_ttl = parse_duration(
+            section.get("x509_svid_ttl", defaults.x509_svid_ttl), f"{path}.x509_svid_ttl"
+        )
+        jwt_ttl = parse_duration(section.get("jwt_svid_ttl", defaults.jwt_svid_ttl), f"{path}.jwt_svid_ttl")
+        ca_ttl = parse_duration(section.get("ca_ttl", defaults.ca_ttl), f"{path}.ca_ttl")
+        # An SVID must not outlive its CA, and the CA rotates ahead of expiry: keep room for a whole SVID
+        # lifetime on both sides of the switch.
+        if ca_ttl < 2 * max(x509_ttl, jwt_ttl):
+            raise ConfigError(f"{path}.ca_ttl: must be at least twice the longest SVID TTL")
+        if x509_ttl < 60:
+            raise ConfigError(f"{path}.x509_svid_ttl: must be at least 60s (SVIDs are re-minted at half TTL)")
+        if jwt_ttl < 10:
+            raise ConfigError(f"{path}.jwt_svid_ttl: must be at least 10s")
+        return CaConfig(key_type=key_type, x509_svid_ttl=x509_ttl, jwt_svid_ttl=jwt_ttl, ca_ttl=ca_ttl)
+
+    # -- workloads -------------------------------------------------------------------------------------
+
+    def workloads(self, value: object, path: str, trust_domain: TrustDomain) -> tuple[Workload, ...]:
+        result: list[Workload] = []
+        first_seen: dict[SpiffeId, tuple[str, Workload]] = {}
+        for i, item in enumerate(_list(value, path, "a list of workloads")):
+            where = f"{path}[{i}]"
+            section = _mapping(item, where, ("spiffe_id", "selectors", "dns_names", "hint"))
+            if "spiffe_id" not in section:
+                raise ConfigError(f"{where}.spiffe_id: required")
+            spiffe_id = _spiffe_id(section["spiffe_id"], f"{where}.spiffe_id")
+            if not spiffe_id.member_of(trust_domain):
+                raise ConfigError(
+                    f"{where}.spiffe_id: {spiffe_id} is not in the trust domain {trust_domain} "
+                    "(svidgate only issues identities of its own trust domain)"
+                )
+            if spiffe_id.path == "":
+                raise ConfigError(
+                    f"{where}.spiffe_id: the trust domain ID itself cannot be a workload identity"
+                )
+            selectors_path = f"{where}.selectors"
+            texts = _str_list(section.get("selectors"), selectors_path)
+            if not texts:
+                raise ConfigError(
+                    f"{selectors_path}: a workload needs at least one selector "
+                    "(write [any] to match every caller, development only)"
+                )
+            selectors: list[Selector] = []
+            for j, text in enumerate(texts):
+                try:
+                    selectors.append(Selector.parse(text))
+                except ConfigError as exc:
+                    raise ConfigError(f"{selectors_path}[{j}]: {exc}") from None
+            if any(s.type == "any" for s in selectors) and len(selectors) > 1:
+                raise ConfigError(f"{selectors_path}: 'any' cannot be combined with other selectors")
+            if len(set(selectors)) != len(selectors):
+                raise ConfigError(f"{selectors_path}: duplicate selector")
+            dns_names = _str_list(section.get("dns_names"), f"{where}.dns_names")
+            for j, name in enumerate(dns_names):
+                if len(name) > 253 or _DNS_RE.match(name) is None:
+                    raise ConfigError(f"{where}.dns_names[{j}]: {name!r} is not a lower-case DNS name")
+            hint = _str(section.get("hint", ""), f"{where}.hint", empty_ok=True)
+            workload = Workload(spiffe_id, tuple(selectors), dns_names, hint)
+            # Several entries may share a SPIFFE ID (alternative selector sets), but there is one SVID per ID:
+            # its DNS names and hint must agree.
+            earlier = first_seen.get(spiffe_id)
+            if earlier is not None and (earlier[1].dns_names, earlier[1].hint) != (dns_names, hint):
+                raise ConfigError(
+                    f"{where}: {spiffe_id} is also defined by {earlier[0]} with other dns_names or hint "
+                    "(one SPIFFE ID has one SVID)"
+                )
+            first_seen.setdefault(spiffe_id, (where, workload))
+            result.append(workload)
+        return tuple(result)
+
+    # -- federation ------------------------------------------------------------------------------------
+
+    def federation(
+        self, value: object, path: str, trust_domain: TrustDomain
+    ) -> dict[TrustDomain, FederationConfig]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of trust domain names, got {_type_name(value)}")
+        result: dict[TrustDomain, FederationConfig] = {}
+        for key, item in value.items():
+            where = f"{path}.{key}"
+            if not isinstance(key, str):
+                raise ConfigError(f"{path}: keys must be trust domain names, got {key!r}")
+            federated = _trust_domain(key, where)
+            if federated == trust_domain:
+                raise ConfigError(f"{where}: cannot federate with the own trust domain {trust_domain}")
+            if federated in result:
+                raise ConfigError(f"{where}: trust domain {federated} is listed twice")
+            section = _mapping(item, where, ("bundle_file", "bundle_endpoint"))
+            bundle_file = self._opt_path(section.get("bundle_file"), f"{where}.bundle_file")
+            endpoint = None
+            if section.get("bundle_endpoint") is not None:
+                endpoint = self.bundle_endpoint(section["bundle_endpoint"], f"{where}.bundle_endpoint")
+            if bundle_file is None and endpoint is None:
+                raise ConfigError(f"{where}: set bundle_file, bundle_endpoint or both")
+            result[federated] = FederationConfig(bundle_file=bundle_file, bundle_endpoint=endpoint)
+        # https_spiffe authenticates the endpoint with a bundle we must already have.
+        for federated, fed in result.items():
+            endpoint = fed.bundle_endpoint
+            if endpoint is None or endpoint.endpoint_spiffe_id is None:
+                continue
+            where = f"{path}.{federated}.bundle_endpoint.endpoint_spiffe_id"
+            endpoint_td = endpoint.endpoint_spiffe_id.trust_domain
+            if endpoint_td == federated and fed.bundle_file is None:
+                raise ConfigError(
+                    f"{where}: {endpoint.endpoint_spiffe_id} is in {federated} itself, so "
+                    f"{path}.{federated}.bundle_file must provide the bootstrap bundle"
+                )
+            if endpoint_td != trust_domain and endpoint_td not in result:
+                raise ConfigError(
+                    f"{where}: no bundle for {endpoint_td} to authenticate the endpoint with "
+                    "(use the own trust domain, a federated one, or this one with a bundle_file)"
+                )
+        return result
+
+    def bundle_endpoint(self, value: object, path: str) -> BundleEndpoint:
+        section = _mapping(value, path, ("url", "profile", "endpoint_spiffe_id", "refresh", "ca_file"))
+        if "url" not in section:
+            raise ConfigError(f"{path}.url: required")
+        url = _str(section["url"], f"{path}.url")
+        if not url.startswith("https://") or len(url) <= len("https://"):
+            raise ConfigError(f"{path}.url: a bundle endpoint URL must be https://")
+        if "profile" not in section:
+            raise ConfigError(f"{path}.profile: required (https_web or https_spiffe)")
+        profile = _choice(section["profile"], f"{path}.profile", _PROFILES)
+        endpoint_id = None
+        if section.get("endpoint_spiffe_id") is not None:
+            endpoint_id = _spiffe_id(section["endpoint_spiffe_id"], f"{path}.endpoint_spiffe_id")
+        if profile == "https_spiffe" and endpoint_id is None:
+            raise ConfigError(f"{path}.endpoint_spiffe_id: required with profile https_spiffe")
+        if profile == "https_web" and endpoint_id is not None:
+            raise ConfigError(f"{path}.endpoint_spiffe_id: only meaningful with profile https_spiffe")
+        ca_file = self._opt_path(section.get("ca_file"), f"{path}.ca_file")
+        if ca_file is not None and profile != "https_web":
+            raise ConfigError(f"{path}.ca_file: only meaningful with profile https_web")
+        refresh = parse_duration(section.get("refresh", 300), f"{path}.refresh")
+        return BundleEndpoint(url, profile, endpoint_id, refresh, ca_file)
+
+    # -- sds -------------------------------------------------------------------------------------------
+
+    def sds(self, value: object, path: str) -> SdsConfig:
+        section = _mapping(
+            value,
+            path,
+            ("default_svid_name", "own_bundle_name", "all_bundles_name", "validation", "istio_compat"),
+        )
+        d = SdsConfig()
+        names = {
+            key: _str(section.get(key, getattr(d, key)), f"{path}.{key}")
+            for key in ("default_svid_name", "own_bundle_name", "all_bundles_name")
+        }
+        seen: dict[str, str] = {}
+        for key, name in names.items():
+            if name.startswith("spiffe://"):
+                # Resource names of that form mean "the SVID / bundle for this ID"; an alias must not collide.
+                raise ConfigError(f"{path}.{key}: must not start with spiffe://")
+            if name in seen:
+                # Blame the key the file set, not the default it collides with.
+                culprit, other = (seen[name], key) if key not in section else (key, seen[name])
+                raise ConfigError(f"{path}.{culprit}: {name!r} is already the {other}")
+            seen[name] = key
+        return SdsConfig(
+            default_svid_name=names["default_svid_name"],
+            own_bundle_name=names["own_bundle_name"],
+            all_bundles_name=names["all_bundles_name"],
+            validation=_choice(
+                section.get("validation", d.validation), f"{path}.validation", ("spiffe", "trusted_ca")
+            ),
+            istio_compat=_bool(section.get("istio_compat", d.istio_compat), f"{path}.istio_compat"),
+        )
+
+    # -- authz -----------------------------------------------------------------------------------------
+
+    def authz(
+        self,
+        value: object,
+        path: str,
+        trust_domain: TrustDomain,
+        workloads: tuple[Workload, ...],
+        federation: Mapping[TrustDomain, FederationConfig],
+        source: SourceConfig,
+    ) -> AuthzConfig:
+        section = _mapping(
+            value,
+            path,
+            (
+                "token_header",
+                "token_prefix",
+                "policies",
+                "default",
+                "leeway",
+                "hide_details",
+                "cache_size",
+                "decision_log",
+            ),
+        )
+        d = AuthzConfig()
+        header = _str(section.get("token_header", d.token_header), f"{path}.token_header").lower()
+        # Envoy hands header names to ext_authz in lower case; HTTP/2 forbids upper case anyway.
+        if _HEADER_RE.match(header) is None or header.startswith(":"):
+            raise ConfigError(f"{path}.token_header: {header!r} is not an HTTP header name")
+        prefix = _str(section.get("token_prefix", d.token_prefix), f"{path}.token_prefix", empty_ok=True)
+        known_tds: set[TrustDomain] | None = {trust_domain, *federation}
+        if source.kind == "spire":
+            known_tds = None  # the SPIRE agent delivers federated bundles we do not know about here
+        policies: list[Policy] = []
+        names: dict[str, int] = {}
+        for i, item in enumerate(_list(section.get("policies"), f"{path}.policies", "a list of policies")):
+            policy = self.policy(item, f"{path}.policies[{i}]", trust_domain, workloads, known_tds)
+            if policy.name in names:
+                raise ConfigError(
+                    f"{path}.policies[{i}].name: {policy.name!r} is already the name of "
+                    f"{path}.policies[{names[policy.name]}]"
+                )
+            names[policy.name] = i
+            policies.append(policy)
+        dl = _mapping(section.get("decision_log"), f"{path}.decision_log", ("sample_rate", "max_per_second"))
+        decision_log = DecisionLogConfig(
+            sample_rate=_number(dl.get("sample_rate", 1.0), f"{path}.decision_log.sample_rate", maximum=1.0),
+            max_per_second=_number(dl.get("max_per_second", 100), f"{path}.decision_log.max_per_second"),
+        )
+        return AuthzConfig(
+            token_header=header,
+            token_prefix=prefix,
+            policies=tuple(policies),
+            default=_choice(section.get("default", d.default), f"{path}.default", _DEFAULTS),
+            leeway=parse_duration(section.get("leeway", d.leeway), f"{path}.leeway", allow_zero=True),
+            hide_details=_bool(section.get("hide_details", d.hide_details), f"{path}.hide_details"),
+            cache_size=_int(section.get("cache_size", d.cache_size), f"{path}.cache_size"),
+            decision_log=decision_log,
+        )
+
+    def policy(
+        self,
+        value: object,
+        path: str,
+        trust_domain: TrustDomain,
+        workloads: tuple[Workload, ...],
+        known_tds: set[TrustDomain] | None,
+    ) -> Policy:
+        section = _mapping(
+            value,
+            path,
+            (
+                "name",
+                "match",
+                "audiences",
+                "allow",
+                "require_token",
+                "dry_run",
+                "keep_token",
+                "mode",
+                "inject_audience",
+                "inject_spiffe_id",
+            ),
+        )
+        if "name" not in section:
+            raise ConfigError(f"{path}.name: required")
+        name = _str(section["name"], f"{path}.name")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", name):
+            # The name becomes a Prometheus label value and a log field: keep it short and plain.
+            raise ConfigError(f"{path}.name: use 1-64 letters, digits, '_', '.', ':' or '-'")
+        match = self.policy_match(section.get("match"), f"{path}.match")
+        mode = _choice(section.get("mode", "validate"), f"{path}.mode", _MODES)
+        audiences = _str_list(section.get("audiences"), f"{path}.audiences")
+        allow_texts = _str_list(section.get("allow"), f"{path}.allow")
+        allow: list[AllowRule] = []
+        for j, text in enumerate(allow_texts):
+            where = f"{path}.allow[{j}]"
+            try:
+                rule = AllowRule.parse(text)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            rule_td = rule.trust_domain
+            if known_tds is not None and rule_td is not None and rule_td not in known_tds:
+                raise ConfigError(
+                    f"{where}: trust domain {rule_td} is neither {trust_domain} nor federated, "
+                    "so no token from it can validate"
+                )
+            allow.append(rule)
+        inject_audience = _opt_str(section.get("inject_audience"), f"{path}.inject_audience")
+        inject_id = None
+        if section.get("inject_spiffe_id") is not None:
+            inject_id = _spiffe_id(section["inject_spiffe_id"], f"{path}.inject_spiffe_id")
+        if mode == "validate":
+            if inject_audience is not None or inject_id is not None:
+                key = "inject_audience" if inject_audience is not None else "inject_spiffe_id"
+                raise ConfigError(f"{path}.{key}: only meaningful with mode: inject")
+            if not audiences:
+                # JWT-SVID.md 3: validators MUST check `aud`; an empty list would skip that check.
+                raise ConfigError(f"{path}.audiences: required: at least one audience the token must carry")
+            if not allow:
+                raise ConfigError(
+                    f"{path}.allow: required: the SPIFFE IDs allowed through ('*' for any valid JWT-SVID)"
+                )
+        else:
+            if allow:
+                raise ConfigError(f"{path}.allow: has no effect with mode: inject (the caller is local)")
+            if inject_audience is None:
+                if len(audiences) != 1:
+                    raise ConfigError(
+                        f"{path}.inject_audience: required with mode: inject "
+                        "(or give exactly one entry in audiences)"
+                    )
+                inject_audience = audiences[0]
+            ids = list(dict.fromkeys(w.spiffe_id for w in workloads))
+            if inject_id is None:
+                if len(ids) != 1:
+                    raise ConfigError(
+                        f"{path}.inject_spiffe_id: required with mode: inject "
+                        "when there is not exactly one workload"
+                    )
+                inject_id = ids[0]
+            elif not inject_id.member_of(trust_domain):
+                raise ConfigError(
+                    f"{path}.inject_spiffe_id: {inject_id} is not in the trust domain {trust_domain}"
+                )
+            elif workloads and inject_id not in ids:
+                raise ConfigError(
+                    f"{path}.inject_spiffe_id: {inject_id} is not one of the configured workloads"
+                )
+        return Policy(
+            name=name,
+            match=match,
+            audiences=audiences,
+            allow=tuple(allow),
+            require_token=_bool(section.get("require_token", True), f"{path}.require_token"),
+            dry_run=_bool(section.get("dry_run", False), f"{path}.dry_run"),
+            keep_token=_bool(section.get("keep_token", False), f"{path}.keep_token"),
+            mode=mode,
+            inject_audience=inject_audience,
+            inject_spiffe_id=inject_id,
+        )
+
+    def policy_match(self, value: object, path: str) -> PolicyMatch:
+        section = _mapping(
+            value, path, ("hosts", "path_prefix", "path_exact", "path_regex", "methods", "context_extensions")
+        )
+        hosts = tuple(h.lower() for h in _str_list(section.get("hosts"), f"{path}.hosts"))
+        paths = [k for k in ("path_prefix", "path_exact", "path_regex") if section.get(k) is not None]
+        if len(paths) > 1:
+            raise ConfigError(f"{path}.{paths[1]}: set at most one of path_prefix, path_exact, path_regex")
+        path_prefix = _opt_str(section.get("path_prefix"), f"{path}.path_prefix")
+        path_exact = _opt_str(section.get("path_exact"), f"{path}.path_exact")
+        for key, text in (("path_prefix", path_prefix), ("path_exact", path_exact)):
+            if text is not None and not text.startswith("/"):
+                raise ConfigError(f"{path}.{key}: must start with '/'")
+        regex = None
+        if section.get("path_regex") is not None:
+            text = _str(section["path_regex"], f"{path}.path_regex")
+            try:
+                regex = re.compile(text)
+            except re.error as exc:
+                raise ConfigError(f"{path}.path_regex: invalid regular expression: {exc}") from None
+        methods = _str_list(section.get("methods"), f"{path}.methods")
+        for j, method in enumerate(methods):
+            if _METHOD_RE.match(method) is None:
+                raise ConfigError(f"{path}.methods[{j}]: {method!r} is not an upper-case HTTP method")
+        raw_ext = section.get("context_extensions")
+        if raw_ext is None:
+            raw_ext = {}
+        if not isinstance(raw_ext, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw_ext.items()
+        ):
+            raise ConfigError(f"{path}.context_extensions: expected a mapping of strings to strings")
+        return PolicyMatch(
+            hosts=hosts,
+            path_prefix=path_prefix,
+            path_exact=path_exact,
+            path_regex=regex,
+            methods=methods,
+            context_extensions=raw_ext,
+        )
+
+    # -- source, log -----------------------------------------------------------------------------------
+
+    def source(self, value: object, path: str) -> SourceConfig:
+        section = _mapping(
+            value, path, ("kind", "spire_socket", "cert_file", "key_file", "bundle_file", "poll_interval")
+        )
+        kind = _choice(section.get("kind", "builtin"), f"{path}.kind", _SOURCE_KINDS)
+        spire_socket = _opt_str(section.get("spire_socket"), f"{path}.spire_socket")
+        files = {
+            k: self._opt_path(section.get(k), f"{path}.{k}") for k in ("cert_file", "key_file", "bundle_file")
+        }
+        if kind == "spire":
+            if spire_socket is None:
+                raise ConfigError(f"{path}.spire_socket: required with kind: spire")
+            if spire_socket.startswith("/"):
+                spire_socket = f"unix://{spire_socket}"
+            parse_address(spire_socket, f"{path}.spire_socket")
+        elif spire_socket is not None:
+            raise ConfigError(f"{path}.spire_socket: only meaningful with kind: spire")
+        for key, file in files.items():
+            if kind == "files" and file is None:
+                raise ConfigError(f"{path}.{key}: required with kind: files")
+            if kind != "files" and file is not None:
+                raise ConfigError(f"{path}.{key}: only meaningful with kind: files")
+        return SourceConfig(
+            kind=kind,
+            spire_socket=spire_socket,
+            cert_file=files["cert_file"],
+            key_file=files["key_file"],
+            bundle_file=files["bundle_file"],
+            poll_interval=parse_duration(section.get("poll_interval", 5), f"{path}.poll_interval"),
+        )
+
+    def server(self, value: object, path: str) -> ServerConfig:
+        section = _mapping(value, path, ("drain_grace", "reflection", "config_poll_interval", "socket_mode"))
+        d = ServerConfig()
+        mode = section.get("socket_mode", d.socket_mode)
+        if isinstance(mode, str):
+            # YAML 1.1 reads 0660 as octal (432) already; a string spells the bits out: "0o660" or "0660".
+            text = mode.removeprefix("0o")
+            if not re.fullmatch(r"[0-7]{3,4}", text):
+                raise ConfigError(
+                    f"{path}.socket_mode: expected octal permission bits like 0o660, got {mode!r}"
+                )
+            mode = int(text, 8)
+        mode = _int(mode, f"{path}.socket_mode")
+        if mode > 0o777 or mode & 0o600 != 0o600:
+            raise ConfigError(
+                f"{path}.socket_mode: must be permission bits that include 0o600 (owner rw); "
+                "write 0660 or '0o660'"
+            )
+        return ServerConfig(
+            drain_grace=parse_duration(
+                section.get("drain_grace", d.drain_grace), f"{path}.drain_grace", allow_zero=True
+            ),
+            reflection=_bool(section.get("reflection", d.reflection), f"{path}.reflection"),
+            config_poll_interval=parse_duration(
+                section.get("config_poll_interval", d.config_poll_interval),
+                f"{path}.config_poll_interval",
+                allow_zero=True,
+            ),
+            socket_mode=mode,
+        )
+
+    def log(self, value: object, path: str) -> LogConfig:
+        section = _mapping(value, path, ("format", "level"))
+        level = section.get("level", "info")
+        if isinstance(level, str):
+            level = level.lower()
+        return LogConfig(
+            format=_choice(section.get("format", "json"), f"{path}.format", _FORMATS),
+            level=_choice(level, f"{path}.level", _LEVELS),
+        )
+
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_TRUST_DOMAIN",
+    "Address",
+    "AllowRule",
+    "AuthzConfig",
+    "BundleEndpoint",
+    "CaConfig",
+    "CallerLike",
+    "Config",
+    "DecisionLogConfig",
+    "FederationConfig",
+    "ListenConfig",
+    "LogConfig",
+    "Policy",
+    "PolicyMatch",
+    "SdsConfig",
+    "Selector",
+    "ServerConfig",
+    "SourceConfig",
+    "Workload",
+    "config_path_from_env",
+    "default_config_text",
+    "load_config",
+    "parse_address",
+    "parse_config",
+    "parse_duration",
+]

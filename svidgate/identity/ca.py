@@ -1,0 +1,672 @@
+"""The built-in CA: a self-signed SPIFFE root per trust domain that mints X.509-SVIDs and JWT-SVIDs.
+
+State lives in one JSON file, ``<state_dir>/ca/ca.json`` (directory 0700, file 0600, replaced atomically), so a
+restart reuses the same root and every peer that trusts it keeps working. Anything unexpected there -- a file
+that does not parse, a CA of another trust domain, a file svidgate did not write -- is a `CaError`; the CA is
+never silently replaced, because replacing it would cut off every peer that trusts the old root.
+
+Rotation follows SPIRE's schedule: when the current authority is half-way through its life a *next* one is
+prepared and published in the bundle; at 5/6 of the current one's life signing switches to it (peers have had a
+third of the lifetime to fetch the new bundle); the old one stays in the bundle until its notAfter, after which
+nothing it signed can still be valid (every SVID's notAfter/exp is capped by its authority's notAfter).
+
+Each authority has two keys: the X.509 root key and a separate JWT signing key. One key per SVID type keeps a
+signature made for one protocol from ever being accepted in the other (SPIFFE_Trust_Domain_and_Bundle.md 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import stat
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from svidgate.errors import CaError, SvidgateError
+from svidgate.identity import jwtsvid
+from svidgate.identity.bundle import Bundle
+from svidgate.identity.clock import Clock
+from svidgate.identity.keys import KeyType, SigningKey, generate_private_key, key_id, key_type_of
+from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.identity.x509svid import X509Svid
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "svidgate-ca/1"
+STATE_DIR_NAME = "ca"
+STATE_FILE_NAME = "ca.json"
+DEFAULT_CA_TTL = 365 * 86400.0
+#: Certificates are dated this far into the past so that peers whose clocks lag a little accept them at once.
+BACKDATE_SECONDS = 60.0
+#: Fractions of the current authority's lifetime at which the next one is prepared and activated (as in SPIRE).
+PREPARE_AT = 1 / 2
+ACTIVATE_AT = 5 / 6
+#: `spiffe_refresh_hint` of the bundle: how often federated peers should re-fetch it.
+DEFAULT_REFRESH_HINT = 300
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Authority:
+    """One generation of the CA: an X.509 root and a JWT signing key with the same lifetime.
+
+    `x509_key` and `jwt_key` are None for a retired authority loaded from disk: it only verifies.
+    """
+
+    certificate: x509.Certificate
+    x509_key: SigningKey | None
+    jwt_public_key: PublicKeyTypes
+    jwt_key: SigningKey | None
+
+    @property
+    def not_before(self) -> float:
+        return self.certificate.not_valid_before_utc.timestamp()
+
+    @property
+    def not_after(self) -> float:
+        return self.certificate.not_valid_after_utc.timestamp()
+
+    @property
+    def jwt_key_id(self) -> str:
+        return key_id(self.jwt_public_key)
+
+    def lifetime_point(self, fraction: float) -> float:
+        return self.not_before + (self.not_after - self.not_before) * fraction
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _State:
+    current: Authority
+    next: Authority | None
+    retired: tuple[Authority, ...]
+    sequence: int
+
+
+class BuiltinCa:
+    """A trust domain's built-in certificate authority. Thread-safe: state is replaced whole under a lock.
+
+    Construct with `load_or_create`.
+    """
+
+    def __init__(
+        self,
+        trust_domain: TrustDomain,
+        key_type: KeyType,
+        clock: Clock,
+        ca_ttl: float,
+        state_file: Path | None,
+        state: _State,
+    ) -> None:
+        self._trust_domain = trust_domain
+        self._key_type = key_type
+        self._clock = clock
+        self._ca_ttl = ca_ttl
+        self._state_file = state_file
+        self._state = state
+        self._lock = threading.Lock()
+
+    # -- construction ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load_or_create(
+        cls,
+        state_dir: Path,
+        trust_domain: TrustDomain,
+        key_type: KeyType,
+        clock: Clock,
+        ca_ttl: float = DEFAULT_CA_TTL,
+    ) -> BuiltinCa:
+        """Load the CA of `trust_domain` from `state_dir`, or create and persist a new one if there is none.
+
+        A loaded CA is rotated at once if it is due (after downtime the current root may have expired).
+
+        Args:
+            state_dir: svidgate's state directory; the CA lives in its ``ca/`` subdirectory.
+            trust_domain: the trust domain the CA signs for.
+            key_type: key type for new authorities (an existing authority keeps its own key type).
+            clock: the time source.
+            ca_ttl: lifetime of a new authority, seconds.
+
+        Returns:
+            The CA.
+
+        Raises:
+            CaError: the state cannot be read or written, is corrupt, was not written by svidgate, or belongs to
+                another trust domain.
+        """
+        if not ca_ttl > 2 * BACKDATE_SECONDS:
+            raise CaError(f"ca_ttl must be more than {2 * BACKDATE_SECONDS:.0f} seconds, not {ca_ttl!r}")
+        ca_dir = Path(state_dir) / STATE_DIR_NAME
+        try:
+            # Only created private here; an existing state_dir is the operator's and keeps its mode.
+            Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CaError(f"cannot create state directory {state_dir}: {exc.strerror or exc}") from None
+        _ensure_private_dir(ca_dir)
+        state_file = ca_dir / STATE_FILE_NAME
+        state = _read_state(state_file, trust_domain)
+        if state is None:
+            created = _State(
+                current=_new_authority(trust_domain, key_type, clock(), ca_ttl), next=None, retired=(), sequence=1
+            )
+            if _create_exclusive(state_file, _encode_state(trust_domain, created)):
+                state = created
+                log.info(
+                    "ca.created",
+                    extra={"fields": _authority_fields(trust_domain, created.current, state_file=str(state_file))},
+                )
+            else:
+                # Another process created it between our read and our write: use theirs, never overwrite.
+                state = _read_state(state_file, trust_domain)
+                if state is None:
+                    raise CaError(f"{state_file}: appeared and vanished while creating the CA")
+        else:
+            log.info(
+                "ca.loaded",
+                extra={"fields": _authority_fields(trust_domain, state.current, state_file=str(state_file))},
+            )
+        ca = cls(trust_domain, key_type, clock, ca_ttl, state_file, state)
+        ca.rotate_if_due()
+        return ca
+
+    @classmethod
+    def in_memory(
+        cls, trust_domain: TrustDomain, key_type: KeyType, clock: Clock, ca_ttl: float = DEFAULT_CA_TTL
+    ) -> BuiltinCa:
+        """A CA that persists nothing (for tests and one-off `svidgate mint`)."""
+        state = _State(_new_authority(trust_domain, key_type, clock(), ca_ttl), None, (), 1)
+        return cls(trust_domain, key_type, clock, ca_ttl, None, state)
+
+    # -- read-only views ---------------------------------------------------------------------------------------
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self._trust_domain
+
+    @property
+    def key_type(self) -> KeyType:
+        return self._key_type
+
+    @property
+    def state_file(self) -> Path | None:
+        return self._state_file
+
+    @property
+    def current(self) -> Authority:
+        """The authority that signs now."""
+        return self._state.current
+
+    @property
+    def next(self) -> Authority | None:
+        """The prepared (published, not yet signing) authority, if any."""
+        return self._state.next
+
+    def bundle(self) -> Bundle:
+        """The trust bundle: current, next and still-valid retired authorities, X.509 and JWT.
+
+        Returns:
+            The bundle, with a `sequence` that increases whenever its contents change.
+        """
+        state = self._state
+        authorities = [state.current, *([state.next] if state.next else []), *state.retired]
+        return Bundle(
+            trust_domain=self._trust_domain,
+            x509_authorities=tuple(a.certificate for a in authorities),
+            jwt_authorities={a.jwt_key_id: a.jwt_public_key for a in authorities},
+            sequence=state.sequence,
+            refresh_hint=max(1, min(DEFAULT_REFRESH_HINT, int(self._ca_ttl / 12))),
+        )
+
+    # -- minting -----------------------------------------------------------------------------------------------
+
+    def mint_x509_svid(self, spiffe_id: SpiffeId, ttl: float, dns_names: Sequence[str] = ()) -> X509Svid:
+        """Mint an X.509-SVID with a fresh key, signed by the current authority.
+
+        notBefore is backdated by `BACKDATE_SECONDS` for clock skew; notAfter is ``now + ttl`` capped by the
+        authority's own notAfter, so nothing outlives the root that vouches for it.
+
+        Args:
+            spiffe_id: a non-root SPIFFE ID in this CA's trust domain.
+            ttl: requested lifetime, seconds, > 0.
+            dns_names: DNS SANs to add (the first also becomes the subject CN, for tools that still read it).
+
+        Returns:
+            The SVID; its chain is the leaf alone (the root is in the bundle).
+
+        Raises:
+            CaError: the ID is of another trust domain or has no path, the ttl is not positive, a DNS name is not
+                valid, or the current authority has expired (`rotate_if_due` was not called).
+        """
+        self._check_subject(spiffe_id)
+        if not ttl > 0:
+            raise CaError(f"X.509-SVID ttl must be positive, not {ttl!r}")
+        now = self._clock()
+        authority = self._signing_authority(now)
+        assert authority.x509_key is not None  # _signing_authority guarantees it
+        leaf_key = generate_private_key(self._key_type)
+        not_before = max(now - BACKDATE_SECONDS, authority.not_before)
+        not_after = min(now + ttl, authority.not_after)
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+        try:
+            names.extend(x509.DNSName(name) for name in dns_names)
+        except ValueError as exc:
+            raise CaError(f"invalid DNS name for {spiffe_id}: {exc}") from None
+        for name in dns_names:
+            if not name or not name.isascii() or any(c.isspace() for c in name):
+                raise CaError(f"invalid DNS name {name!r} for {spiffe_id}: DNS SANs are non-empty ASCII")
+        subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "svidgate")]
+        if dns_names:
+            subject.append(x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0][:64]))
+        is_rsa = isinstance(leaf_key, rsa.RSAPrivateKey)
+        issuer_ski = authority.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(subject))
+            .issuer_name(authority.certificate.subject)
+            .public_key(leaf_key.public_key())
+            .serial_number(_random_serial())
+            .not_valid_before(_datetime(not_before))
+            .not_valid_after(_datetime(not_after))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(leaf=True, key_encipherment=is_rsa), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski), critical=False
+            )
+        )
+        leaf = builder.sign(authority.x509_key, _hash_for(authority.x509_key))
+        return X509Svid(spiffe_id=spiffe_id, cert_chain=(leaf,), private_key=leaf_key)
+
+    def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: float) -> str:
+        """Mint a JWT-SVID signed by the current authority's JWT key.
+
+        Args:
+            spiffe_id: a non-root SPIFFE ID in this CA's trust domain.
+            audience: one or more audiences.
+            ttl: requested lifetime, seconds; `exp` is capped by the authority's notAfter.
+
+        Returns:
+            The compact JWS (header ``alg``, ``kid``, ``typ: JWT``; claims ``sub``, ``aud``, ``exp``, ``iat``).
+
+        Raises:
+            CaError: the ID is of another trust domain or has no path, the ttl is not positive, or the current
+                authority has expired.
+            JwtSvidError: the audience is empty or invalid.
+        """
+        self._check_subject(spiffe_id)
+        if not ttl > 0:
+            raise CaError(f"JWT-SVID ttl must be positive, not {ttl!r}")
+        now = self._clock()
+        authority = self._signing_authority(now)
+        assert authority.jwt_key is not None
+        capped = min(ttl, authority.not_after - now)
+        return jwtsvid.mint_jwt_svid(spiffe_id, audience, authority.jwt_key, authority.jwt_key_id, capped, now)
+
+    # -- rotation ----------------------------------------------------------------------------------------------
+
+    def rotate_if_due(self) -> bool:
+        """Advance the rotation schedule to the clock's current time, persisting any change first.
+
+        Drops retired authorities past their notAfter, prepares the next authority at half the current one's
+        lifetime, and switches signing to it at 5/6 (at once if the current one has already expired, e.g. after
+        downtime).
+
+        Returns:
+            True when the bundle or the signing authority changed (callers re-publish and re-mint).
+
+        Raises:
+            CaError: the new state cannot be persisted (the in-memory state is then left unchanged).
+        """
+        with self._lock:
+            now = self._clock()
+            old = state = self._state
+            # Loop because after a long downtime even the prepared next authority may be due for rotation.
+            for _ in range(3):
+                state = self._advance(state, now)
+            if state.current is old.current and state.next is old.next and state.retired == old.retired:
+                return False
+            state = replace(state, sequence=old.sequence + 1)
+            if self._state_file is not None:
+                _write_atomic(self._state_file, _encode_state(self._trust_domain, state))
+            self._state = state
+            self._log_transition(old, state)
+            return True
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _advance(self, state: _State, now: float) -> _State:
+        state = replace(state, retired=tuple(a for a in state.retired if a.not_after > now))
+        if state.next is None and now >= state.current.lifetime_point(PREPARE_AT):
+            state = replace(state, next=_new_authority(self._trust_domain, self._key_type, now, self._ca_ttl))
+        if state.next is not None and now >= state.current.lifetime_point(ACTIVATE_AT):
+            # A retired authority stays published only while something it signed can still be valid.
+            keep = (state.current,) if state.current.not_after > now else ()
+            state = _State(current=state.next, next=None, retired=keep + state.retired, sequence=state.sequence)
+        return state
+
+    def _check_subject(self, spiffe_id: SpiffeId) -> None:
+        if not spiffe_id.member_of(self._trust_domain):
+            raise CaError(f"the CA of {self._trust_domain} cannot sign {spiffe_id}: another trust domain")
+        if not spiffe_id.path:
+            raise CaError(f"cannot mint an SVID for {spiffe_id}: an SVID's SPIFFE ID needs a path")
+
+    def _signing_authority(self, now: float) -> Authority:
+        authority = self._state.current
+        if authority.x509_key is None or authority.jwt_key is None:
+            raise CaError("the current authority has no private key")  # unreachable with a valid state file
+        if now >= authority.not_after:
+            raise CaError(
+                f"the CA of {self._trust_domain} expired at {_datetime(authority.not_after).isoformat()}; "
+                "rotate_if_due() must run before minting"
+            )
+        return authority
+
+    def _log_transition(self, old: _State, new: _State) -> None:
+        if new.current is not old.current:
+            log.info("ca.activated", extra={"fields": _authority_fields(self._trust_domain, new.current)})
+        if new.next is not None and new.next is not old.next:
+            log.info("ca.prepared", extra={"fields": _authority_fields(self._trust_domain, new.next)})
+        kept = {id(a) for a in new.retired} | {id(new.current)}
+        for dropped in old.retired:
+            if id(dropped) not in kept:
+                log.info("ca.dropped", extra={"fields": _authority_fields(self._trust_domain, dropped)})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Certificates
+
+
+def _new_authority(trust_domain: TrustDomain, key_type: KeyType, now: float, ca_ttl: float) -> Authority:
+    key = generate_private_key(key_type)
+    jwt_key = generate_private_key(key_type)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "svidgate"),
+            x509.NameAttribute(NameOID.COMMON_NAME, trust_domain.name[:64]),
+            # Distinguishes generations by name too, so that path builders that match names before keys never
+            # try the wrong root first.
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, ski.digest.hex()),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(_random_serial())
+        .not_valid_before(_datetime(now - BACKDATE_SECONDS))
+        .not_valid_after(_datetime(now + ca_ttl))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(leaf=False), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))]), False)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, _hash_for(key))
+    )
+    return Authority(certificate=cert, x509_key=key, jwt_public_key=jwt_key.public_key(), jwt_key=jwt_key)
+
+
+def _key_usage(*, leaf: bool, key_encipherment: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=leaf,
+        content_commitment=False,
+        key_encipherment=leaf and key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=not leaf,
+        crl_sign=not leaf,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _hash_for(key: SigningKey) -> hashes.HashAlgorithm:
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def _random_serial() -> int:
+    # 128 random bits (RFC 5280 allows up to 20 octets; CA/B asks for at least 64 bits of entropy). Never 0.
+    return secrets.randbits(128) or 1
+
+
+def _datetime(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(int(epoch), tz=dt.UTC)
+
+
+def _authority_fields(trust_domain: TrustDomain, authority: Authority, **extra: str) -> dict[str, Any]:
+    return {
+        "trust_domain": trust_domain.name,
+        "serial": format(authority.certificate.serial_number, "x"),
+        "jwt_kid": authority.jwt_key_id,
+        "not_after": _datetime(authority.not_after).isoformat(),
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Persistence
+
+
+def _ensure_private_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        info = path.lstat()
+    except OSError as exc:
+        raise CaError(f"cannot create state directory {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise CaError(f"{path} exists and is not a directory")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        # Private keys live below; other users must not even list the directory.
+        try:
+            path.chmod(0o700)
+        except OSError as exc:
+            raise CaError(f"cannot restrict {path} to mode 0700: {exc.strerror or exc}") from None
+        log.warning("ca.state_dir_permissions_tightened", extra={"fields": {"path": str(path)}})
+
+
+def _read_state(path: Path, trust_domain: TrustDomain) -> _State | None:
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CaError(f"cannot read CA state {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CaError(f"{path} is not a regular file; refusing to use it as CA state")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        try:
+            path.chmod(0o600)
+        except OSError as exc:
+            raise CaError(f"cannot restrict {path} to mode 0600: {exc.strerror or exc}") from None
+        log.warning("ca.state_file_permissions_tightened", extra={"fields": {"path": str(path)}})
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CaError(f"cannot read CA state {path}: {exc.strerror or exc}") from None
+    return _decode_state(raw, trust_domain, str(path))
+
+
+def _encode_state(trust_domain: TrustDomain, state: _State) -> bytes:
+    def authority(role: str, a: Authority) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "role": role,
+            "certificate": a.certificate.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            "jwt_public_key": a.jwt_public_key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode("ascii"),
+        }
+        # A retired authority only verifies: its private keys are not kept on disk longer than needed.
+        if role != "retired" and a.x509_key is not None and a.jwt_key is not None:
+            entry["private_key"] = _pkcs8(a.x509_key)
+            entry["jwt_private_key"] = _pkcs8(a.jwt_key)
+        return entry
+
+    authorities = [authority("current", state.current)]
+    if state.next is not None:
+        authorities.append(authority("next", state.next))
+    authorities.extend(authority("retired", a) for a in state.retired)
+    doc = {
+        "format": STATE_FORMAT,
+        "trust_domain": trust_domain.name,
+        "sequence": state.sequence,
+        "authorities": authorities,
+    }
+    return (json.dumps(doc, indent=2) + "\n").encode("ascii")
+
+
+def _pkcs8(key: SigningKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+
+
+def _decode_state(raw: bytes, trust_domain: TrustDomain, where: str) -> _State:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CaError(f"{where}: not a svidgate CA state file (not JSON); refusing to replace it") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise CaError(f"{where}: not a svidgate CA state file (no 'format': {STATE_FORMAT!r}); refusing to use it")
+    if doc.get("trust_domain") != trust_domain.name:
+        raise CaError(
+            f"{where}: holds the CA of trust domain {doc.get('trust_domain')!r}, not {trust_domain.name!r}; "
+            "use another state_dir or remove it deliberately"
+        )
+    sequence = doc.get("sequence")
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
+        raise CaError(f"{where}: 'sequence' must be a non-negative integer")
+    entries = doc.get("authorities")
+    if not isinstance(entries, list):
+        raise CaError(f"{where}: 'authorities' must be an array")
+    current: list[Authority] = []
+    next_: list[Authority] = []
+    retired: list[Authority] = []
+    for index, entry in enumerate(entries):
+        role, authority = _decode_authority(entry, trust_domain, f"{where}: authorities[{index}]")
+        {"current": current, "next": next_, "retired": retired}[role].append(authority)
+    if len(current) != 1 or len(next_) > 1:
+        raise CaError(f"{where}: needs exactly one current and at most one next authority")
+    return _State(current=current[0], next=next_[0] if next_ else None, retired=tuple(retired), sequence=sequence)
+
+
+def _decode_authority(entry: object, trust_domain: TrustDomain, where: str) -> tuple[str, Authority]:
+    if not isinstance(entry, dict):
+        raise CaError(f"{where}: must be an object")
+    role = entry.get("role")
+    if role not in ("current", "next", "retired"):
+        raise CaError(f"{where}: 'role' must be current, next or retired")
+    try:
+        cert = x509.load_pem_x509_certificate(_ascii(entry, "certificate", where))
+        jwt_public_key = serialization.load_pem_public_key(_ascii(entry, "jwt_public_key", where))
+        x509_key = jwt_key = None
+        if role != "retired":
+            x509_key = _signing_key(serialization.load_pem_private_key(_ascii(entry, "private_key", where), None))
+            jwt_key = _signing_key(
+                serialization.load_pem_private_key(_ascii(entry, "jwt_private_key", where), None)
+            )
+    except (ValueError, TypeError, SvidgateError) as exc:
+        raise CaError(f"{where}: corrupt key or certificate: {exc}") from None
+    uris = _uri_sans(cert)
+    if uris != [str(trust_domain.id)]:
+        raise CaError(f"{where}: the certificate is not a root of {trust_domain} (URI SANs {uris})")
+    if x509_key is not None and x509_key.public_key() != cert.public_key():
+        raise CaError(f"{where}: the private key does not match the certificate")
+    if jwt_key is not None and jwt_key.public_key() != jwt_public_key:
+        raise CaError(f"{where}: the JWT private key does not match the JWT public key")
+    return role, Authority(cert, x509_key, jwt_public_key, jwt_key)
+
+
+def _ascii(entry: dict[str, Any], name: str, where: str) -> bytes:
+    value = entry.get(name)
+    if not isinstance(value, str):
+        raise CaError(f"{where}: {name!r} must be a PEM string")
+    return value.encode("ascii", errors="replace")
+
+
+def _signing_key(key: object) -> SigningKey:
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise CaError(f"unsupported key type {type(key).__name__}")
+    key_type_of(key)  # raises for curves/sizes svidgate does not sign with
+    return key
+
+
+def _uri_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def _temp_file(path: Path, data: bytes) -> str:
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return temp
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; without it a crash can leave the old file (or none) after a reboot.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    try:
+        temp = _temp_file(path, data)
+        os.replace(temp, path)
+    except OSError as exc:
+        raise CaError(f"cannot write CA state {path}: {exc.strerror or exc}") from None
+    _fsync_dir(path.parent)
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Create `path` with `data` atomically unless it exists. Returns False if another writer won the race."""
+    try:
+        temp = _temp_file(path, data)
+    except OSError as exc:
+        raise CaError(f"cannot write CA state {path}: {exc.strerror or exc}") from None
+    try:
+        os.link(temp, path)  # link(2) fails with EEXIST instead of replacing: create-if-absent, atomically
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise CaError(f"cannot write CA state {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+    _fsync_dir(path.parent)
+    return True

@@ -1,0 +1,84 @@
+"""Identity sources: where svidgate's SVIDs and trust bundles come from.
+
+`IdentitySource` (base) is the protocol the runtime and services depend on; `BuiltinSource` (the built-in
+CA) and `FileSource` (watched PEM files) implement it here, and `FederatedBundles` adds other trust domains'
+bundles to either. The SPIRE source speaks gRPC and therefore lives in `svidgate.workloadapi.spire_source`;
+nothing in this package imports gRPC.
+"""
+
+from __future__ import annotations
+
+from svidgate.config import Config
+from svidgate.errors import SourceError
+from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.clock import Clock, system_clock
+from svidgate.identity.sources.base import IdentitySource
+from svidgate.identity.sources.builtin import BuiltinSource
+from svidgate.identity.sources.federation import FederatedBundles, fetch_bundle
+from svidgate.identity.sources.files import FileSource
+
+
+def federated_bundles(config: Config, clock: Clock = system_clock) -> FederatedBundles | None:
+    """The federation watcher for `config.federation`, or None when nothing is federated."""
+    if not config.federation:
+        return None
+    return FederatedBundles(config.federation, clock, poll_interval=config.source.poll_interval)
+
+
+def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource | FileSource:
+    """Build the source `config.source.kind` names (builtin or files), with federation attached.
+
+    Blocks briefly: the CA state is loaded (or created), the first SVIDs are minted and federated bundles are
+    read or fetched once, so the returned source's feed is complete.
+
+    Args:
+        config: the configuration.
+        clock: the time source.
+
+    Returns:
+        The source, its first snapshot already published.
+
+    Raises:
+        SourceError: the kind is ``spire`` (built by `svidgate.workloadapi.spire_source`, which speaks
+            gRPC) or the source cannot produce its first snapshot.
+        CaError: the built-in CA state cannot be loaded or created.
+    """
+    federation = federated_bundles(config, clock)
+    if config.source.kind == "builtin":
+        ca = BuiltinCa.load_or_create(
+            config.state_dir, config.trust_domain, config.ca.key_type, clock, ca_ttl=config.ca.ca_ttl
+        )
+        return BuiltinSource(
+            ca,
+            config.workloads,
+            federation,
+            clock,
+            x509_svid_ttl=config.ca.x509_svid_ttl,
+            jwt_svid_ttl=config.ca.jwt_svid_ttl,
+        )
+    if config.source.kind == "files":
+        src = config.source
+        assert src.cert_file is not None
+        assert src.key_file is not None
+        assert src.bundle_file is not None
+        return FileSource(
+            src.cert_file,
+            src.key_file,
+            src.bundle_file,
+            config.trust_domain,
+            federation,
+            clock,
+            poll_interval=src.poll_interval,
+        )
+    raise SourceError(f"source kind {config.source.kind!r} is not built here (see svidgate.workloadapi)")
+
+
+__all__ = [
+    "BuiltinSource",
+    "FederatedBundles",
+    "FileSource",
+    "IdentitySource",
+    "create_source",
+    "federated_bundles",
+    "fetch_bundle",
+]

@@ -1,0 +1,200 @@
+"""The files source: an X.509-SVID and the trust bundle from PEM files that something else keeps current.
+
+For deployments where another agent (cert-manager's csi-driver-spiffe, a SPIFFE helper sidecar, a cron job)
+writes the certificate chain, key and bundle to disk. The files are checked every `poll_interval`; they are
+re-read when their metadata changes and applied when their bytes change. Writers rarely replace three files
+atomically, so a combination that does not fit together (a new certificate with the old key, a chain that does
+not verify against the bundle) is logged once and the last good snapshot stays until a later poll sees a good
+combination. This source holds no JWT signing key, so it cannot mint JWT-SVIDs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from svidgate.errors import BundleError, SourceError, X509SvidError
+from svidgate.identity.bundle import Bundle
+from svidgate.identity.clock import Clock
+from svidgate.identity.jwtsvid import JwtSvid
+from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+from svidgate.identity.sources.federation import FederatedBundles, WatchedFile, parse_bundle_document
+from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.identity.x509svid import X509Svid, parse_x509_svid, verify_x509_svid
+
+log = logging.getLogger(__name__)
+
+MAX_SLEEP = 60.0
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class FileSource:
+    """Identity from watched PEM files.
+
+    Args:
+        cert_file: the X.509-SVID chain, leaf first (PEM or concatenated DER).
+        key_file: its private key (PKCS#8 PEM or DER).
+        bundle_file: the own trust domain's bundle (PEM certificates or a SPIFFE bundle document).
+        trust_domain: the configured trust domain; the SVID must belong to it.
+        federation: federated bundles to merge (None when there are none).
+        clock: the time source.
+        poll_interval: seconds between checks of the files.
+        sleep: how `run()` waits (tests pass a fake).
+
+    Raises:
+        SourceError: the files cannot be read or do not form a valid SVID at start-up.
+    """
+
+    def __init__(
+        self,
+        cert_file: Path,
+        key_file: Path,
+        bundle_file: Path,
+        trust_domain: TrustDomain,
+        federation: FederatedBundles | None,
+        clock: Clock,
+        *,
+        poll_interval: float = 5.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._files = (WatchedFile(cert_file), WatchedFile(key_file), WatchedFile(bundle_file))
+        self._contents: list[bytes | None] = [None, None, None]
+        self._trust_domain = trust_domain
+        self._federation = federation
+        self._clock = clock
+        self._poll_interval = poll_interval
+        self._sleep = sleep
+        self._next_check = 0.0
+        self._rejected: bytes | None = None
+        self._svid: X509Svid | None = None
+        self._bundle: Bundle | None = None
+        error = self._read_files()
+        self._next_check = clock() + poll_interval
+        if error is not None:
+            raise SourceError(f"files source: {error}")
+        if federation is not None:
+            federation.refresh(self._own_bundles())
+        self.feed = SnapshotFeed(self._snapshot(version=1))
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self._trust_domain
+
+    def refresh(self) -> bool:
+        """Check the files (and federated bundles) now; publish when the SVID or a bundle changed.
+
+        Returns:
+            True when a new snapshot was published.
+        """
+        changed = self._step()
+        if changed:
+            self._publish()
+        return changed
+
+    def next_due(self) -> float:
+        federation_due = self._federation.next_due() if self._federation is not None else float("inf")
+        return min(self._next_check, federation_due)
+
+    async def run(self) -> None:
+        """Poll the files until cancelled (reads run in a worker thread; publishing on the loop)."""
+        while True:
+            if await asyncio.to_thread(self._step):
+                self._publish()
+            await self._sleep(min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP))
+
+    def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
+        """Always fails: files provide no JWT signing key.
+
+        Raises:
+            SourceError: always.
+        """
+        raise SourceError("the files source cannot mint JWT-SVIDs (it holds no JWT signing key)")
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _step(self) -> bool:
+        changed = False
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self._poll_interval
+            before = self._svid, self._bundle
+            self._read_files()
+            changed = (self._svid, self._bundle) != before
+        if self._federation is not None:
+            changed |= self._federation.refresh(self._own_bundles())
+        return changed
+
+    def _read_files(self) -> str | None:
+        """Re-read changed files; install them when they form a valid SVID. Returns the problem, if any."""
+        any_new = False
+        for index, watched in enumerate(self._files):
+            try:
+                data = watched.poll()
+            except OSError as exc:
+                watched.forget()
+                problem = f"cannot read {watched.path}: {exc.strerror or exc}"
+                self._reject(problem, problem.encode())
+                return problem
+            if data is not None:
+                self._contents[index] = data
+                any_new = True
+        if not any_new:
+            return None
+        chain, key, bundle_data = self._contents
+        assert chain is not None
+        assert key is not None
+        assert bundle_data is not None
+        combined = hashlib.sha256(b"\0".join((chain, key, bundle_data))).digest()
+        try:
+            bundle = parse_bundle_document(self._trust_domain, bundle_data)
+            svid = parse_x509_svid(chain, key)
+            if not svid.spiffe_id.member_of(self._trust_domain):
+                raise X509SvidError(f"{svid.spiffe_id} is not in the trust domain {self._trust_domain}")
+            verify_x509_svid(svid.cert_chain, {self._trust_domain: bundle}, self._clock())
+        except (BundleError, X509SvidError) as exc:
+            problem = str(exc)
+            self._reject(problem, combined)
+            return problem
+        self._rejected = None
+        self._svid, self._bundle = svid, bundle
+        log.info(
+            "source.files_loaded",
+            extra={"fields": {"spiffe_id": str(svid.spiffe_id), "expires_at": int(svid.expires_at)}},
+        )
+        return None
+
+    def _reject(self, problem: str, digest: bytes) -> None:
+        # Log each bad combination once, not on every poll.
+        if digest == self._rejected:
+            return
+        self._rejected = digest
+        log.warning(
+            "source.files_invalid",
+            extra={
+                "fields": {
+                    "cert_file": str(self._files[0].path),
+                    "error": problem,
+                    "kept_last_good": self._svid is not None,
+                }
+            },
+        )
+
+    def _own_bundles(self) -> dict[TrustDomain, Bundle]:
+        return {self._trust_domain: self._bundle} if self._bundle is not None else {}
+
+    def _snapshot(self, version: int) -> IdentitySnapshot:
+        bundles: dict[TrustDomain, Bundle] = {}
+        if self._federation is not None:
+            bundles.update(self._federation.bundles())
+        bundles.update(self._own_bundles())
+        svids = {self._svid.spiffe_id: self._svid} if self._svid is not None else {}
+        return IdentitySnapshot(svids=svids, bundles=bundles, version=version)
+
+    def _publish(self) -> None:
+        snapshot = self._snapshot(self.feed.current().version + 1)
+        self.feed.publish(snapshot)
+        log.info("source.published", extra={"fields": {"source": "files", "version": snapshot.version}})

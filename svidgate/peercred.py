@@ -1,0 +1,356 @@
+"""Kernel-verified peer credentials for gRPC services on unix sockets (SO_PEERCRED), which grpcio cannot read.
+
+The front listens on the public unix socket. For every connection it reads SO_PEERCRED (pid, uid, gid), opens
+a connection to the gRPC server's private inner socket from a socket bound to the abstract address
+``\\0svidgate-<token>-<conn_id>``, records that name in a `PeerRegistry`, and pumps bytes both ways. grpcio
+reports such a connection's peer as ``unix-abstract:svidgate-<token>-<conn_id>``, so a servicer maps
+`context.peer()` back to the caller with `PeerRegistry.lookup`. The entry is removed when the connection
+closes.
+
+Why it is safe: the inner socket lives in a directory only svidgate can enter, so every connection to it comes
+from the front; an abstract name cannot be bound twice, and the random token keeps other processes from
+predicting names. A peer that is not in the registry (TCP, or the inner socket reached some other way) gets no
+uid/gid, and `unix:` selectors never match it.
+
+Used by SDS and by the Workload API. This module imports only the identity domain (`CallerInfo`), never gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import secrets
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from svidgate.errors import SvidgateError
+from svidgate.identity.entitlement import CallerInfo
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;} (Linux)
+_ABSTRACT_PREFIX = "unix-abstract:"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """What the kernel says about the process at the other end of a unix socket (at connect time)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """Read SO_PEERCRED of a connected unix socket.
+
+    Args:
+        sock: a connected `AF_UNIX` socket.
+
+    Returns:
+        The peer's pid, uid and gid.
+
+    Raises:
+        SvidgateError: the platform or socket does not support SO_PEERCRED.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except (AttributeError, OSError) as err:
+        raise SvidgateError(f"cannot read the peer credentials of a unix socket: {err}") from err
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+class PeerRegistry:
+    """Maps the abstract addresses the front connects from back to the caller's credentials.
+
+    Args:
+        token: the random part of every abstract name (default: 64 fresh random bits).
+    """
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token or secrets.token_hex(8)
+        self._ids = itertools.count(1)
+        self._peers: dict[str, CallerInfo] = {}
+
+    def register(self, credentials: PeerCredentials) -> str:
+        """Allocate an abstract name (without the leading NUL) for a new connection; remember its caller."""
+        name = f"svidgate-{self.token}-{next(self._ids)}"
+        self._peers[name] = CallerInfo(uid=credentials.uid, gid=credentials.gid, pid=credentials.pid)
+        return name
+
+    def unregister(self, name: str) -> None:
+        self._peers.pop(name, None)
+
+    def lookup(self, peer: str) -> CallerInfo | None:
+        """The caller behind a gRPC `context.peer()` string, or None when it did not come through the front.
+
+        Args:
+            peer: e.g. ``unix-abstract:svidgate-<token>-<id>``.
+
+        Returns:
+            The caller's uid, gid and pid, or None.
+        """
+        if not peer.startswith(_ABSTRACT_PREFIX):
+            return None
+        return self._peers.get(peer[len(_ABSTRACT_PREFIX) :])
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a proxied connection: what it reads is written to the other side, with back-pressure."""
+
+    def __init__(self, on_lost: _Connection) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Pipe | None = None
+        self._conn = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        other = self.other.transport if self.other is not None else None
+        if other is not None and other.can_write_eof():
+            other.write_eof()
+        return True  # keep our write side open (half-close), gRPC may still send its last frames
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.close()
+
+    # Back-pressure: when our write buffer fills, stop reading from the other side until it drains.
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+
+class _Connection:
+    """One accepted connection and its inner counterpart."""
+
+    def __init__(self, front: PeerCredFront) -> None:
+        self.front = front
+        self.outer = _Pipe(self)
+        self.inner = _Pipe(self)
+        self.outer.other, self.inner.other = self.inner, self.outer
+        self.name: str | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for pipe in (self.outer, self.inner):
+            if pipe.transport is not None:
+                pipe.transport.close()
+        if self.name is not None:
+            self.front.registry.unregister(self.name)
+        self.front.connections.discard(self)
+
+    async def connect_inner(self) -> None:
+        outer = self.outer.transport
+        assert outer is not None
+        raw = outer.get_extra_info("socket")
+        try:
+            credentials = peer_credentials(raw)
+        except SvidgateError as err:
+            log.warning("peercred.no_credentials", extra={"fields": {"error": str(err)}})
+            self.close()
+            return
+        self.name = self.front.registry.register(credentials)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        loop = asyncio.get_running_loop()
+        try:
+            sock.setblocking(False)
+            sock.bind("\0" + self.name)
+            await loop.sock_connect(sock, self.front.inner_path)
+            await loop.create_unix_connection(lambda: self.inner, sock=sock)
+        except OSError as err:
+            sock.close()
+            log.error(
+                "peercred.inner_connect_failed",
+                extra={"fields": {"inner": self.front.inner_path, "error": str(err), "pid": credentials.pid}},
+            )
+            self.close()
+            return
+        if self.closed:  # the caller went away while we connected
+            self.close()
+            return
+        outer.resume_reading()
+
+
+class _Outer(asyncio.Protocol):
+    """Accepts a public connection: pauses it until the inner connection exists, then hands over to
+    `_Pipe`."""
+
+    def __init__(self, front: PeerCredFront) -> None:
+        self._conn = _Connection(front)
+        self._front = front
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._conn.outer.connection_made(transport)
+        transport.pause_reading()
+        self._front.connections.add(self._conn)
+        task = asyncio.get_running_loop().create_task(self._conn.connect_inner())
+        self._front.tasks.add(task)
+        task.add_done_callback(self._front.tasks.discard)
+
+    def data_received(self, data: bytes) -> None:
+        self._conn.outer.data_received(data)
+
+    def eof_received(self) -> bool:
+        return self._conn.outer.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.close()
+
+    def pause_writing(self) -> None:
+        self._conn.outer.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.outer.resume_writing()
+
+
+def check_stale_socket(path: Path) -> None:
+    """Make `path` free for a new listening socket, or refuse.
+
+    A socket file that nobody accepts on (a crash left it behind) is removed; one that accepts connections
+    belongs to a running instance and is never touched; anything that is not a socket is never touched.
+
+    Args:
+        path: the socket path.
+
+    Raises:
+        SvidgateError: another process listens on `path`, or `path` exists and is not a socket.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SvidgateError(f"{path}: exists and is not a unix socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        log.info("peercred.stale_socket_removed", extra={"fields": {"path": str(path)}})
+        return
+    except OSError as err:
+        if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            path.unlink(missing_ok=True)
+            return
+        raise SvidgateError(f"{path}: cannot probe the existing socket: {err}") from err
+    finally:
+        probe.close()
+    raise SvidgateError(f"{path}: another process is listening on this socket (is svidgate already running?)")
+
+
+def bind_unix_socket(path: Path, mode: int = 0o600, backlog: int = 4096) -> socket.socket:
+    """Create a listening unix socket at `path` with file mode `mode`, atomically.
+
+    The socket is bound under a temporary name in the same directory, given its mode, and renamed into place,
+    so no process ever sees `path` with the umask's (looser) mode. A stale socket is removed first; a live one
+    is refused (`check_stale_socket`).
+
+    Args:
+        path: where to listen.
+        mode: file mode of the socket (0o600 owner only, 0o660 owner and group).
+        backlog: `listen()` backlog; large, because Envoys reconnect in bursts.
+
+    Returns:
+        The listening (non-blocking) socket.
+
+    Raises:
+        SvidgateError: the path is taken by a live socket or a non-socket, or cannot be bound.
+    """
+    check_stale_socket(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(tmp))
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as err:
+        sock.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise SvidgateError(f"{path}: cannot listen: {err}") from err
+    return sock
+
+
+class PeerCredFront:
+    """The accepting front on a public unix socket that forwards to a gRPC server's inner socket.
+
+    Args:
+        path: the public socket (Envoy's SDS cluster, or the Workload API endpoint, points here).
+        inner_path: the gRPC server's own unix socket (``server.add_insecure_port("unix:" + inner_path)``),
+            in a directory only svidgate can enter.
+        registry: where connections are recorded; the servicer looks peers up in it.
+        mode: file mode of the public socket (0o600 or 0o660).
+    """
+
+    def __init__(self, path: Path, inner_path: str, registry: PeerRegistry, mode: int = 0o600) -> None:
+        self.path = path
+        self.inner_path = inner_path
+        self.registry = registry
+        self.mode = mode
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        """Bind the public socket and start accepting.
+
+        Raises:
+            SvidgateError: the socket path is in use by a live process, or cannot be bound.
+        """
+        sock = bind_unix_socket(self.path, self.mode)
+        self._inode = os.stat(self.path).st_ino
+        self._server = await asyncio.get_running_loop().create_unix_server(lambda: _Outer(self), sock=sock)
+        log.info(
+            "peercred.listening",
+            extra={"fields": {"path": str(self.path), "inner": self.inner_path, "mode": oct(self.mode)}},
+        )
+
+    async def close(self) -> None:
+        """Stop accepting, close every proxied connection and remove the socket file (if it is still ours)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for conn in list(self.connections):
+            conn.close()
+        for task in list(self.tasks):
+            task.cancel()
+        with contextlib.suppress(OSError):
+            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
+                self.path.unlink()
+        self._inode = None
+
+    async def __aenter__(self) -> PeerCredFront:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

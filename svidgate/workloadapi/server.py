@@ -1,0 +1,352 @@
+"""`WorkloadApiServicer`: the five RPCs of the SPIFFE Workload API on grpc.aio.
+
+Behaviour follows SPIFFE_Workload_API.md, SPIFFE_Workload_Endpoint.md and, where the standard leaves room,
+SPIRE's agent (pkg/agent/endpoints/workload/handler.go):
+
+- Every request must carry the metadata ``workload.spiffe.io: true``; without it the call fails with
+  InvalidArgument (Endpoint 3 and 6), before anything else is looked at.
+- The caller is identified by the kernel-verified credentials the peercred front recorded for its connection
+  (`PeerRegistry.lookup(context.peer())`), never by anything the caller says. Its entitlement is
+  `entitled_ids(workloads, caller)`, in configuration order; the first identity is the default (API 5.3).
+- A caller entitled to nothing gets PermissionDenied ("no identity issued", as SPIRE words it): the X.509 and
+  JWT-SVID RPCs by API 5.2.1/6.2.1, and the bundle streams too, as SPIRE does unless
+  `allow_unauthenticated_verifiers` is set. A stream whose caller loses its last identity ends the same way
+  (API 5.2.1: "returns a PermissionDenied ... the client SHOULD cease using the redacted SVIDs").
+  ValidateJWTSVID needs an identified caller but no entitlement: validating reveals nothing (SPIRE agrees).
+- Streams send the current state at once (API 4.3) and then a complete message whenever the snapshot or the
+  workloads change; a message byte-identical to the previous one is not sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+
+import grpc
+import grpc.aio
+
+from svidgate._gen import workload_pb2, workload_pb2_grpc
+from svidgate.errors import SpiffeIdError, SvidgateError
+from svidgate.identity.clock import Clock, system_clock
+from svidgate.identity.entitlement import CallerInfo, entitled_ids
+from svidgate.identity.jwtsvid import JwtSvid, validate_jwt_svid
+from svidgate.identity.spiffe_id import SpiffeId
+from svidgate.workloadapi import SECURITY_HEADER
+from svidgate.workloadapi.messages import (
+    Identity,
+    claims_struct,
+    jwt_bundles_response,
+    unique_hints,
+    x509_bundles_response,
+    x509_svid_response,
+)
+
+if TYPE_CHECKING:
+    from svidgate.config import Workload
+    from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+    from svidgate.metrics import Metrics
+    from svidgate.peercred import PeerRegistry
+
+__all__ = ["MintJwtSvid", "WorkloadApiServicer"]
+
+log = logging.getLogger(__name__)
+
+#: Mints a JWT-SVID for one identity and audience: `IdentitySource.mint_jwt_svid`, or an async equivalent
+#: (`SpireSource.fetch_jwt_svid`) so that a source which asks an upstream agent does not block the loop.
+MintJwtSvid: TypeAlias = Callable[[SpiffeId, Sequence[str]], "JwtSvid | Awaitable[JwtSvid]"]
+
+_Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+_NO_IDENTITY = "no identity issued"
+
+
+class _RpcFailure(Exception):
+    """Ends an RPC with a status; raised inside the handlers, turned into `context.abort` in one place."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.reason = reason
+
+
+def _fail(code: grpc.StatusCode, details: str, reason: str) -> NoReturn:
+    raise _RpcFailure(code, details, reason)
+
+
+class WorkloadApiServicer:
+    """The SPIFFE Workload API (`SpiffeWorkloadAPI`) served from an identity snapshot feed.
+
+    Args:
+        feed: the identity source's feed; SVIDs and bundles are read from its current snapshot.
+        workloads: `Config.workloads`, who may receive which identity (replace with `set_workloads`).
+        peers: the peercred front's registry of connections. None only where no front exists (tests, or a
+            deliberately open socket): every caller then has no credentials and only `any` selectors match.
+        mint_jwt_svid: mints a JWT-SVID for (SPIFFE ID, audience); may return the `JwtSvid` or an awaitable.
+            `SvidgateError` from it becomes Unavailable.
+        metrics: when given, records `svidgate_workload_api_streams` and
+            `svidgate_workload_api_requests_total`.
+        clock: the time JWT-SVIDs are validated at.
+        leeway: clock skew tolerated when validating JWT-SVIDs, seconds.
+        allow_unauthenticated_verifiers: serve the bundle streams to callers entitled to no identity (SPIRE's
+            option of the same name); off by default.
+    """
+
+    def __init__(
+        self,
+        feed: SnapshotFeed,
+        workloads: Sequence[Workload],
+        peers: PeerRegistry | None,
+        mint_jwt_svid: MintJwtSvid,
+        metrics: Metrics | None = None,
+        clock: Clock = system_clock,
+        *,
+        leeway: float = 30.0,
+        allow_unauthenticated_verifiers: bool = False,
+    ) -> None:
+        self._feed = feed
+        self._workloads: tuple[Workload, ...] = tuple(workloads)
+        self._peers = peers
+        self._mint = mint_jwt_svid
+        self._metrics = metrics
+        self._clock = clock
+        self._leeway = leeway
+        self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
+        self._workloads_changed = asyncio.Event()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the service on `server` under its standard name (paths ``/SpiffeWorkloadAPI/...``)."""
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self, server)
+
+    def set_workloads(self, workloads: Sequence[Workload]) -> None:
+        """Swap the workloads (config reload); open streams re-evaluate their caller's entitlement at once."""
+        self._workloads = tuple(workloads)
+        changed, self._workloads_changed = self._workloads_changed, asyncio.Event()
+        changed.set()
+
+    # -- the five RPCs ---------------------------------------------------------------------------------------
+
+    async def FetchX509SVID(self, request: Any, context: _Context) -> AsyncIterator[Any]:
+        """Stream the caller's X.509-SVIDs (default first), their bundles and the federated bundles."""
+        async for response in self._serve_stream("FetchX509SVID", context, self._x509_svid_responses):
+            yield response
+
+    async def FetchX509Bundles(self, request: Any, context: _Context) -> AsyncIterator[Any]:
+        """Stream the X.509 bundles of every trust domain (own and federated)."""
+        async for response in self._serve_stream("FetchX509Bundles", context, self._x509_bundles_responses):
+            yield response
+
+    async def FetchJWTBundles(self, request: Any, context: _Context) -> AsyncIterator[Any]:
+        """Stream the JWT bundles (one JWKS per trust domain)."""
+        async for response in self._serve_stream("FetchJWTBundles", context, self._jwt_bundles_responses):
+            yield response
+
+    async def FetchJWTSVID(self, request: Any, context: _Context) -> Any:
+        """Mint JWT-SVIDs for the requested audience: for every entitled identity, or the one requested."""
+        return await self._serve_unary("FetchJWTSVID", context, request, self._fetch_jwt_svid)
+
+    async def ValidateJWTSVID(self, request: Any, context: _Context) -> Any:
+        """Validate a JWT-SVID for an audience against every known bundle; answer its SPIFFE ID and claims."""
+        return await self._serve_unary("ValidateJWTSVID", context, request, self._validate_jwt_svid)
+
+    # -- plumbing shared by the RPCs -------------------------------------------------------------------------
+
+    def _caller(self, context: _Context) -> CallerInfo:
+        # Endpoint 3: exactly one value, exactly "true" (case-sensitive), or InvalidArgument -- checked before
+        # anything else, so an SSRF'd request learns nothing.
+        key, expected = SECURITY_HEADER
+        values = [value for name, value in (context.invocation_metadata() or ()) if name == key]
+        if values != [expected]:
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request", "missing_header")
+        if self._peers is None:
+            return CallerInfo()
+        caller = self._peers.lookup(context.peer())
+        if caller is None:
+            # Not through the peercred front (the inner socket, or a connection the front already forgot):
+            # there is nothing kernel-verified to entitle, so refuse rather than guess.
+            _fail(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified", "unknown_peer")
+        return caller
+
+    def _identities(self, caller: CallerInfo) -> tuple[Identity, ...]:
+        workloads = self._workloads
+        hints = {w.spiffe_id: w.hint for w in reversed(workloads)}  # reversed: the first workload's hint wins
+        return unique_hints(
+            Identity(spiffe_id, hints.get(spiffe_id, "")) for spiffe_id in entitled_ids(workloads, caller)
+        )
+
+    def _require_entitlement(self, caller: CallerInfo) -> tuple[Identity, ...]:
+        identities = self._identities(caller)
+        if not identities and not self._allow_unauthenticated_verifiers:
+            _fail(grpc.StatusCode.PERMISSION_DENIED, _NO_IDENTITY, "not_entitled")
+        return identities
+
+    async def _changed(self, snapshot: IdentitySnapshot) -> IdentitySnapshot:
+        """Wait until the feed publishes a newer snapshot or the workloads are swapped."""
+        workloads_changed = asyncio.ensure_future(self._workloads_changed.wait())
+        newer = asyncio.ensure_future(self._feed.wait_newer(snapshot.version))
+        try:
+            await asyncio.wait((newer, workloads_changed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            workloads_changed.cancel()
+            newer.cancel()
+        return self._feed.current()
+
+    async def _serve_stream(
+        self,
+        method: str,
+        context: _Context,
+        responses: Callable[[CallerInfo, IdentitySnapshot], Any | None],
+    ) -> AsyncIterator[Any]:
+        """Send `responses(caller, snapshot)` now and after every change, skipping repeats and None."""
+        code = grpc.StatusCode.OK
+        gauge = self._metrics.workload_api_streams.labels(method=method) if self._metrics else None
+        if gauge is not None:
+            gauge.inc()
+        caller: CallerInfo | None = None
+        try:
+            caller = self._caller(context)
+            log.info("workloadapi.stream.open", extra={"fields": {"method": method, **caller.describe()}})
+            last_sent: bytes | None = None
+            snapshot = self._feed.current()
+            while True:
+                response = responses(caller, snapshot)
+                if response is not None:
+                    encoded = response.SerializeToString(deterministic=True)
+                    if encoded != last_sent:
+                        last_sent = encoded
+                        yield response
+                snapshot = await self._changed(snapshot)
+        except _RpcFailure as failure:
+            code = failure.code
+            self._log_failure(method, caller, failure)
+            await context.abort(failure.code, failure.details)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if gauge is not None:
+                gauge.dec()
+            self._count(method, code)
+
+    async def _serve_unary(
+        self,
+        method: str,
+        context: _Context,
+        request: Any,
+        handler: Callable[[CallerInfo, Any], Awaitable[Any]],
+    ) -> Any:
+        code = grpc.StatusCode.OK
+        caller: CallerInfo | None = None
+        try:
+            caller = self._caller(context)
+            return await handler(caller, request)
+        except _RpcFailure as failure:
+            code = failure.code
+            self._log_failure(method, caller, failure)
+            await context.abort(failure.code, failure.details)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._count(method, code)
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self._metrics is not None:
+            self._metrics.workload_api_requests.labels(method=method, code=code.name).inc()
+
+    @staticmethod
+    def _log_failure(method: str, caller: CallerInfo | None, failure: _RpcFailure) -> None:
+        fields: dict[str, object] = {"method": method, "code": failure.code.name, "reason": failure.reason}
+        if caller is not None:
+            fields.update(caller.describe())
+        log.info("workloadapi.denied", extra={"fields": fields})
+
+    # -- what each RPC answers -------------------------------------------------------------------------------
+
+    def _x509_svid_responses(self, caller: CallerInfo, snapshot: IdentitySnapshot) -> Any:
+        response = x509_svid_response(snapshot, self._identities(caller))
+        if response is None:
+            # Entitled to nothing, or to identities the source has not issued (yet): Endpoint 6 says
+            # PermissionDenied and "retry with a backoff" for exactly this.
+            _fail(grpc.StatusCode.PERMISSION_DENIED, _NO_IDENTITY, "no_identity")
+        return response
+
+    def _x509_bundles_responses(self, caller: CallerInfo, snapshot: IdentitySnapshot) -> Any | None:
+        self._require_entitlement(caller)
+        response = x509_bundles_response(snapshot)
+        # API 5.2.2: the message MUST hold at least our own bundle; before the source has one, say nothing.
+        return response if response.bundles else None
+
+    def _jwt_bundles_responses(self, caller: CallerInfo, snapshot: IdentitySnapshot) -> Any | None:
+        self._require_entitlement(caller)
+        try:
+            response = jwt_bundles_response(snapshot)
+        except SvidgateError as exc:
+            log.error("workloadapi.jwt_bundles_failed", extra={"fields": {"error": str(exc)}})
+            _fail(grpc.StatusCode.UNAVAILABLE, "could not encode the JWT bundles", "encode_failed")
+        return response if response.bundles else None
+
+    async def _fetch_jwt_svid(self, caller: CallerInfo, request: Any) -> Any:
+        # API 4.5: a mandatory field at its default value is InvalidArgument (checked before entitlement,
+        # as SPIRE does, so a broken client learns about its bug first).
+        audience = tuple(str(a) for a in request.audience)
+        if not audience or any(not a for a in audience):
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified", "missing_audience")
+        identities = self._identities(caller)
+        if request.spiffe_id:
+            try:
+                wanted = SpiffeId.parse(str(request.spiffe_id))
+            except SpiffeIdError as exc:
+                _fail(grpc.StatusCode.INVALID_ARGUMENT, f"invalid spiffe_id: {exc}", "bad_spiffe_id")
+            identities = tuple(i for i in identities if i.spiffe_id == wanted)
+        if not identities:
+            _fail(grpc.StatusCode.PERMISSION_DENIED, _NO_IDENTITY, "not_entitled")
+        response = workload_pb2.JWTSVIDResponse()
+        for identity in identities:
+            try:
+                minted = self._mint(identity.spiffe_id, audience)
+                svid = await minted if inspect.isawaitable(minted) else minted
+            except SvidgateError as exc:
+                log.warning(
+                    "workloadapi.jwt_svid_failed",
+                    extra={"fields": {"spiffe_id": str(identity.spiffe_id), "error": str(exc)}},
+                )
+                _fail(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"could not mint a JWT-SVID for {identity.spiffe_id}",
+                    "mint_failed",
+                )
+            response.svids.append(
+                workload_pb2.JWTSVID(spiffe_id=str(svid.spiffe_id), svid=svid.token, hint=identity.hint)
+            )
+        log.info(
+            "workloadapi.jwt_svid",
+            extra={
+                "fields": {"spiffe_ids": [str(i.spiffe_id) for i in identities], "audience": list(audience)}
+            },
+        )
+        return response
+
+    async def _validate_jwt_svid(self, caller: CallerInfo, request: Any) -> Any:
+        if not request.audience:
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified", "missing_audience")
+        if not request.svid:
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified", "missing_svid")
+        try:
+            svid = validate_jwt_svid(
+                str(request.svid),
+                self._feed.current().bundles,
+                (str(request.audience),),
+                now=self._clock(),
+                leeway=self._leeway,
+            )
+        except SvidgateError as exc:
+            # InvalidArgument, as SPIRE answers a token that does not validate; the detail names the rule
+            # (JwtSvidError never carries the token itself).
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, str(exc), getattr(exc, "reason", "invalid"))
+        return workload_pb2.ValidateJWTSVIDResponse(
+            spiffe_id=str(svid.spiffe_id), claims=claims_struct(svid.claims)
+        )

@@ -1,0 +1,317 @@
+"""Federated bundles: watched files, bundle endpoints (fake and a real local HTTPS server), sequence numbers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from svidgate.config import BundleEndpoint, FederationConfig
+from svidgate.errors import BundleError, SourceError
+from svidgate.identity.bundle import Bundle, pem_bundle, spiffe_bundle_json
+from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.clock import FakeClock, system_clock
+from svidgate.identity.keys import KeyType
+from svidgate.identity.sources.federation import (
+    FIRST_RETRY,
+    MIN_REFRESH,
+    FederatedBundles,
+    fetch_bundle,
+    parse_bundle_document,
+)
+from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+
+OWN = TrustDomain("example.org")
+OTHER = TrustDomain("other.org")
+
+
+def write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+@pytest.fixture
+def other_ca(clock: FakeClock) -> BuiltinCa:
+    return BuiltinCa.in_memory(OTHER, KeyType.EC_P256, clock)
+
+
+def with_sequence(bundle: Bundle, sequence: int | None, refresh_hint: int | None = None) -> Bundle:
+    return replace(bundle, sequence=sequence, refresh_hint=refresh_hint)
+
+
+# -- documents -----------------------------------------------------------------------------------------
+
+
+def test_parse_bundle_document_detects_the_format(other_ca: BuiltinCa) -> None:
+    bundle = other_ca.bundle()
+    from_json = parse_bundle_document(OTHER, b"  \n" + spiffe_bundle_json(bundle))
+    from_pem = parse_bundle_document(OTHER, pem_bundle(bundle))
+    assert from_json.x509_authorities == from_pem.x509_authorities == bundle.x509_authorities
+    assert from_json.jwt_authorities.keys() == bundle.jwt_authorities.keys()
+    assert not from_pem.jwt_authorities
+    with pytest.raises(BundleError):
+        parse_bundle_document(OTHER, b"not a bundle")
+
+
+# -- bundle files --------------------------------------------------------------------------------------
+
+
+def file_federation(path: Path, clock: FakeClock) -> FederatedBundles:
+    return FederatedBundles({OTHER: FederationConfig(bundle_file=path)}, clock, poll_interval=5)
+
+
+def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, other_ca: BuiltinCa) -> None:
+    path = tmp_path / "other.json"
+    write(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 1)))
+    federation = file_federation(path, clock)
+    assert federation.bundles() == {}
+    assert federation.refresh({}) is True
+    assert federation.bundles()[OTHER].sequence == 1
+    assert federation.next_due() == clock() + 5
+    assert federation.refresh({}) is False  # not due
+    clock.advance(5)
+    assert federation.refresh({}) is False  # due, unchanged
+    write(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 2)))
+    clock.advance(5)
+    assert federation.refresh({}) is True
+    assert federation.bundles()[OTHER].sequence == 2
+
+
+def test_bad_bundle_file_keeps_the_last_bundle(
+    tmp_path: Path, clock: FakeClock, other_ca: BuiltinCa, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "other.pem"
+    write(path, pem_bundle(other_ca.bundle()))
+    federation = file_federation(path, clock)
+    federation.refresh({})
+    good = federation.bundles()[OTHER]
+    write(path, b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            clock.advance(5)
+            assert federation.refresh({}) is False
+        path.unlink()
+        clock.advance(5)
+        assert federation.refresh({}) is False
+    assert federation.bundles()[OTHER] is good
+    assert caplog.messages.count("federation.bundle_file_invalid") == 1
+    assert "federation.bundle_file_unreadable" in caplog.messages
+
+
+def test_lower_sequence_is_ignored(
+    tmp_path: Path, clock: FakeClock, other_ca: BuiltinCa, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "other.json"
+    write(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 7)))
+    federation = file_federation(path, clock)
+    federation.refresh({})
+    rotated = BuiltinCa.in_memory(OTHER, KeyType.EC_P256, clock)
+    write(path, spiffe_bundle_json(with_sequence(rotated.bundle(), 6)))
+    clock.advance(5)
+    with caplog.at_level(logging.WARNING):
+        assert federation.refresh({}) is False
+    assert federation.bundles()[OTHER].sequence == 7
+    assert federation.bundles()[OTHER].x509_authorities == other_ca.bundle().x509_authorities
+    assert "federation.sequence_regressed" in caplog.messages
+
+
+# -- bundle endpoints with a fake fetcher --------------------------------------------------------------
+
+
+class FakeFetcher:
+    def __init__(self) -> None:
+        self.responses: list[bytes | Exception] = []
+        self.calls = 0
+
+    def __call__(self, endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
+        self.calls += 1
+        response = self.responses.pop(0)
+        if isinstance(response, Exception):
+            raise response
+        return response
+
+
+def endpoint_federation(clock: FakeClock, fetch: FakeFetcher, refresh: float = 300) -> FederatedBundles:
+    endpoint = BundleEndpoint("https://other.org/bundle", "https_web", refresh=refresh)
+    return FederatedBundles({OTHER: FederationConfig(bundle_endpoint=endpoint)}, clock, fetch=fetch)
+
+
+def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: BuiltinCa) -> None:
+    fetch = FakeFetcher()
+    fetch.responses = [
+        spiffe_bundle_json(with_sequence(other_ca.bundle(), 1, refresh_hint=60)),
+        spiffe_bundle_json(with_sequence(other_ca.bundle(), 1, refresh_hint=1)),
+        spiffe_bundle_json(with_sequence(other_ca.bundle(), 2)),
+    ]
+    federation = endpoint_federation(clock, fetch)
+    assert federation.refresh({}) is True
+    assert federation.next_due() == clock() + 60  # the hint, not the configured 300 s
+    clock.advance(59)
+    assert federation.refresh({}) is False
+    assert fetch.calls == 1
+    clock.advance(1)
+    assert federation.refresh({}) is True  # same keys, new hint: a new Bundle value
+    assert federation.next_due() == clock() + MIN_REFRESH  # a hint of 1 s is clamped
+    clock.advance(MIN_REFRESH)
+    assert federation.refresh({}) is True
+    assert federation.next_due() == clock() + 300  # no hint: the configured refresh
+    assert federation.bundles()[OTHER].sequence == 2
+
+
+def test_endpoint_failure_keeps_the_last_bundle_and_backs_off(
+    clock: FakeClock, other_ca: BuiltinCa, caplog: pytest.LogCaptureFixture
+) -> None:
+    fetch = FakeFetcher()
+    good = spiffe_bundle_json(with_sequence(other_ca.bundle(), 3))
+    fetch.responses = [good, SourceError("connection refused"), b"{not json", good]
+    federation = endpoint_federation(clock, fetch, refresh=100)
+    federation.refresh({})
+    kept = federation.bundles()[OTHER]
+    clock.advance(100)
+    with caplog.at_level(logging.WARNING):
+        assert federation.refresh({}) is False
+        assert federation.next_due() == clock() + FIRST_RETRY
+        clock.advance(FIRST_RETRY)
+        assert federation.refresh({}) is False
+        assert federation.next_due() == clock() + 2 * FIRST_RETRY
+    assert federation.bundles()[OTHER] is kept
+    assert caplog.messages.count("federation.fetch_failed") == 2
+    clock.advance(2 * FIRST_RETRY)
+    assert federation.refresh({}) is False  # the same bundle again: nothing to publish
+    assert federation.next_due() == clock() + 100
+
+
+# -- a real HTTPS bundle endpoint on 127.0.0.1 ---------------------------------------------------------
+
+ENDPOINT_ID = SpiffeId.parse("spiffe://example.org/bundle-endpoint")
+
+
+class BundleServer:
+    """An HTTPS server on 127.0.0.1:0 that serves `body` at any path with a certificate from `server_ca`."""
+
+    def __init__(self, server_ca: BuiltinCa, tmp_path: Path) -> None:
+        svid = server_ca.mint_x509_svid(ENDPOINT_ID, 3600, dns_names=["localhost"])
+        cert_file, key_file = tmp_path / "server.pem", tmp_path / "server_key.pem"
+        cert_file.write_bytes(svid.cert_chain_pem())
+        key_file.write_bytes(svid.private_key_pem())
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_file, key_file)
+        self.body = b""
+        self.status = 200
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(server.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                self.wfile.write(server.body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def own_ca() -> BuiltinCa:
+    # Real time: OpenSSL checks the server certificate against the wall clock.
+    return BuiltinCa.in_memory(OWN, KeyType.EC_P256, system_clock)
+
+
+@pytest.fixture
+def server(own_ca: BuiltinCa, tmp_path: Path) -> Iterator[BundleServer]:
+    bundle_server = BundleServer(own_ca, tmp_path)
+    try:
+        yield bundle_server
+    finally:
+        bundle_server.stop()
+
+
+def spiffe_endpoint(port: int, endpoint_id: SpiffeId = ENDPOINT_ID) -> BundleEndpoint:
+    return BundleEndpoint(f"https://127.0.0.1:{port}/bundle", "https_spiffe", endpoint_id)
+
+
+def test_https_spiffe_fetch_authenticates_the_endpoint_id(
+    server: BundleServer, own_ca: BuiltinCa, other_ca: BuiltinCa
+) -> None:
+    server.body = spiffe_bundle_json(other_ca.bundle())
+    data = fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+    assert parse_bundle_document(OTHER, data).x509_authorities == other_ca.bundle().x509_authorities
+
+
+def test_https_spiffe_rejects_another_spiffe_id(server: BundleServer, own_ca: BuiltinCa) -> None:
+    server.body = b"{}"
+    wrong = SpiffeId.parse("spiffe://example.org/somebody-else")
+    with pytest.raises(SourceError, match="presented spiffe://example.org/bundle-endpoint, expected"):
+        fetch_bundle(spiffe_endpoint(server.port, wrong), {OWN: own_ca.bundle()})
+
+
+def test_https_spiffe_rejects_a_server_the_bundle_does_not_vouch_for(server: BundleServer) -> None:
+    stranger = BuiltinCa.in_memory(OWN, KeyType.EC_P256, system_clock)
+    with pytest.raises(SourceError, match="TLS failed"):
+        fetch_bundle(spiffe_endpoint(server.port), {OWN: stranger.bundle()})
+
+
+def test_https_spiffe_needs_a_bundle_for_the_endpoint_trust_domain(server: BundleServer) -> None:
+    with pytest.raises(SourceError, match="no X.509 authorities for example.org"):
+        fetch_bundle(spiffe_endpoint(server.port), {})
+
+
+def test_https_web_with_ca_file(
+    server: BundleServer, own_ca: BuiltinCa, other_ca: BuiltinCa, tmp_path: Path
+) -> None:
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(pem_bundle(own_ca.bundle()))
+    server.body = pem_bundle(other_ca.bundle())
+    endpoint = BundleEndpoint(f"https://localhost:{server.port}/b", "https_web", ca_file=roots)
+    assert fetch_bundle(endpoint, {}) == server.body
+    # Without the private root, Web PKI (the system store) does not trust the server.
+    with pytest.raises(SourceError, match="TLS failed"):
+        fetch_bundle(replace(endpoint, ca_file=None), {})
+
+
+def test_https_http_error_status(server: BundleServer, own_ca: BuiltinCa) -> None:
+    server.status = 404
+    with pytest.raises(SourceError, match="HTTP 404"):
+        fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+
+
+def test_federation_over_https_end_to_end(
+    server: BundleServer, own_ca: BuiltinCa, other_ca: BuiltinCa
+) -> None:
+    server.body = spiffe_bundle_json(with_sequence(other_ca.bundle(), 5, refresh_hint=120))
+    clock = FakeClock(system_clock())
+    federation = FederatedBundles(
+        {OTHER: FederationConfig(bundle_endpoint=spiffe_endpoint(server.port))}, clock, poll_interval=5
+    )
+    assert federation.refresh({OWN: own_ca.bundle()}) is True
+    assert federation.bundles()[OTHER].sequence == 5
+    assert federation.next_due() == clock() + 120
+    server.body = spiffe_bundle_json(with_sequence(other_ca.bundle(), 4))  # a stale replica
+    clock.advance(120)
+    assert federation.refresh({OWN: own_ca.bundle()}) is False
+    assert federation.bundles()[OTHER].sequence == 5

@@ -1,0 +1,238 @@
+"""The pure SDS stream state machines: versions, nonces, ACK/NACK, subscriptions, rotation."""
+
+from __future__ import annotations
+
+import pytest
+
+from svidgate.identity.snapshot import IdentitySnapshot
+from svidgate.sds.resources import Naming, SecretResolver, Subscriber
+from svidgate.sds.stream import (
+    Ack,
+    DeltaStream,
+    Nack,
+    Rejected,
+    Removed,
+    SotwStream,
+    StaleNonce,
+    state_version,
+)
+from tests.component.sds_fixtures import BACKEND, FRONTEND, TD, Identities
+
+SUB = Subscriber((FRONTEND,), "spiffe")
+
+
+@pytest.fixture(scope="module")
+def ids() -> Identities:
+    return Identities.create()
+
+
+def resolver(snapshot: IdentitySnapshot) -> SecretResolver:
+    return SecretResolver(snapshot, Naming(TD))
+
+
+def names(response: object) -> list[str]:
+    return [r.name for r in response.resources]  # type: ignore[attr-defined]
+
+
+# -- state of the world ----------------------------------------------------------------------------------------
+
+
+def test_sotw_first_request_gets_full_state_even_with_old_version(ids: Identities) -> None:
+    res = resolver(ids.snapshot())
+    stream = SotwStream(SUB)
+    step = stream.on_request(["default", "ROOTCA"], "some-old-version", "old-nonce", None, res)
+    assert step.response is not None
+    assert names(step.response) == ["default", "ROOTCA"]
+    assert step.response.nonce == "1"
+    pairs = [(r.name, r.version) for r in step.response.resources]
+    assert step.response.version_info == state_version(pairs)
+
+
+def test_sotw_ack_then_nothing_until_content_changes(ids: Identities) -> None:
+    snap = ids.snapshot()
+    stream = SotwStream(SUB)
+    first = stream.on_request(["default", "ALL"], "", "", None, resolver(snap)).response
+    assert first is not None
+    ack = stream.on_request(["default", "ALL"], first.version_info, first.nonce, None, resolver(snap))
+    assert ack.response is None
+    assert ack.events == (Ack(first.nonce, tuple((r.name, r.version) for r in first.resources)),)
+    assert stream.acked == {r.name: r.version for r in first.resources}
+    # Same content in a new snapshot object: nothing to push.
+    same = IdentitySnapshot(snap.svids, snap.bundles, snap.version + 100)
+    assert stream.on_snapshot(resolver(same)).response is None
+    # Rotation of the SVIDs: only the certificate is pushed, not the unchanged bundles.
+    rotated = stream.on_snapshot(resolver(ids.snapshot()))
+    assert rotated.response is not None
+    assert names(rotated.response) == ["default"]
+    assert rotated.response.nonce == "2"
+    assert rotated.response.version_info != first.version_info
+
+
+def test_sotw_stale_nonce_is_ignored(ids: Identities) -> None:
+    stream = SotwStream(SUB)
+    res = resolver(ids.snapshot())
+    first = stream.on_request(["default"], "", "", None, res).response
+    assert first is not None
+    second = stream.on_snapshot(resolver(ids.snapshot())).response
+    assert second is not None
+    # Envoy's ACK of the first response crosses our second one: stale, ignored even with new names.
+    step = stream.on_request(["default", "ROOTCA"], first.version_info, first.nonce, None, res)
+    assert step.response is None
+    assert step.events == (StaleNonce(first.nonce, second.nonce),)
+    assert stream.names == ("default",)
+
+
+def test_sotw_nack_is_reported_once_and_not_re_pushed(ids: Identities) -> None:
+    stream = SotwStream(SUB)
+    res = resolver(ids.snapshot())
+    first = stream.on_request(["default"], "", "", None, res).response
+    assert first is not None
+    step = stream.on_request(["default"], "", first.nonce, (13, "bad key"), res)
+    assert step.response is None
+    assert step.events == (
+        Nack(first.nonce, ((first.resources[0].name, first.resources[0].version),), 13, "bad key"),
+    )
+    # Envoy repeats its request (same nonce, still failing): nothing is re-sent, nothing reported twice.
+    again = stream.on_request(["default"], "", first.nonce, (13, "bad key"), res)
+    assert again.response is None
+    assert again.events == ()
+    # A snapshot with the same bad content: still no push. New content: pushed.
+    assert (
+        stream.on_snapshot(resolver(IdentitySnapshot(res.snapshot.svids, res.snapshot.bundles, 999))).response
+        is None
+    )
+    assert stream.on_snapshot(resolver(ids.snapshot())).response is not None
+
+
+def test_sotw_subscription_changes(ids: Identities) -> None:
+    stream = SotwStream(SUB)
+    res = resolver(ids.snapshot())
+    first = stream.on_request(["default"], "", "", None, res).response
+    assert first is not None
+    # Adding a name sends only the new one.
+    added = stream.on_request(["default", "ROOTCA"], first.version_info, first.nonce, None, res).response
+    assert added is not None
+    assert names(added) == ["ROOTCA"]
+    # Dropping one sends nothing; re-adding it later sends it again (Envoy dropped its copy).
+    dropped = stream.on_request(["default"], added.version_info, added.nonce, None, res)
+    assert dropped.response is None
+    readded = stream.on_request(["default", "ROOTCA"], added.version_info, added.nonce, None, res).response
+    assert readded is not None
+    assert names(readded) == ["ROOTCA"]
+
+
+def test_sotw_unknown_names_reported_once_others_served(ids: Identities) -> None:
+    stream = SotwStream(SUB)
+    res = resolver(ids.snapshot())
+    step = stream.on_request(["default", str(BACKEND), "bogus"], "", "", None, res)
+    assert step.response is not None
+    assert names(step.response) == ["default"]
+    reasons = {e.rejection.name: e.rejection.reason for e in step.events if isinstance(e, Rejected)}
+    assert reasons == {str(BACKEND): "not_entitled", "bogus": "unknown"}
+    ack = stream.on_request(["default", str(BACKEND), "bogus"], "", step.response.nonce, None, res)
+    assert not [e for e in ack.events if isinstance(e, Rejected)]
+
+
+def test_sotw_name_that_appears_later_is_pushed(ids: Identities) -> None:
+    stream = SotwStream(SUB)
+    no_fed = resolver(ids.snapshot(federated=False))
+    step = stream.on_request(["spiffe://partner.test"], "", "", None, no_fed)
+    assert step.response is None
+    assert isinstance(step.events[0], Rejected)
+    later = stream.on_snapshot(resolver(ids.snapshot()))
+    assert later.response is not None
+    assert names(later.response) == ["spiffe://partner.test"]
+
+
+def test_sotw_wildcard(ids: Identities) -> None:
+    stream = SotwStream(Subscriber((FRONTEND,), "spiffe"))
+    step = stream.on_request([], "", "", None, resolver(ids.snapshot()))
+    assert step.response is not None
+    assert names(step.response) == [str(FRONTEND), "spiffe://example.org", "spiffe://partner.test"]
+
+
+def test_sotw_nothing_before_first_request(ids: Identities) -> None:
+    assert SotwStream(SUB).on_snapshot(resolver(ids.snapshot())).response is None
+
+
+# -- delta -----------------------------------------------------------------------------------------------------
+
+
+def test_delta_subscribe_ack_rotate(ids: Identities) -> None:
+    stream = DeltaStream(SUB)
+    res = resolver(ids.snapshot())
+    first = stream.on_request(["default", "ALL"], [], {}, "", None, res).response
+    assert first is not None
+    assert names(first) == ["default", "ALL"]
+    ack = stream.on_request([], [], {}, first.nonce, None, res)
+    assert ack.response is None
+    assert isinstance(ack.events[0], Ack)
+    rotated = stream.on_snapshot(resolver(ids.snapshot())).response
+    assert rotated is not None
+    assert names(rotated) == ["default"]
+    assert rotated.removed == ()
+
+
+def test_delta_initial_versions_skip_unchanged(ids: Identities) -> None:
+    res = resolver(ids.snapshot())
+    current = {n: res.resolve(n, SUB).version for n in ("default", "ROOTCA")}  # type: ignore[union-attr]
+    stream = DeltaStream(SUB)
+    step = stream.on_request(
+        ["default", "ROOTCA"], [], {"default": current["default"], "ROOTCA": "stale"}, "", None, res
+    )
+    assert step.response is not None
+    assert names(step.response) == ["ROOTCA"]
+
+
+def test_delta_reconnect_with_everything_current_sends_nothing(ids: Identities) -> None:
+    res = resolver(ids.snapshot())
+    current = {n: res.resolve(n, SUB).version for n in ("default", "ROOTCA")}  # type: ignore[union-attr]
+    step = DeltaStream(SUB).on_request(["default", "ROOTCA"], [], current, "", None, res)
+    assert step.response is None
+
+
+def test_delta_unsubscribe_and_removed(ids: Identities) -> None:
+    stream = DeltaStream(SUB)
+    res = resolver(ids.snapshot())
+    first = stream.on_request(["default", "spiffe://partner.test"], [], {}, "", None, res).response
+    assert first is not None
+    stream.on_request([], [], {}, first.nonce, None, res)
+    # The federated bundle disappears: removed_resources.
+    no_fed = resolver(ids.snapshot(federated=False))
+    gone = stream.on_snapshot(no_fed)
+    assert gone.response is not None
+    assert gone.response.removed == ("spiffe://partner.test",)
+    assert Removed("spiffe://partner.test") in gone.events
+    # Unsubscribe: nothing sent; re-subscribe: sent again.
+    assert stream.on_request([], ["default"], {}, gone.response.nonce, None, no_fed).response is None
+    back = stream.on_request(["default"], [], {}, "", None, no_fed).response
+    assert back is not None
+    assert names(back) == ["default"]
+
+
+def test_delta_nack_not_re_pushed_and_stale_nonce_keeps_subscriptions(ids: Identities) -> None:
+    stream = DeltaStream(SUB)
+    res = resolver(ids.snapshot())
+    first = stream.on_request(["default"], [], {}, "", None, res).response
+    assert first is not None
+    nack = stream.on_request([], [], {}, first.nonce, (3, "no"), res)
+    assert nack.response is None
+    assert isinstance(nack.events[0], Nack)
+    same = IdentitySnapshot(res.snapshot.svids, res.snapshot.bundles, 12345)
+    assert stream.on_snapshot(resolver(same)).response is None
+    # A stale nonce still carries a subscription delta that must be honoured.
+    step = stream.on_request(["ROOTCA"], [], {}, "unknown-nonce", None, res)
+    assert isinstance(step.events[0], StaleNonce)
+    assert step.response is not None
+    assert names(step.response) == ["ROOTCA"]
+
+
+def test_delta_wildcard(ids: Identities) -> None:
+    step = DeltaStream(SUB).on_request([], [], {}, "", None, resolver(ids.snapshot()))
+    assert step.response is not None
+    assert names(step.response) == [str(FRONTEND), "spiffe://example.org", "spiffe://partner.test"]
+
+
+def test_state_version_is_order_independent() -> None:
+    assert state_version([("a", "1"), ("b", "2")]) == state_version([("b", "2"), ("a", "1")])
+    assert state_version([("a", "1")]) != state_version([("a", "2")])

@@ -1,0 +1,327 @@
+"""Identity sources: the built-in CA source and the watched-files source, driven by a FakeClock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from svidgate.config import Selector, Workload, parse_config
+from svidgate.errors import SourceError
+from svidgate.identity.bundle import pem_bundle, spiffe_bundle_json
+from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.clock import FakeClock
+from svidgate.identity.jwtsvid import validate_jwt_svid
+from svidgate.identity.keys import KeyType
+from svidgate.identity.sources import BuiltinSource, FileSource, create_source
+from svidgate.identity.sources.federation import FederatedBundles
+from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.identity.x509svid import verify_x509_svid
+
+TD = TrustDomain("example.org")
+FRONTEND = SpiffeId.parse("spiffe://example.org/frontend")
+BACKEND = SpiffeId.parse("spiffe://example.org/backend")
+HOUR = 3600.0
+DAY = 86400.0
+
+
+def workload(spiffe_id: SpiffeId, *, dns: tuple[str, ...] = (), hint: str = "") -> Workload:
+    return Workload(spiffe_id, (Selector("any"),), dns, hint)
+
+
+def write(path: Path, data: bytes) -> None:
+    """Replace a file the way real writers do (new inode), so the watcher sees the change."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+@pytest.fixture
+def ca(clock: FakeClock) -> BuiltinCa:
+    return BuiltinCa.in_memory(TD, KeyType.EC_P256, clock, ca_ttl=30 * DAY)
+
+
+def builtin(ca: BuiltinCa, clock: FakeClock, **kwargs: object) -> BuiltinSource:
+    workloads = [
+        workload(FRONTEND, dns=("frontend.local",), hint="fe"),
+        workload(BACKEND),
+        workload(FRONTEND),
+    ]
+    return BuiltinSource(ca, workloads, None, clock, x509_svid_ttl=HOUR, jwt_svid_ttl=300, **kwargs)  # type: ignore[arg-type]
+
+
+# -- BuiltinSource ---------------------------------------------------------------------------------
+
+
+def test_builtin_first_snapshot_has_one_svid_per_id(ca: BuiltinCa, clock: FakeClock) -> None:
+    source = builtin(ca, clock)
+    snapshot = source.feed.current()
+    assert snapshot.version == 1
+    assert set(snapshot.svids) == {FRONTEND, BACKEND}
+    assert set(snapshot.bundles) == {TD}
+    frontend = snapshot.svids[FRONTEND]
+    assert frontend.hint == "fe"
+    assert verify_x509_svid(frontend.cert_chain, snapshot.bundles, clock()) == FRONTEND
+    assert frontend.expires_at == pytest.approx(clock() + HOUR, abs=1)
+
+
+def test_builtin_refresh_publishes_only_on_change(ca: BuiltinCa, clock: FakeClock) -> None:
+    source = builtin(ca, clock)
+    first = source.feed.current()
+    clock.advance(HOUR / 2 - 10)
+    assert source.refresh() is False
+    assert source.feed.current() is first
+    clock.advance(20)  # past half the TTL: re-mint
+    assert source.refresh() is True
+    second = source.feed.current()
+    assert second.version == 2
+    assert second.svids[FRONTEND] is not first.svids[FRONTEND]
+    assert second.svids[FRONTEND].expires_at > first.svids[FRONTEND].expires_at
+    assert source.refresh() is False
+
+
+def test_builtin_next_due_is_the_svid_half_life(ca: BuiltinCa, clock: FakeClock) -> None:
+    source = builtin(ca, clock)
+    assert source.next_due() == pytest.approx(clock() + HOUR / 2, abs=1)
+
+
+def test_builtin_follows_ca_rotation(ca: BuiltinCa, clock: FakeClock) -> None:
+    source = builtin(ca, clock)
+    first = source.feed.current()
+    root = ca.current.certificate
+    # Walk the clock in steps no longer than the SVID half-life, as `run()` would.
+    published = 0
+    while ca.current.certificate is root:
+        clock.advance(HOUR / 2)
+        published += source.refresh()
+    snapshot = source.feed.current()
+    assert snapshot.version == first.version + published
+    # After the switch every SVID is signed by the new authority and verifies against the published bundle.
+    for spiffe_id, svid in snapshot.svids.items():
+        assert svid.leaf.issuer == ca.current.certificate.subject
+        assert verify_x509_svid(svid.cert_chain, snapshot.bundles, clock()) == spiffe_id
+    assert len(snapshot.bundles[TD].x509_authorities) >= 2  # old root still published
+
+
+def test_builtin_mint_jwt_svid_validates_and_is_reused(ca: BuiltinCa, clock: FakeClock) -> None:
+    source = builtin(ca, clock)
+    svid = source.mint_jwt_svid(FRONTEND, ["spiffe://example.org/backend"])
+    validated = validate_jwt_svid(
+        svid.token, source.feed.current().bundles, ["spiffe://example.org/backend"], clock()
+    )
+    assert validated.spiffe_id == FRONTEND
+    assert source.mint_jwt_svid(FRONTEND, ["spiffe://example.org/backend"]) is svid
+    clock.advance(151)  # past half of the 300 s lifetime
+    assert source.mint_jwt_svid(FRONTEND, ["spiffe://example.org/backend"]).token != svid.token
+
+
+def test_builtin_mint_jwt_svid_refuses_unknown_ids(ca: BuiltinCa, clock: FakeClock) -> None:
+    source = builtin(ca, clock)
+    with pytest.raises(SourceError, match="not a configured workload"):
+        source.mint_jwt_svid(SpiffeId.parse("spiffe://example.org/other"), ["a"])
+    with pytest.raises(SourceError, match="at least one audience"):
+        source.mint_jwt_svid(FRONTEND, [])
+
+
+def test_builtin_refresh_failure_keeps_the_last_snapshot(
+    ca: BuiltinCa, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = builtin(ca, clock)
+    first = source.feed.current()
+
+    def broken(*args: object, **kwargs: object) -> object:
+        from svidgate.errors import CaError
+
+        raise CaError("disk full")
+
+    monkeypatch.setattr(ca, "mint_x509_svid", broken)
+    clock.advance(HOUR)
+    with caplog.at_level(logging.ERROR):
+        assert source.refresh() is False
+    assert source.feed.current() is first
+    assert "source.refresh_failed" in caplog.messages
+
+
+async def test_builtin_run_sleeps_until_the_next_due_time(ca: BuiltinCa, clock: FakeClock) -> None:
+    sleeps: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.advance(seconds)
+        if len(sleeps) == 3:
+            raise asyncio.CancelledError
+
+    source = builtin(ca, clock, sleep=fake_sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await source.run()
+    # Never longer than MAX_SLEEP; the loop re-mints when the half-life comes (1800 s away, reached in steps).
+    assert sleeps == [60.0, 60.0, 60.0]
+    assert source.feed.current().version == 1
+
+
+async def test_builtin_run_publishes_from_the_loop(ca: BuiltinCa, clock: FakeClock) -> None:
+    async def fake_sleep(seconds: float) -> None:
+        clock.advance(HOUR)
+        await asyncio.sleep(0)
+
+    source = builtin(ca, clock, sleep=fake_sleep)
+    task = asyncio.create_task(source.run())
+    try:
+        snapshot = await asyncio.wait_for(source.feed.wait_newer(1), timeout=10)
+        assert snapshot.version >= 2
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def test_builtin_merges_federated_bundles(ca: BuiltinCa, clock: FakeClock, tmp_path: Path) -> None:
+    other_td = TrustDomain("other.org")
+    other_ca = BuiltinCa.in_memory(other_td, KeyType.EC_P256, clock)
+    bundle_file = tmp_path / "other.json"
+    write(bundle_file, spiffe_bundle_json(other_ca.bundle()))
+    config = parse_config(
+        f"trust_domain: example.org\nfederation: {{other.org: {{bundle_file: {bundle_file}}}}}\n"
+    )
+    federation = FederatedBundles(config.federation, clock, poll_interval=5)
+    source = BuiltinSource(ca, [workload(FRONTEND)], federation, clock)
+    assert set(source.feed.current().bundles) == {TD, other_td}
+    assert source.refresh() is False
+
+
+def test_create_source_builtin_persists_the_ca(tmp_path: Path, clock: FakeClock) -> None:
+    text = (
+        f"trust_domain: example.org\nstate_dir: {tmp_path / 'state'}\n"
+        "workloads: [{spiffe_id: 'spiffe://example.org/frontend', selectors: [any]}]\n"
+    )
+    first = create_source(parse_config(text), clock)
+    second = create_source(parse_config(text), clock)
+    assert isinstance(first, BuiltinSource)
+    assert (
+        first.feed.current().bundles[TD].x509_authorities
+        == second.feed.current().bundles[TD].x509_authorities
+    )
+
+
+def test_create_source_rejects_spire(tmp_path: Path) -> None:
+    config = parse_config(f"state_dir: {tmp_path}\nsource: {{kind: spire, spire_socket: /run/agent.sock}}\n")
+    with pytest.raises(SourceError, match="spire"):
+        create_source(config)
+
+
+# -- FileSource ------------------------------------------------------------------------------------
+
+
+class Files:
+    def __init__(self, directory: Path, ca: BuiltinCa) -> None:
+        self.ca = ca
+        self.cert = directory / "svid.pem"
+        self.key = directory / "svid_key.pem"
+        self.bundle = directory / "bundle.pem"
+
+    def write_svid(self, spiffe_id: SpiffeId = FRONTEND) -> None:
+        svid = self.ca.mint_x509_svid(spiffe_id, HOUR)
+        write(self.cert, svid.cert_chain_pem())
+        write(self.key, svid.private_key_pem())
+        write(self.bundle, pem_bundle(self.ca.bundle()))
+
+    def source(self, clock: FakeClock) -> FileSource:
+        return FileSource(self.cert, self.key, self.bundle, TD, None, clock, poll_interval=5)
+
+
+@pytest.fixture
+def files(tmp_path: Path, ca: BuiltinCa) -> Files:
+    f = Files(tmp_path, ca)
+    f.write_svid()
+    return f
+
+
+def test_files_first_snapshot(files: Files, clock: FakeClock) -> None:
+    source = files.source(clock)
+    snapshot = source.feed.current()
+    assert snapshot.version == 1
+    assert list(snapshot.svids) == [FRONTEND]
+    assert list(snapshot.bundles) == [TD]
+    assert source.refresh() is False
+
+
+def test_files_reload_after_change(files: Files, clock: FakeClock) -> None:
+    source = files.source(clock)
+    first = source.feed.current().svids[FRONTEND]
+    files.write_svid()
+    assert source.refresh() is False  # not yet due
+    clock.advance(5)
+    assert source.refresh() is True
+    snapshot = source.feed.current()
+    assert snapshot.version == 2
+    assert snapshot.svids[FRONTEND].leaf != first.leaf
+    clock.advance(5)
+    assert source.refresh() is False  # unchanged bytes publish nothing
+
+
+def test_files_bad_combination_keeps_last_good_and_logs_once(
+    files: Files, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = files.source(clock)
+    good = source.feed.current()
+    other = files.ca.mint_x509_svid(FRONTEND, HOUR)
+    write(files.key, other.private_key_pem())  # the key no longer fits the certificate
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            clock.advance(5)
+            assert source.refresh() is False
+    assert source.feed.current() is good
+    assert caplog.messages.count("source.files_invalid") == 1
+    write(files.cert, other.cert_chain_pem())  # the writer finishes: a good combination again
+    clock.advance(5)
+    assert source.refresh() is True
+    assert source.feed.current().svids[FRONTEND].leaf == other.leaf
+
+
+def test_files_accepts_a_spiffe_bundle_document(files: Files, clock: FakeClock) -> None:
+    write(files.bundle, spiffe_bundle_json(files.ca.bundle()))
+    source = files.source(clock)
+    assert source.feed.current().bundles[TD].jwt_authorities
+
+
+def test_files_missing_file_at_start_is_a_source_error(files: Files, clock: FakeClock) -> None:
+    files.key.unlink()
+    with pytest.raises(SourceError, match=r"cannot read .*svid_key\.pem"):
+        files.source(clock)
+
+
+def test_files_reject_an_svid_of_another_trust_domain(tmp_path: Path, clock: FakeClock) -> None:
+    other = Files(tmp_path, BuiltinCa.in_memory(TrustDomain("other.org"), KeyType.EC_P256, clock))
+    other.write_svid(SpiffeId.parse("spiffe://other.org/x"))
+    with pytest.raises(SourceError, match=r"not in the trust domain example\.org"):
+        other.source(clock)
+
+
+def test_files_reject_a_chain_the_bundle_does_not_vouch_for(files: Files, clock: FakeClock) -> None:
+    stranger = BuiltinCa.in_memory(TD, KeyType.EC_P256, clock)
+    write(files.bundle, pem_bundle(stranger.bundle()))
+    with pytest.raises(SourceError, match="no valid path"):
+        files.source(clock)
+
+
+def test_files_cannot_mint_jwt(files: Files, clock: FakeClock) -> None:
+    with pytest.raises(SourceError, match="cannot mint JWT-SVIDs"):
+        files.source(clock).mint_jwt_svid(FRONTEND, ["a"])
+
+
+def test_create_source_files(files: Files, clock: FakeClock) -> None:
+    config = parse_config(
+        f"trust_domain: example.org\nsource: {{kind: files, cert_file: {files.cert}, key_file: {files.key},"
+        f" bundle_file: {files.bundle}}}\n"
+    )
+    source = create_source(config, clock)
+    assert isinstance(source, FileSource)
+    assert list(source.feed.current().svids) == [FRONTEND]
