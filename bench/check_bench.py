@@ -130,7 +130,9 @@ def _authz_config(cache_size: int) -> Any:
 
     policy = Policy(
         name="orders",
-        match=PolicyMatch(hosts=("backend.bench.test",), path_prefix="/api/", context_extensions={"policy": "orders"}),
+        match=PolicyMatch(
+            hosts=("backend.bench.test",), path_prefix="/api/", context_extensions={"policy": "orders"}
+        ),
         audiences=(AUDIENCE,),
         allow=(AllowRule.parse(CLIENT_ID),),
     )
@@ -159,7 +161,9 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
     def serve_sync(register: Any, workers: int) -> None:
         from concurrent import futures
 
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.so_reuseport", 0)])
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.so_reuseport", 0)]
+        )
         register(server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
@@ -182,11 +186,15 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
         if kind == "noop-sync":
             serve_sync(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Noop(), s), 4)
         elif kind == "noop-aio":
-            asyncio.run(serve_aio(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAio(), s)))
+            asyncio.run(
+                serve_aio(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAio(), s))
+            )
         elif kind == "noop-uvloop":
             import uvloop
 
-            uvloop.run(serve_aio(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAio(), s)))
+            uvloop.run(
+                serve_aio(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAio(), s))
+            )
         return
 
     from prometheus_client import CollectorRegistry
@@ -198,7 +206,9 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
 
     bundle = _bundle(state)
     feed = SnapshotFeed(IdentitySnapshot(bundles={bundle.trust_domain: bundle}, version=1))
-    servicer = AuthorizationServicer(feed, PolicyHolder(_authz_config(cache_size)), Metrics(CollectorRegistry()))
+    servicer = AuthorizationServicer(
+        feed, PolicyHolder(_authz_config(cache_size)), Metrics(CollectorRegistry())
+    )
 
     def report() -> None:
         print(json.dumps({"cache_entries": len(servicer.cache)}), file=sys.stderr, flush=True)
@@ -220,7 +230,16 @@ class Server:
     def __init__(self, kind: str, state: Path, cache_size: int = 10000) -> None:
         self.kind = kind
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind, "--state", str(state), "--cache-size", str(cache_size)],
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                kind,
+                "--state",
+                str(state),
+                "--cache-size",
+                str(cache_size),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -276,11 +295,17 @@ def _client_main(args: tuple[int, list[bytes], float, int, Any]) -> None:
     queue.put(asyncio.run(_closed_loop(port, requests, seconds, inflight)))
 
 
-def throughput(server: Server, requests: list[bytes], seconds: float, clients: int, inflight: int) -> dict[str, float]:
+def throughput(
+    server: Server, requests: list[bytes], seconds: float, clients: int, inflight: int
+) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    slices = [requests[i::clients] for i in range(clients)]
-    procs = [ctx.Process(target=_client_main, args=((server.port, s, seconds, inflight, queue),)) for s in slices]
+    slices = (
+        [requests[i::clients] for i in range(clients)] if len(requests) >= clients else [requests] * clients
+    )
+    procs = [
+        ctx.Process(target=_client_main, args=((server.port, s, seconds, inflight, queue),)) for s in slices
+    ]
     for proc in procs:
         proc.start()
     # Warm-up is the first 10% of the phase: measure CPU over the middle.
@@ -349,7 +374,9 @@ def latency(server: Server, requests: list[bytes], rate: float, seconds: float) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--state", type=Path, default=ROOT / "bench" / ".state")
     parser.add_argument("--cache-size", type=int, default=10000, help=argparse.SUPPRESS)
@@ -417,8 +444,10 @@ def main() -> None:
 
     base = max((tp["rps"] for _, kind, tp, _ in rows if kind.startswith("noop")), default=float("nan"))
     print()
-    print(f"ext_authz Check, {os.cpu_count()} CPUs, {args.clients} client processes x {args.inflight} in flight, "
-          f"{args.seconds:g}s closed loop; latency at {args.rate:g}/s open loop for {args.latency_seconds:g}s")
+    print(
+        f"ext_authz Check, {os.cpu_count()} CPUs, {args.clients} client processes x {args.inflight} in flight, "
+        f"{args.seconds:g}s closed loop; latency at {args.rate:g}/s open loop for {args.latency_seconds:g}s"
+    )
     header = f"| {'case':<48} | {'Checks/s':>9} | {'% base':>6} | {'srv CPU/Check':>13} | {'p50 ms':>6} | {'p99 ms':>6} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -427,8 +456,10 @@ def main() -> None:
             f"| {label:<48} | {tp['rps']:>9.0f} | {tp['rps'] / base * 100:>5.0f}% | {tp['cpu_us']:>10.0f} us "
             f"| {lat['p50_ms']:>6.2f} | {lat['p99_ms']:>6.2f} |"
         )
-    print(f"\n% base = Checks/s relative to the fastest baseline ({base:.0f}/s). "
-          "CPU/Check = server process CPU (all threads) per Check.")
+    print(
+        f"\n% base = Checks/s relative to the fastest baseline ({base:.0f}/s). "
+        "CPU/Check = server process CPU (all threads) per Check."
+    )
     bad = [label for label, _, tp, _ in rows if "denials" not in label and tp["not_ok"]]
     if bad:
         print(f"WARNING: non-OK responses in allow cases: {bad}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
 import os
 import sys
 import tempfile
@@ -26,6 +27,8 @@ from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import system_clock
 from svidgate.identity.sources.federation import parse_bundle_document
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+
+_log = logging.getLogger(__name__)
 
 PROG = "svidgate"
 EXIT_OK = 0
@@ -210,22 +213,14 @@ def _builtin_ca(config: Config) -> BuiltinCa:
 
 def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     config, path = _config(args)
-    try:
-        server = importlib.import_module("svidgate.server")
-    except ImportError as exc:
-        raise SvidgateError(f"the server is not available in this build: {exc}") from None
-    run: Callable[..., Any] = server.run
-    params = inspect.signature(run).parameters
-    result = run(config, path) if len(params) >= 2 else run(config)
-    if inspect.isawaitable(result):
-        import asyncio
+    # Imported here: the server pulls in gRPC, which the other commands do not need.
+    from svidgate import server
+    from svidgate.logs import configure_logging
 
-        result = asyncio.run(_await(result))
-    return int(result) if isinstance(result, int) else EXIT_OK
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
+    configure_logging(config.log.format, config.log.level)
+    for warning in config.warnings():
+        _log.warning("config.warning", extra={"fields": {"warning": warning}})
+    return server.run(config, path)
 
 
 def _cmd_mint(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -1250,14 +1250,17 @@ class _Parser:
         inject_id = None
         if section.get("inject_spiffe_id") is not None:
             inject_id = _spiffe_id(section["inject_spiffe_id"], f"{path}.inject_spiffe_id")
+        require_token = _bool(section.get("require_token", True), f"{path}.require_token")
         if mode == "validate":
             if inject_audience is not None or inject_id is not None:
                 key = "inject_audience" if inject_audience is not None else "inject_spiffe_id"
                 raise ConfigError(f"{path}.{key}: only meaningful with mode: inject")
-            if not audiences:
+            # With require_token: false the route is public: ext_authz lets it through without looking at a
+            # token, so audiences and allow have nothing to check.
+            if require_token and not audiences:
                 # JWT-SVID.md 3: validators MUST check `aud`; an empty list would skip that check.
                 raise ConfigError(f"{path}.audiences: required: at least one audience the token must carry")
-            if not allow:
+            if require_token and not allow:
                 raise ConfigError(
                     f"{path}.allow: required: the SPIFFE IDs allowed through ('*' for any valid JWT-SVID)"
                 )
@@ -1292,7 +1295,7 @@ class _Parser:
             match=match,
             audiences=audiences,
             allow=tuple(allow),
-            require_token=_bool(section.get("require_token", True), f"{path}.require_token"),
+            require_token=require_token,
             dry_run=_bool(section.get("dry_run", False), f"{path}.dry_run"),
             keep_token=_bool(section.get("keep_token", False), f"{path}.keep_token"),
             mode=mode,

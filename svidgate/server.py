@@ -66,7 +66,8 @@ from svidgate.metrics import Metrics
 from svidgate.peercred import PeerCredFront, PeerRegistry
 from svidgate.sds.servicer import SERVER_OPTIONS as SDS_SERVER_OPTIONS
 from svidgate.sds.servicer import SecretDiscoveryServicer
-from svidgate.workloadapi.server import WorkloadApiServicer
+from svidgate.workloadapi.server import MintJwtSvid, WorkloadApiServicer
+from svidgate.workloadapi.spire_source import SpireSource
 
 log = logging.getLogger(__name__)
 
@@ -275,23 +276,28 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     return
                 responses = behavior(request, context)
                 drained = asyncio.ensure_future(drain.wait())
+                following: asyncio.Future[Any] | None = None
                 try:
                     while True:
                         following = asyncio.ensure_future(responses.__anext__())
                         await asyncio.wait((following, drained), return_when=asyncio.FIRST_COMPLETED)
                         if not following.done():
-                            following.cancel()
-                            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                                await following
-                            return
+                            return  # drained: the finally below stops the handler
                         try:
                             response = following.result()
                         except StopAsyncIteration:
                             return
+                        following = None
                         yield response
                 finally:
                     drained.cancel()
-                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                    # The handler runs its next step in `following`; when the client cancelled or the server
+                    # drains, stop it there so that its own finally blocks run (stream gauges, subscriptions).
+                    if following is not None and not following.done():
+                        following.cancel()
+                        with contextlib.suppress(BaseException):
+                            await following
+                    with contextlib.suppress(Exception):
                         await responses.aclose()
 
             return generator
@@ -620,7 +626,7 @@ class Server:
         for warning in self.config.warnings():
             log.warning("config.warning", extra={"fields": {"warning": warning}})
         try:
-            self.source = build_source(self.config, self._clock)
+            self.source = await build_source(self.config, self._clock)
             self.metrics.watch_feed(self.source.feed)
             self._spawn(self._run_source(self.source), "source")
             self._spawn(self._watch_snapshots(self.source), "snapshot-metrics")
@@ -1011,20 +1017,27 @@ def _bracket_host(host: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_source(config: Config, clock: Clock) -> IdentitySource:
+async def build_source(config: Config, clock: Clock) -> IdentitySource:
     """The identity source `config.source.kind` names, its first snapshot published.
 
     Raises:
         SvidgateError: the source cannot produce its first snapshot (CA state, files, SPIRE agent).
     """
     if config.source.kind == "spire":
-        return build_spire_source(config, clock)
+        return await build_spire_source(config, clock)
     return create_source(config, clock)
 
 
-def build_spire_source(config: Config, clock: Clock) -> IdentitySource:
-    """The SPIRE agent source (Workload API client), for ``source.kind: spire``."""
-    raise SourceError("source kind 'spire' is not available in this build yet")
+async def build_spire_source(config: Config, clock: Clock) -> SpireSource:
+    """The SPIRE agent source (a Workload API client), for ``source.kind: spire``.
+
+    Waits for the agent's first X.509-SVIDs (retrying with backoff) so that svidgate never serves an empty
+    identity; a SPIRE agent provides federated bundles itself, so ``federation`` is not consulted.
+    """
+    endpoint = config.source.spire_socket
+    if endpoint is None:  # the config loader guarantees it; keep mypy and a future refactor honest
+        raise SourceError("source.spire_socket: required with kind: spire")
+    return await SpireSource.connect(endpoint, clock=clock)
 
 
 class Services:
@@ -1046,11 +1059,14 @@ class Services:
             source.feed, self.policies, metrics, clock, injector=self.injector, peers=self.peers.lookup
         )
         self.sds = build_sds(config, source, self.peers, metrics, clock)
+        # The SPIRE source mints over gRPC: the Workload API servicer awaits its async variant so that a cache
+        # miss never blocks the event loop.
+        mint: MintJwtSvid = source.fetch_jwt_svid if isinstance(source, SpireSource) else source.mint_jwt_svid
         self.workload_api = WorkloadApiServicer(
             source.feed,
             config.workloads,
             self.peers,
-            source.mint_jwt_svid,
+            mint,
             metrics,
             clock,
             leeway=config.authz.leeway,

@@ -62,7 +62,7 @@ class Decision:
 
     Attributes:
         allowed: what Envoy is told (True also for a dry-run policy's denial).
-        status: the HTTP status of a denial; 200 when allowed.
+        status: the HTTP status of a denial; 200 when allowed; for a dry-run denial, the would-be status.
         reason: a stable code (`ALLOWED`, ``expired``, `SUBJECT_NOT_ALLOWED`...); for a dry-run denial, the
             reason the request *would* have been denied.
         decision_id: a unique ID, returned in dynamic metadata and the deny body, logged with the decision.
@@ -210,7 +210,7 @@ def decide(
         # never carries a client-made x-spiffe-id upstream).
         return Decision(
             allowed=True,
-            status=200,
+            status=result.status,
             reason=result.reason,
             decision_id=decision_id,
             policy=name,

@@ -255,7 +255,7 @@ def public_key_from_jwk(jwk: Mapping[str, Any], where: str = "JWK") -> PublicKey
     try:
         if kty == "EC":
             crv = jwk.get("crv")
-            if crv not in _EC_CURVES:
+            if not isinstance(crv, str) or crv not in _EC_CURVES:
                 raise BundleError(f"{where}: unsupported EC curve {crv!r}")
             curve, size = _EC_CURVES[crv]
             x, y = _b64url_member(jwk, "x", where), _b64url_member(jwk, "y", where)

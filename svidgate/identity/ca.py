@@ -1,14 +1,14 @@
 """The built-in CA: a self-signed SPIFFE root per trust domain that mints X.509-SVIDs and JWT-SVIDs.
 
-State lives in one JSON file, ``<state_dir>/ca/ca.json`` (directory 0700, file 0600, replaced atomically), so a
-restart reuses the same root and every peer that trusts it keeps working. Anything unexpected there -- a file
-that does not parse, a CA of another trust domain, a file svidgate did not write -- is a `CaError`; the CA is
-never silently replaced, because replacing it would cut off every peer that trusts the old root.
+State lives in one JSON file, ``<state_dir>/ca/ca.json`` (directory 0700, file 0600, replaced atomically), so
+a restart reuses the same root and every peer that trusts it keeps working. Anything unexpected there -- a
+file that does not parse, a CA of another trust domain, a file svidgate did not write -- is a `CaError`; the
+CA is never silently replaced, because replacing it would cut off every peer that trusts the old root.
 
 Rotation follows SPIRE's schedule: when the current authority is half-way through its life a *next* one is
-prepared and published in the bundle; at 5/6 of the current one's life signing switches to it (peers have had a
-third of the lifetime to fetch the new bundle); the old one stays in the bundle until its notAfter, after which
-nothing it signed can still be valid (every SVID's notAfter/exp is capped by its authority's notAfter).
+prepared and published in the bundle; at 5/6 of the current one's life signing switches to it (peers have had
+a third of the lifetime to fetch the new bundle); the old one stays in the bundle until its notAfter, after
+which nothing it signed can still be valid (every SVID's notAfter/exp is capped by its authority's notAfter).
 
 Each authority has two keys: the X.509 root key and a separate JWT signing key. One key per SVID type keeps a
 signature made for one protocol from ever being accepted in the other (SPIFFE_Trust_Domain_and_Bundle.md 2).
@@ -52,7 +52,7 @@ STATE_FILE_NAME = "ca.json"
 DEFAULT_CA_TTL = 365 * 86400.0
 #: Certificates are dated this far into the past so that peers whose clocks lag a little accept them at once.
 BACKDATE_SECONDS = 60.0
-#: Fractions of the current authority's lifetime at which the next one is prepared and activated (as in SPIRE).
+#: Fractions of the current lifetime at which the next authority is prepared and activated (as in SPIRE).
 PREPARE_AT = 1 / 2
 ACTIVATE_AT = 5 / 6
 #: `spiffe_refresh_hint` of the bundle: how often federated peers should re-fetch it.
@@ -118,7 +118,7 @@ class BuiltinCa:
         self._state = state
         self._lock = threading.Lock()
 
-    # -- construction ------------------------------------------------------------------------------------------
+    # -- construction -----
 
     @classmethod
     def load_or_create(
@@ -144,8 +144,8 @@ class BuiltinCa:
             The CA.
 
         Raises:
-            CaError: the state cannot be read or written, is corrupt, was not written by svidgate, or belongs to
-                another trust domain.
+            CaError: the state cannot be read or written, is corrupt, was not written by svidgate, or belongs
+                to another trust domain.
         """
         if not ca_ttl > 2 * BACKDATE_SECONDS:
             raise CaError(f"ca_ttl must be more than {2 * BACKDATE_SECONDS:.0f} seconds, not {ca_ttl!r}")
@@ -160,13 +160,18 @@ class BuiltinCa:
         state = _read_state(state_file, trust_domain)
         if state is None:
             created = _State(
-                current=_new_authority(trust_domain, key_type, clock(), ca_ttl), next=None, retired=(), sequence=1
+                current=_new_authority(trust_domain, key_type, clock(), ca_ttl),
+                next=None,
+                retired=(),
+                sequence=1,
             )
             if _create_exclusive(state_file, _encode_state(trust_domain, created)):
                 state = created
                 log.info(
                     "ca.created",
-                    extra={"fields": _authority_fields(trust_domain, created.current, state_file=str(state_file))},
+                    extra={
+                        "fields": _authority_fields(trust_domain, created.current, state_file=str(state_file))
+                    },
                 )
             else:
                 # Another process created it between our read and our write: use theirs, never overwrite.
@@ -190,7 +195,7 @@ class BuiltinCa:
         state = _State(_new_authority(trust_domain, key_type, clock(), ca_ttl), None, (), 1)
         return cls(trust_domain, key_type, clock, ca_ttl, None, state)
 
-    # -- read-only views ---------------------------------------------------------------------------------------
+    # -- read-only views -----
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -230,7 +235,7 @@ class BuiltinCa:
             refresh_hint=max(1, min(DEFAULT_REFRESH_HINT, int(self._ca_ttl / 12))),
         )
 
-    # -- minting -----------------------------------------------------------------------------------------------
+    # -- minting -----
 
     def mint_x509_svid(self, spiffe_id: SpiffeId, ttl: float, dns_names: Sequence[str] = ()) -> X509Svid:
         """Mint an X.509-SVID with a fresh key, signed by the current authority.
@@ -247,8 +252,8 @@ class BuiltinCa:
             The SVID; its chain is the leaf alone (the root is in the bundle).
 
         Raises:
-            CaError: the ID is of another trust domain or has no path, the ttl is not positive, a DNS name is not
-                valid, or the current authority has expired (`rotate_if_due` was not called).
+            CaError: the ID is of another trust domain or has no path, the ttl is not positive, a DNS name is
+                not valid, or the current authority has expired (`rotate_if_due` was not called).
         """
         self._check_subject(spiffe_id)
         if not ttl > 0:
@@ -304,7 +309,8 @@ class BuiltinCa:
             ttl: requested lifetime, seconds; `exp` is capped by the authority's notAfter.
 
         Returns:
-            The compact JWS (header ``alg``, ``kid``, ``typ: JWT``; claims ``sub``, ``aud``, ``exp``, ``iat``).
+            The compact JWS (header ``alg``, ``kid``, ``typ: JWT``; claims ``sub``, ``aud``, ``exp``,
+            ``iat``).
 
         Raises:
             CaError: the ID is of another trust domain or has no path, the ttl is not positive, or the current
@@ -318,16 +324,18 @@ class BuiltinCa:
         authority = self._signing_authority(now)
         assert authority.jwt_key is not None
         capped = min(ttl, authority.not_after - now)
-        return jwtsvid.mint_jwt_svid(spiffe_id, audience, authority.jwt_key, authority.jwt_key_id, capped, now)
+        return jwtsvid.mint_jwt_svid(
+            spiffe_id, audience, authority.jwt_key, authority.jwt_key_id, capped, now
+        )
 
-    # -- rotation ----------------------------------------------------------------------------------------------
+    # -- rotation -----
 
     def rotate_if_due(self) -> bool:
         """Advance the rotation schedule to the clock's current time, persisting any change first.
 
         Drops retired authorities past their notAfter, prepares the next authority at half the current one's
-        lifetime, and switches signing to it at 5/6 (at once if the current one has already expired, e.g. after
-        downtime).
+        lifetime, and switches signing to it at 5/6 (at once if the current one has already expired, e.g.
+        after downtime).
 
         Returns:
             True when the bundle or the signing authority changed (callers re-publish and re-mint).
@@ -350,7 +358,7 @@ class BuiltinCa:
             self._log_transition(old, state)
             return True
 
-    # -- internals ---------------------------------------------------------------------------------------------
+    # -- internals -----
 
     def _advance(self, state: _State, now: float) -> _State:
         state = replace(state, retired=tuple(a for a in state.retired if a.not_after > now))
@@ -359,7 +367,9 @@ class BuiltinCa:
         if state.next is not None and now >= state.current.lifetime_point(ACTIVATE_AT):
             # A retired authority stays published only while something it signed can still be valid.
             keep = (state.current,) if state.current.not_after > now else ()
-            state = _State(current=state.next, next=None, retired=keep + state.retired, sequence=state.sequence)
+            state = _State(
+                current=state.next, next=None, retired=keep + state.retired, sequence=state.sequence
+            )
         return state
 
     def _check_subject(self, spiffe_id: SpiffeId) -> None:
@@ -390,7 +400,7 @@ class BuiltinCa:
                 log.info("ca.dropped", extra={"fields": _authority_fields(self._trust_domain, dropped)})
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Certificates
 
 
@@ -417,7 +427,9 @@ def _new_authority(trust_domain: TrustDomain, key_type: KeyType, now: float, ca_
         .not_valid_after(_datetime(now + ca_ttl))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(_key_usage(leaf=False), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))]), False
+        )
         .add_extension(ski, critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, _hash_for(key))
@@ -439,7 +451,7 @@ def _key_usage(*, leaf: bool, key_encipherment: bool = False) -> x509.KeyUsage:
     )
 
 
-def _hash_for(key: SigningKey) -> hashes.HashAlgorithm:
+def _hash_for(key: SigningKey) -> hashes.SHA256 | hashes.SHA384:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()
@@ -464,7 +476,7 @@ def _authority_fields(trust_domain: TrustDomain, authority: Authority, **extra: 
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Persistence
 
 
@@ -547,7 +559,9 @@ def _decode_state(raw: bytes, trust_domain: TrustDomain, where: str) -> _State:
     except (ValueError, RecursionError):
         raise CaError(f"{where}: not a svidgate CA state file (not JSON); refusing to replace it") from None
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-        raise CaError(f"{where}: not a svidgate CA state file (no 'format': {STATE_FORMAT!r}); refusing to use it")
+        raise CaError(
+            f"{where}: not a svidgate CA state file (no 'format': {STATE_FORMAT!r}); refusing to use it"
+        )
     if doc.get("trust_domain") != trust_domain.name:
         raise CaError(
             f"{where}: holds the CA of trust domain {doc.get('trust_domain')!r}, not {trust_domain.name!r}; "
@@ -567,7 +581,9 @@ def _decode_state(raw: bytes, trust_domain: TrustDomain, where: str) -> _State:
         {"current": current, "next": next_, "retired": retired}[role].append(authority)
     if len(current) != 1 or len(next_) > 1:
         raise CaError(f"{where}: needs exactly one current and at most one next authority")
-    return _State(current=current[0], next=next_[0] if next_ else None, retired=tuple(retired), sequence=sequence)
+    return _State(
+        current=current[0], next=next_[0] if next_ else None, retired=tuple(retired), sequence=sequence
+    )
 
 
 def _decode_authority(entry: object, trust_domain: TrustDomain, where: str) -> tuple[str, Authority]:
@@ -581,7 +597,9 @@ def _decode_authority(entry: object, trust_domain: TrustDomain, where: str) -> t
         jwt_public_key = serialization.load_pem_public_key(_ascii(entry, "jwt_public_key", where))
         x509_key = jwt_key = None
         if role != "retired":
-            x509_key = _signing_key(serialization.load_pem_private_key(_ascii(entry, "private_key", where), None))
+            x509_key = _signing_key(
+                serialization.load_pem_private_key(_ascii(entry, "private_key", where), None)
+            )
             jwt_key = _signing_key(
                 serialization.load_pem_private_key(_ascii(entry, "jwt_private_key", where), None)
             )

@@ -23,6 +23,8 @@ MAX_TRUST_DOMAIN_LENGTH = 255
 
 
 def _check_trust_domain_name(name: str, what: str) -> None:
+    if not isinstance(name, str):
+        raise SpiffeIdError(f"trust domain must be a string, not {type(name).__name__}")
     if not name:
         raise SpiffeIdError(f"{what}: trust domain is empty")
     if len(name) > MAX_TRUST_DOMAIN_LENGTH:
@@ -49,6 +51,8 @@ class TrustDomain:
         Raises:
             SpiffeIdError: the text is neither a valid trust domain name nor a valid SPIFFE ID.
         """
+        if not isinstance(text, str):
+            raise SpiffeIdError(f"trust domain must be a string, not {type(text).__name__}")
         if "://" in text:
             return SpiffeId.parse(text).trust_domain
         return cls(text)
@@ -70,6 +74,10 @@ class SpiffeId:
     path: str
 
     def __post_init__(self) -> None:
+        if not isinstance(self.trust_domain, TrustDomain):
+            raise SpiffeIdError(f"trust_domain must be a TrustDomain, not {type(self.trust_domain).__name__}")
+        if not isinstance(self.path, str):
+            raise SpiffeIdError(f"path must be a string, not {type(self.path).__name__}")
         _check_path(self.path, repr(self.path))
         if len(_SCHEME) + len(self.trust_domain.name) + len(self.path) > MAX_SPIFFE_ID_LENGTH:
             raise SpiffeIdError(f"SPIFFE ID is longer than {MAX_SPIFFE_ID_LENGTH} bytes")
@@ -100,7 +108,7 @@ class SpiffeId:
         if "@" in authority:
             raise SpiffeIdError(f"{shown}: userinfo is not allowed")
         if ":" in authority:
-            raise SpiffeIdError(f"{shown}: a port is not allowed")
+            raise SpiffeIdError(f"{shown}: a port (any ':') is not allowed in the trust domain")
         for char, what in (("?", "a query"), ("#", "a fragment"), ("%", "percent-encoding")):
             if char in rest:
                 raise SpiffeIdError(f"{shown}: {what} is not allowed")

@@ -336,11 +336,17 @@ def verify_x509_svid(
         .build_client_verifier()
     )
     try:
-        verifier.verify(leaf, list(chain[1:]))
+        verified = verifier.verify(leaf, list(chain[1:]))
     except verification.VerificationError as exc:
         raise X509SvidError(
             f"{spiffe_id}: no valid path to an X.509 authority of {trust_domain}: {_verifier_reason(exc)}"
         ) from None
+    if len(verified.chain) < 2:
+        # The leaf itself is in the bundle: RFC 5280 trusts it directly, SPIFFE does not -- a bundle holds
+        # signing authorities, and an SVID is only valid when signed by one (SPIFFE-ID.md 3).
+        raise X509SvidError(
+            f"{spiffe_id}: the leaf is itself in the bundle; it must be signed by an authority"
+        )
     return spiffe_id
 
 

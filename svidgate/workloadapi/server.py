@@ -20,9 +20,10 @@ SPIRE's agent (pkg/agent/endpoints/workload/handler.go):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
@@ -131,18 +132,29 @@ class WorkloadApiServicer:
 
     async def FetchX509SVID(self, request: Any, context: _Context) -> AsyncIterator[Any]:
         """Stream the caller's X.509-SVIDs (default first), their bundles and the federated bundles."""
-        async for response in self._serve_stream("FetchX509SVID", context, self._x509_svid_responses):
-            yield response
+        # aclosing: when the client goes away or the server drains, the inner generator's cleanup (metrics,
+        # logs) runs now rather than whenever the garbage collector finalises it.
+        async with contextlib.aclosing(
+            self._serve_stream("FetchX509SVID", context, self._x509_svid_responses)
+        ) as responses:
+            async for response in responses:
+                yield response
 
     async def FetchX509Bundles(self, request: Any, context: _Context) -> AsyncIterator[Any]:
         """Stream the X.509 bundles of every trust domain (own and federated)."""
-        async for response in self._serve_stream("FetchX509Bundles", context, self._x509_bundles_responses):
-            yield response
+        async with contextlib.aclosing(
+            self._serve_stream("FetchX509Bundles", context, self._x509_bundles_responses)
+        ) as responses:
+            async for response in responses:
+                yield response
 
     async def FetchJWTBundles(self, request: Any, context: _Context) -> AsyncIterator[Any]:
         """Stream the JWT bundles (one JWKS per trust domain)."""
-        async for response in self._serve_stream("FetchJWTBundles", context, self._jwt_bundles_responses):
-            yield response
+        async with contextlib.aclosing(
+            self._serve_stream("FetchJWTBundles", context, self._jwt_bundles_responses)
+        ) as responses:
+            async for response in responses:
+                yield response
 
     async def FetchJWTSVID(self, request: Any, context: _Context) -> Any:
         """Mint JWT-SVIDs for the requested audience: for every entitled identity, or the one requested."""
@@ -199,7 +211,7 @@ class WorkloadApiServicer:
         method: str,
         context: _Context,
         responses: Callable[[CallerInfo, IdentitySnapshot], Any | None],
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Send `responses(caller, snapshot)` now and after every change, skipping repeats and None."""
         code = grpc.StatusCode.OK
         gauge = self._metrics.workload_api_streams.labels(method=method) if self._metrics else None

@@ -133,9 +133,7 @@ def write_config(layout: Layout, **kwargs: Any) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running_server(
-    layout: Layout, registry: CollectorRegistry | None = None
-) -> AsyncIterator[Server]:
+async def running_server(layout: Layout, registry: CollectorRegistry | None = None) -> AsyncIterator[Server]:
     """A whole svidgate on this event loop, from `layout.config`; drained on exit."""
     config = load_config(layout.config)
     server = Server(config, layout.config, registry=registry or CollectorRegistry())
@@ -249,7 +247,7 @@ def http_get(port: int, path: str, method: str = "GET") -> tuple[int, str, dict[
     """A blocking HTTP request (run it with `asyncio.to_thread` from async tests)."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 -- http://127.0.0.1 only
             return response.status, response.read().decode(), dict(response.headers)
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode(), dict(err.headers)
@@ -297,7 +295,8 @@ class ServeProcess:
         await self.wait_for_event("server.started", timeout=30)
 
     async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
+        assert self.proc is not None
+        assert self.proc.stderr is not None
         stream = self.proc.stderr
         while True:
             line = await asyncio.to_thread(stream.readline)
@@ -322,7 +321,9 @@ class ServeProcess:
                 found = self.events(name)
                 if len(found) > after:
                     return found[after]
-                raise AssertionError(f"svidgate exited ({self.proc.returncode}) before {name}:\n" + self.log())
+                raise AssertionError(
+                    f"svidgate exited ({self.proc.returncode}) before {name}:\n" + self.log()
+                )
             await asyncio.sleep(0.02)
         raise AssertionError(f"no {name} event within {timeout}s:\n" + self.log())
 

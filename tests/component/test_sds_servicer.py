@@ -68,7 +68,9 @@ async def test_stream_secrets_full_cycle(ids: Identities) -> None:
     assert metric(metrics, "svidgate_sds_streams", api="sotw") == 0
 
 
-async def test_nack_is_counted_once_and_not_re_pushed(ids: Identities, caplog: pytest.LogCaptureFixture) -> None:
+async def test_nack_is_counted_once_and_not_re_pushed(
+    ids: Identities, caplog: pytest.LogCaptureFixture
+) -> None:
     feed = SnapshotFeed(ids.snapshot())
     metrics = Metrics(CollectorRegistry(), process_metrics=False)
     async with sds_server(feed, metrics=metrics) as (_, target), grpc.aio.insecure_channel(target) as channel:
@@ -78,7 +80,9 @@ async def test_nack_is_counted_once_and_not_re_pushed(ids: Identities, caplog: p
         first = await call_rx.next()
         with caplog.at_level(logging.WARNING, logger="svidgate.sds.servicer"):
             for _ in range(3):  # Envoy repeating its NACK must not trigger a push loop
-                await call.write(sotw_request(["default"], nonce=first.nonce, error="Failed to load private key"))
+                await call.write(
+                    sotw_request(["default"], nonce=first.nonce, error="Failed to load private key")
+                )
             await call_rx.none()
         assert metric(metrics, "svidgate_sds_nacks_total", resource="default") == 1
         nacks = [r for r in caplog.records if r.getMessage() == "sds.nack"]
@@ -113,7 +117,9 @@ async def test_stale_nonce_ignored_and_new_stream_gets_full_state(ids: Identitie
         again = stub(channel).StreamSecrets()
         again_rx = Responses(again)
         await again.write(
-            sotw_request(["default", "ROOTCA"], version=first.version_info, nonce=first.nonce, node_id="frontend")
+            sotw_request(
+                ["default", "ROOTCA"], version=first.version_info, nonce=first.nonce, node_id="frontend"
+            )
         )
         assert sorted(secrets_of(await again_rx.next())) == ["ROOTCA", "default"]
         again_rx.close()
@@ -142,7 +148,9 @@ def secrets_of_any(secrets: dict[str, object], name: str) -> object:
     return packed
 
 
-async def test_caller_matching_nothing_gets_no_svid(ids: Identities, caplog: pytest.LogCaptureFixture) -> None:
+async def test_caller_matching_nothing_gets_no_svid(
+    ids: Identities, caplog: pytest.LogCaptureFixture
+) -> None:
     feed = SnapshotFeed(ids.snapshot())
     async with sds_server(feed) as (_, target), grpc.aio.insecure_channel(target) as channel:
         with caplog.at_level(logging.WARNING, logger="svidgate.sds.servicer"):
@@ -174,7 +182,9 @@ async def test_configured_trusted_ca_and_istio_compat(ids: Identities) -> None:
     feed = SnapshotFeed(ids.snapshot())
     sds = SdsConfig(validation="trusted_ca", istio_compat=True)
     async with sds_server(feed, sds=sds) as (_, target), grpc.aio.insecure_channel(target) as channel:
-        response = await stub(channel).FetchSecrets(sotw_request(["ROOTCA", "spiffe://partner.test"], node_id="x"))
+        response = await stub(channel).FetchSecrets(
+            sotw_request(["ROOTCA", "spiffe://partner.test"], node_id="x")
+        )
         secrets = secrets_of(response)
         assert secrets["ROOTCA"].validation_context.trusted_ca.inline_bytes.count(b"BEGIN CERTIFICATE") == 2
         assert secrets["spiffe://partner.test"].validation_context.HasField("trusted_ca")
@@ -183,12 +193,16 @@ async def test_configured_trusted_ca_and_istio_compat(ids: Identities) -> None:
 async def test_fetch_secrets(ids: Identities) -> None:
     feed = SnapshotFeed(ids.snapshot())
     async with sds_server(feed) as (_, target), grpc.aio.insecure_channel(target) as channel:
-        response = await stub(channel).FetchSecrets(sotw_request(["default", "bogus", "ALL"], node_id="frontend"))
+        response = await stub(channel).FetchSecrets(
+            sotw_request(["default", "bogus", "ALL"], node_id="frontend")
+        )
         assert sorted(secrets_of(response)) == ["ALL", "default"]
         assert response.version_info
         assert not response.nonce
         everything = await stub(channel).FetchSecrets(sotw_request([], node_id="frontend"))
-        assert sorted(secrets_of(everything)) == [str(FRONTEND), "spiffe://example.org", "spiffe://partner.test"]
+        assert sorted(secrets_of(everything)) == sorted(
+            [str(FRONTEND), "spiffe://example.org", "spiffe://partner.test"]
+        )
 
 
 def delta_request(

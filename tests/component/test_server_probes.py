@@ -128,7 +128,9 @@ async def test_reflection_is_off_by_default_and_on_behind_the_switch(layout: Lay
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _reflection_services(tcp_grpc_target(server))
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    text = layout.config.read_text().replace("  config_poll_interval:", "  reflection: true\n  config_poll_interval:")
+    text = layout.config.read_text().replace(
+        "  config_poll_interval:", "  reflection: true\n  config_poll_interval:"
+    )
     Path(layout.config).write_text(text)
     async with running_server(layout) as server:
         names = await _reflection_services(tcp_grpc_target(server))

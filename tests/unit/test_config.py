@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 from pathlib import Path
 
@@ -565,3 +566,47 @@ def test_summary_mentions_the_essentials() -> None:
     assert "2 workloads" in summary
     assert "2 federated trust domains" in summary
     assert "2 authz policies" in summary
+
+
+def test_public_policy_needs_no_audiences_or_allow() -> None:
+    config = parse(
+        "authz: {policies: [{name: health, match: {path_exact: /healthz}, require_token: false}]}\n"
+    )
+    (policy,) = config.authz.policies
+    assert not policy.require_token
+    assert policy.audiences == ()
+    assert policy.allow == ()
+
+
+def test_documented_example_is_valid(tmp_path: Path) -> None:
+    """The complete example in docs/configuration.md loads (so the reference cannot drift from the loader)."""
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    example = doc.split("## A complete example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = parse_config(example, "example", base_dir=tmp_path, env=ENV)
+    assert config.trust_domain == TrustDomain("example.org")
+    assert [p.name for p in config.authz.policies] == ["backend-api", "health", "egress-partner"]
+
+
+def test_every_key_is_documented() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    import svidgate.config as module
+
+    for cls in (
+        module.Config,
+        module.ListenConfig,
+        module.CaConfig,
+        module.Workload,
+        module.FederationConfig,
+        module.BundleEndpoint,
+        module.SdsConfig,
+        module.AuthzConfig,
+        module.Policy,
+        module.PolicyMatch,
+        module.DecisionLogConfig,
+        module.SourceConfig,
+        module.LogConfig,
+        module.ServerConfig,
+    ):
+        for f in dataclasses.fields(cls):
+            key = re.compile(rf"`[\w.<>]*\b{f.name}\b[\w.]*`")
+            assert key.search(doc), f"{cls.__name__}.{f.name} is not documented"

@@ -1,4 +1,4 @@
-"""Federated bundles: watched files, bundle endpoints (fake and a real local HTTPS server), sequence numbers."""
+"""Federated bundles: watched files, bundle endpoints (fake and a real HTTPS server), sequence numbers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,9 +17,7 @@ import pytest
 from svidgate.config import BundleEndpoint, FederationConfig
 from svidgate.errors import BundleError, SourceError
 from svidgate.identity.bundle import Bundle, pem_bundle, spiffe_bundle_json
-from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock, system_clock
-from svidgate.identity.keys import KeyType
 from svidgate.identity.sources.federation import (
     FIRST_RETRY,
     MIN_REFRESH,
@@ -27,6 +26,7 @@ from svidgate.identity.sources.federation import (
     parse_bundle_document,
 )
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from tests.support.ca import TestCA
 
 OWN = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
@@ -44,8 +44,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def other_ca(clock: FakeClock) -> BuiltinCa:
-    return BuiltinCa.in_memory(OTHER, KeyType.EC_P256, clock)
+def other_ca() -> TestCA:
+    return TestCA(OTHER)
 
 
 def with_sequence(bundle: Bundle, sequence: int | None, refresh_hint: int | None = None) -> Bundle:
@@ -55,7 +55,7 @@ def with_sequence(bundle: Bundle, sequence: int | None, refresh_hint: int | None
 # -- documents -----------------------------------------------------------------------------------------
 
 
-def test_parse_bundle_document_detects_the_format(other_ca: BuiltinCa) -> None:
+def test_parse_bundle_document_detects_the_format(other_ca: TestCA) -> None:
     bundle = other_ca.bundle()
     from_json = parse_bundle_document(OTHER, b"  \n" + spiffe_bundle_json(bundle))
     from_pem = parse_bundle_document(OTHER, pem_bundle(bundle))
@@ -73,7 +73,7 @@ def file_federation(path: Path, clock: FakeClock) -> FederatedBundles:
     return FederatedBundles({OTHER: FederationConfig(bundle_file=path)}, clock, poll_interval=5)
 
 
-def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, other_ca: BuiltinCa) -> None:
+def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, other_ca: TestCA) -> None:
     path = tmp_path / "other.json"
     write(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 1)))
     federation = file_federation(path, clock)
@@ -91,7 +91,7 @@ def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, oth
 
 
 def test_bad_bundle_file_keeps_the_last_bundle(
-    tmp_path: Path, clock: FakeClock, other_ca: BuiltinCa, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "other.pem"
     write(path, pem_bundle(other_ca.bundle()))
@@ -112,13 +112,13 @@ def test_bad_bundle_file_keeps_the_last_bundle(
 
 
 def test_lower_sequence_is_ignored(
-    tmp_path: Path, clock: FakeClock, other_ca: BuiltinCa, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "other.json"
     write(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 7)))
     federation = file_federation(path, clock)
     federation.refresh({})
-    rotated = BuiltinCa.in_memory(OTHER, KeyType.EC_P256, clock)
+    rotated = TestCA(OTHER)
     write(path, spiffe_bundle_json(with_sequence(rotated.bundle(), 6)))
     clock.advance(5)
     with caplog.at_level(logging.WARNING):
@@ -149,7 +149,7 @@ def endpoint_federation(clock: FakeClock, fetch: FakeFetcher, refresh: float = 3
     return FederatedBundles({OTHER: FederationConfig(bundle_endpoint=endpoint)}, clock, fetch=fetch)
 
 
-def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: BuiltinCa) -> None:
+def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: TestCA) -> None:
     fetch = FakeFetcher()
     fetch.responses = [
         spiffe_bundle_json(with_sequence(other_ca.bundle(), 1, refresh_hint=60)),
@@ -172,7 +172,7 @@ def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: B
 
 
 def test_endpoint_failure_keeps_the_last_bundle_and_backs_off(
-    clock: FakeClock, other_ca: BuiltinCa, caplog: pytest.LogCaptureFixture
+    clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     fetch = FakeFetcher()
     good = spiffe_bundle_json(with_sequence(other_ca.bundle(), 3))
@@ -200,10 +200,20 @@ ENDPOINT_ID = SpiffeId.parse("spiffe://example.org/bundle-endpoint")
 
 
 class BundleServer:
-    """An HTTPS server on 127.0.0.1:0 that serves `body` at any path with a certificate from `server_ca`."""
+    """An HTTPS server on 127.0.0.1:0 that serves `body` at any path.
 
-    def __init__(self, server_ca: BuiltinCa, tmp_path: Path) -> None:
-        svid = server_ca.mint_x509_svid(ENDPOINT_ID, 3600, dns_names=["localhost"])
+    Its certificate is an X.509-SVID for `ENDPOINT_ID` (with the DNS SAN ``localhost`` too, for https_web)
+    issued by an intermediate of `server_ca`, so the server sends leaf + intermediate and the client must
+    build the path to the root it holds.
+    """
+
+    def __init__(self, server_ca: TestCA, tmp_path: Path) -> None:
+        # Wall-clock validity: OpenSSL checks the certificates against real time, not a FakeClock.
+        now = time.time()
+        intermediate = server_ca.child_ca(not_before=now - 3600, not_after=now + 86400)
+        svid = intermediate.create_x509_svid(
+            ENDPOINT_ID, dns_names=["localhost"], not_before=now - 60, not_after=now + 3600
+        )
         cert_file, key_file = tmp_path / "server.pem", tmp_path / "server_key.pem"
         cert_file.write_bytes(svid.cert_chain_pem())
         key_file.write_bytes(svid.private_key_pem())
@@ -227,7 +237,7 @@ class BundleServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -237,13 +247,13 @@ class BundleServer:
 
 
 @pytest.fixture
-def own_ca() -> BuiltinCa:
-    # Real time: OpenSSL checks the server certificate against the wall clock.
-    return BuiltinCa.in_memory(OWN, KeyType.EC_P256, system_clock)
+def own_ca() -> TestCA:
+    now = time.time()
+    return TestCA(OWN, not_before=now - 3600, not_after=now + 86400)
 
 
 @pytest.fixture
-def server(own_ca: BuiltinCa, tmp_path: Path) -> Iterator[BundleServer]:
+def server(own_ca: TestCA, tmp_path: Path) -> Iterator[BundleServer]:
     bundle_server = BundleServer(own_ca, tmp_path)
     try:
         yield bundle_server
@@ -256,33 +266,34 @@ def spiffe_endpoint(port: int, endpoint_id: SpiffeId = ENDPOINT_ID) -> BundleEnd
 
 
 def test_https_spiffe_fetch_authenticates_the_endpoint_id(
-    server: BundleServer, own_ca: BuiltinCa, other_ca: BuiltinCa
+    server: BundleServer, own_ca: TestCA, other_ca: TestCA
 ) -> None:
     server.body = spiffe_bundle_json(other_ca.bundle())
     data = fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
     assert parse_bundle_document(OTHER, data).x509_authorities == other_ca.bundle().x509_authorities
 
 
-def test_https_spiffe_rejects_another_spiffe_id(server: BundleServer, own_ca: BuiltinCa) -> None:
+def test_https_spiffe_rejects_another_spiffe_id(server: BundleServer, own_ca: TestCA) -> None:
     server.body = b"{}"
     wrong = SpiffeId.parse("spiffe://example.org/somebody-else")
-    with pytest.raises(SourceError, match="presented spiffe://example.org/bundle-endpoint, expected"):
+    with pytest.raises(SourceError, match=r"presented spiffe://example\.org/bundle-endpoint, expected"):
         fetch_bundle(spiffe_endpoint(server.port, wrong), {OWN: own_ca.bundle()})
 
 
 def test_https_spiffe_rejects_a_server_the_bundle_does_not_vouch_for(server: BundleServer) -> None:
-    stranger = BuiltinCa.in_memory(OWN, KeyType.EC_P256, system_clock)
+    now = time.time()
+    stranger = TestCA(OWN, not_before=now - 3600, not_after=now + 86400)
     with pytest.raises(SourceError, match="TLS failed"):
         fetch_bundle(spiffe_endpoint(server.port), {OWN: stranger.bundle()})
 
 
 def test_https_spiffe_needs_a_bundle_for_the_endpoint_trust_domain(server: BundleServer) -> None:
-    with pytest.raises(SourceError, match="no X.509 authorities for example.org"):
+    with pytest.raises(SourceError, match=r"no X\.509 authorities for example\.org"):
         fetch_bundle(spiffe_endpoint(server.port), {})
 
 
 def test_https_web_with_ca_file(
-    server: BundleServer, own_ca: BuiltinCa, other_ca: BuiltinCa, tmp_path: Path
+    server: BundleServer, own_ca: TestCA, other_ca: TestCA, tmp_path: Path
 ) -> None:
     roots = tmp_path / "roots.pem"
     roots.write_bytes(pem_bundle(own_ca.bundle()))
@@ -294,15 +305,13 @@ def test_https_web_with_ca_file(
         fetch_bundle(replace(endpoint, ca_file=None), {})
 
 
-def test_https_http_error_status(server: BundleServer, own_ca: BuiltinCa) -> None:
+def test_https_http_error_status(server: BundleServer, own_ca: TestCA) -> None:
     server.status = 404
     with pytest.raises(SourceError, match="HTTP 404"):
         fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
 
 
-def test_federation_over_https_end_to_end(
-    server: BundleServer, own_ca: BuiltinCa, other_ca: BuiltinCa
-) -> None:
+def test_federation_over_https_end_to_end(server: BundleServer, own_ca: TestCA, other_ca: TestCA) -> None:
     server.body = spiffe_bundle_json(with_sequence(other_ca.bundle(), 5, refresh_hint=120))
     clock = FakeClock(system_clock())
     federation = FederatedBundles(

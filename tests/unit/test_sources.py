@@ -20,6 +20,7 @@ from svidgate.identity.sources import BuiltinSource, FileSource, create_source
 from svidgate.identity.sources.federation import FederatedBundles
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import verify_x509_svid
+from tests.support.ca import TestCA
 
 TD = TrustDomain("example.org")
 FRONTEND = SpiffeId.parse("spiffe://example.org/frontend")
@@ -325,3 +326,14 @@ def test_create_source_files(files: Files, clock: FakeClock) -> None:
     source = create_source(config, clock)
     assert isinstance(source, FileSource)
     assert list(source.feed.current().svids) == [FRONTEND]
+
+
+def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> None:
+    root = TestCA(TD)
+    svid = root.child_ca().create_x509_svid(FRONTEND)
+    cert, key, bundle = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "b.pem"
+    write(cert, svid.cert_chain_pem())
+    write(key, svid.private_key_pem())
+    write(bundle, pem_bundle(root.bundle()))
+    source = FileSource(cert, key, bundle, TD, None, clock)
+    assert len(source.feed.current().svids[FRONTEND].cert_chain) == 2

@@ -1,0 +1,233 @@
+"""ext_authz through a real Envoy: svidgate's Check decides what reaches the backend.
+
+One backend, one svidgate Check service served twice (grpc.aio as on ``listen.grpc``, threaded as on
+``listen.check``), and two Envoys from envoy-examples/ext-authz/envoy.yaml: one fail-closed on the aio server,
+one with ``failure_mode_allow: true`` on the threaded server (bad tokens must still be denied: svidgate answers
+denials, it never fails the RPC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc.aio
+import pytest
+
+from svidgate.config import AuthzConfig, parse_config
+from svidgate.extauthz.reload import PolicyHolder
+from svidgate.extauthz.servicer import AuthorizationServicer, new_sync_check_server
+from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+from tests.support.ca import NOW, TestCA
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """
+trust_domain: example.org
+federation:
+  partner.test:
+    bundle_file: /nonexistent/partner.json
+authz:
+  policies:
+    - name: health
+      match: {path_exact: /healthz}
+      require_token: false
+    - name: backend
+      match: {context_extensions: {route: backend}}
+      audiences: [backend]
+      allow: [spiffe://example.org/frontend, 'spiffe://partner.test/payments/*']
+"""
+
+
+def authz(text: str = CONFIG) -> AuthzConfig:
+    return parse_config(text, "e2e").authz
+
+
+class Backend(ThreadingHTTPServer):
+    received: list[dict[str, str]]
+
+
+class Echo(BaseHTTPRequestHandler):
+    server: Backend
+
+    def do_GET(self) -> None:
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        # Every copy, so that an appended (rather than overwritten) x-spiffe-id would show.
+        headers["x-spiffe-id-all"] = json.dumps(self.headers.get_all("x-spiffe-id") or [])
+        self.server.received.append(headers)
+        body = json.dumps(headers).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class World:
+    def __init__(self, ca: TestCA, partner: TestCA, holder: PolicyHolder, backend: Backend) -> None:
+        self.ca, self.partner, self.holder, self.backend = ca, partner, holder, backend
+        self.ports: dict[str, int] = {}
+
+    def get(
+        self, envoy: str, path: str = "/orders", token: str | None = None, **headers: str
+    ) -> tuple[int, Any]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.ports[envoy]}{path}")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        for key, value in headers.items():
+            request.add_header(key.replace("_", "-"), value)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 -- loopback test
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, {"body": err.read().decode(), "headers": dict(err.headers)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("extauthz")
+    ca, partner = TestCA("example.org"), TestCA("partner.test")
+    feed = SnapshotFeed(IdentitySnapshot(bundles={**ca.bundles(), **partner.bundles()}, version=1))
+    holder = PolicyHolder(authz())
+    servicer = AuthorizationServicer(feed, holder, None, clock=lambda: NOW)
+
+    backend = Backend(("127.0.0.1", 0), Echo)
+    backend.received = []
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+
+    # listen.grpc flavour: grpc.aio on its own event loop thread.
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start_aio() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        servicer.add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    aio_server, aio_port = asyncio.run_coroutine_threadsafe(start_aio(), loop).result(10)
+    # listen.check flavour: the threaded server.
+    sync_server = new_sync_check_server(servicer, max_workers=2)
+    sync_port = sync_server.add_insecure_port("127.0.0.1:0")
+    sync_server.start()
+
+    w = World(ca, partner, holder, backend)
+    envoys = []
+    try:
+        for name, port, fail_open in (("closed", aio_port, "false"), ("open", sync_port, "true")):
+            config = render_template(
+                EXAMPLES / "ext-authz" / "envoy.yaml",
+                listen_port=0,
+                backend_port=backend.server_address[1],
+                svidgate_address="127.0.0.1",
+                svidgate_port=port,
+                failure_mode_allow=fail_open,
+            )
+            envoy = EnvoyProcess(config, Path(tmp), name=name)
+            envoys.append(envoy)
+            envoy.start()
+        for envoy in envoys:
+            envoy.wait_ready()
+            w.ports[envoy.name] = envoy.listener_port("ingress")
+        yield w
+    finally:
+        for envoy in envoys:
+            envoy.stop()
+        sync_server.stop(None)
+        asyncio.run_coroutine_threadsafe(aio_server.stop(None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        backend.shutdown()
+
+
+FRONTEND = "spiffe://example.org/frontend"
+
+
+@pytest.mark.parametrize("envoy", ["closed", "open"])
+def test_valid_token_reaches_backend_as_x_spiffe_id(world: World, envoy: str) -> None:
+    token = world.ca.create_jwt_svid(FRONTEND, ["backend"])
+    status, seen = world.get(envoy, token=token, x_spiffe_id="spiffe://example.org/admin")
+    assert status == 200
+    # The client's forged copy was overwritten, not appended next to ours.
+    assert json.loads(seen["x-spiffe-id-all"]) == [FRONTEND]
+    assert "authorization" not in seen  # the token does not travel upstream
+
+
+def test_federated_trust_domain_allowed_by_policy(world: World) -> None:
+    token = world.partner.create_jwt_svid("spiffe://partner.test/payments/api", ["backend"])
+    status, seen = world.get("closed", token=token)
+    assert status == 200
+    assert seen["x-spiffe-id"] == "spiffe://partner.test/payments/api"
+
+
+BAD_TOKENS = {
+    "missing_token": lambda w: None,
+    "expired": lambda w: w.ca.create_jwt_svid(FRONTEND, ["backend"], now=NOW - 3600, ttl=300),
+    "audience_mismatch": lambda w: w.ca.create_jwt_svid(FRONTEND, ["someone-else"]),
+    "unknown_trust_domain": lambda w: TestCA("evil.test").create_jwt_svid(
+        "spiffe://evil.test/frontend", ["backend"]
+    ),
+}
+
+
+@pytest.mark.parametrize("envoy", ["closed", "open"])
+@pytest.mark.parametrize("reason", sorted(BAD_TOKENS))
+def test_bad_tokens_denied_401_even_when_failure_mode_allow(world: World, envoy: str, reason: str) -> None:
+    before = len(world.backend.received)
+    status, denied = world.get(envoy, token=BAD_TOKENS[reason](world))
+    assert status == 401
+    assert json.loads(denied["body"])["reason"] == reason
+    challenge = denied["headers"]["www-authenticate"]
+    assert challenge == ("Bearer" if reason == "missing_token" else 'Bearer error="invalid_token"')
+    assert len(world.backend.received) == before  # nothing reached the backend
+
+
+@pytest.mark.parametrize("envoy", ["closed", "open"])
+def test_subject_not_allowed_is_403(world: World, envoy: str) -> None:
+    token = world.ca.create_jwt_svid("spiffe://example.org/db", ["backend"])
+    status, denied = world.get(envoy, token=token)
+    assert status == 403
+    assert json.loads(denied["body"])["reason"] == "subject_not_allowed"
+
+
+def test_health_needs_no_token_and_strips_forged_identity(world: World) -> None:
+    status, seen = world.get("closed", path="/healthz", x_spiffe_id="spiffe://example.org/admin")
+    assert status == 200
+    assert json.loads(seen["x-spiffe-id-all"]) == []
+
+
+def test_hot_reload_changes_a_decision_without_dropping_requests(world: World) -> None:
+    token = world.ca.create_jwt_svid("spiffe://example.org/db", ["backend"])
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            statuses.append(world.get("closed", token=token)[0])
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(hammer) for _ in range(4)]
+        while len(statuses) < 40:
+            threading.Event().wait(0.01)
+        world.holder.swap(authz(CONFIG.replace("allow: [", "allow: [spiffe://example.org/db, ")))
+        after = len(statuses)
+        while len(statuses) < after + 40:
+            threading.Event().wait(0.01)
+        stop.set()
+        for future in futures:
+            future.result()
+    world.holder.swap(authz())
+    assert set(statuses) <= {200, 403}, f"unexpected statuses {set(statuses)}"  # no 5xx, no dropped request
+    assert statuses[0] == 403
+    assert statuses[-1] == 200

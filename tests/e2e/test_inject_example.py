@@ -1,0 +1,146 @@
+"""End to end: the envoy-examples/inject example with real Envoys and one in-process svidgate.
+
+    app --HTTP--> egress Envoy --(ext_authz inject: + JWT-SVID)--mTLS (SDS)--> ingress Envoy
+        --(ext_authz validate: - token, + x-spiffe-id)--> backend
+
+The application sends no token at all; the backend receives the caller's SPIFFE ID, proven by a JWT-SVID that
+svidgate minted for the egress side and validated on the ingress side, over an mTLS hop whose certificates
+svidgate served to both Envoys over SDS. The example's files are used exactly as a user reads them; only their
+``${...}`` placeholders are filled in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from svidgate.config import load_config
+from svidgate.server import Server
+from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLE = EXAMPLES / "inject"
+FRONTEND = "spiffe://example.org/frontend"
+
+
+def _load_example_backend() -> ModuleType:
+    """The example's own backend.py (the directory name is not a package name, so load it by path)."""
+    spec = importlib.util.spec_from_file_location("inject_example_backend", EXAMPLE / "backend.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def backend_app() -> Iterator[Any]:
+    """Run envoy-examples/inject/backend.py on a free port; yield its server (``.received``: headers)."""
+    server = _load_example_backend().make_server(port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextlib.contextmanager
+def short_dir() -> Iterator[Path]:
+    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="inj-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def svidgate(directory: Path) -> AsyncIterator[Path]:
+    """Run svidgate with the example's config; yield its listen.grpc socket."""
+    run_dir, state_dir = directory / "run", directory / "state"
+    run_dir.mkdir(mode=0o700)
+    config_path = directory / "svidgate.yaml"
+    config_path.write_text(
+        render_template(EXAMPLE / "svidgate.yaml", run_dir=run_dir, state_dir=state_dir, uid=os.getuid())
+    )
+    server = Server(load_config(config_path), config_path, registry=CollectorRegistry())
+    await server.start()
+    try:
+        yield run_dir / "svidgate.sock"
+    finally:
+        await server.stop("test over")
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 -- a local test URL
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+async def test_backend_sees_the_callers_spiffe_id_without_the_app_sending_a_token(tmp_path: Path) -> None:
+    with short_dir() as directory, backend_app() as backend:
+        async with svidgate(directory) as socket:
+            ingress_config = render_template(
+                EXAMPLE / "ingress-envoy.yaml",
+                svidgate_socket=socket,
+                ingress_port=0,
+                backend_port=backend.server_address[1],
+            )
+            async with EnvoyProcess(ingress_config, tmp_path, name="ingress") as ingress:
+                egress_config = render_template(
+                    EXAMPLE / "egress-envoy.yaml",
+                    svidgate_socket=socket,
+                    egress_port=0,
+                    ingress_port=await asyncio.to_thread(ingress.listener_port, "ingress"),
+                )
+                async with EnvoyProcess(egress_config, tmp_path, name="egress") as egress:
+                    url = f"http://127.0.0.1:{await asyncio.to_thread(egress.listener_port, 'egress')}/hello"
+                    first = await asyncio.to_thread(http_get, url)
+                    second = await asyncio.to_thread(http_get, url)
+                    # A token the application sends itself is replaced, never forwarded alongside ours.
+                    forged = await asyncio.to_thread(http_get, url, {"authorization": "Bearer forged"})
+                    # Neither can a caller smuggle its own x-spiffe-id to the backend.
+                    spoofed = await asyncio.to_thread(
+                        http_get, url, {"x-spiffe-id": "spiffe://example.org/admin"}
+                    )
+                    # Without injection (the example's demonstration route) the ingress refuses.
+                    no_token = await asyncio.to_thread(http_get, url.replace("/hello", "/no-token/hello"))
+                    egress_stats = await asyncio.to_thread(egress.stats, "ext_authz")
+                    ingress_stats = await asyncio.to_thread(ingress.stats, "ext_authz")
+
+    for status, body in (first, second, forged, spoofed):
+        assert status == 200, body
+        assert json.loads(body)["x-spiffe-id"] == FRONTEND
+    assert len(backend.received) == 4
+    for headers in backend.received:
+        assert headers["x-spiffe-id"] == FRONTEND
+        # The ingress side removes the validated token: the backend never handles credentials.
+        assert "authorization" not in headers
+        # The mTLS hop between the Envoys used the frontend's X.509-SVID, served by svidgate over SDS.
+        assert f"URI={FRONTEND}" in headers["x-forwarded-client-cert"].split(";")
+    assert no_token[0] == 401, no_token
+    assert egress_stats.get("http.egress.ext_authz.ok", 0) == 4
+    assert ingress_stats.get("http.ingress.ext_authz.ok", 0) == 4
+    assert ingress_stats.get("http.ingress.ext_authz.denied", 0) == 1

@@ -1,0 +1,125 @@
+"""The pure snapshot <-> Workload API message conversions (svidgate.workloadapi.messages)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from svidgate._gen import workload_pb2
+from svidgate.errors import BundleError, X509SvidError
+from svidgate.identity.bundle import Bundle, public_key_to_jwk
+from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.clock import FakeClock
+from svidgate.identity.keys import KeyType
+from svidgate.identity.snapshot import IdentitySnapshot
+from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.workloadapi.messages import (
+    Identity,
+    jwt_bundle_jwks,
+    jwt_bundles_response,
+    parse_jwt_jwks,
+    parse_x509_svid_response,
+    unique_hints,
+    x509_bundles_response,
+    x509_svid_response,
+)
+
+TD = TrustDomain("example.org")
+PARTNER = TrustDomain("partner.test")
+JWT_ONLY = TrustDomain("jwt-only.test")
+A = SpiffeId.parse("spiffe://example.org/a")
+B = SpiffeId.parse("spiffe://example.org/b")
+
+
+@pytest.fixture(scope="module")
+def snapshot() -> IdentitySnapshot:
+    clock = FakeClock()
+    ca = BuiltinCa.in_memory(TD, KeyType.EC_P256, clock)
+    partner = BuiltinCa.in_memory(PARTNER, KeyType.EC_P256, clock).bundle()
+    jwt_only = Bundle(JWT_ONLY, jwt_authorities={"k1": ec.generate_private_key(ec.SECP256R1()).public_key()})
+    svids = {A: ca.mint_x509_svid(A, 3600), B: ca.mint_x509_svid(B, 3600)}
+    return IdentitySnapshot(svids, {TD: ca.bundle(), PARTNER: partner, JWT_ONLY: jwt_only}, 7)
+
+
+def test_svid_response_keeps_entitlement_order_and_separates_federated_bundles(
+    snapshot: IdentitySnapshot,
+) -> None:
+    response = x509_svid_response(snapshot, [Identity(B, "x"), Identity(A)])
+    assert response is not None
+    assert [s.spiffe_id for s in response.svids] == [str(B), str(A)]
+    assert [s.hint for s in response.svids] == ["x", ""]
+    # Own trust domain in each entry; the other X.509 bundles in federated_bundles; JWT-only ones nowhere.
+    assert set(response.federated_bundles) == {"spiffe://partner.test"}
+    parsed = parse_x509_svid_response(response)
+    assert [s.spiffe_id for s in parsed.svids] == [B, A]
+    assert parsed.bundles[TD].x509_authorities == snapshot.bundles[TD].x509_authorities
+    assert parsed.bundles[PARTNER].x509_authorities == snapshot.bundles[PARTNER].x509_authorities
+
+
+def test_svid_response_is_none_without_an_issued_identity(snapshot: IdentitySnapshot) -> None:
+    assert x509_svid_response(snapshot, []) is None
+    assert x509_svid_response(snapshot, [Identity(SpiffeId.parse("spiffe://example.org/unissued"))]) is None
+
+
+def test_unique_hints_keeps_the_first() -> None:
+    kept = unique_hints([Identity(A, "h"), Identity(B, "h"), Identity(B, "")])
+    assert kept == (Identity(A, "h"), Identity(B, ""))
+
+
+def test_bundle_responses(snapshot: IdentitySnapshot) -> None:
+    assert set(x509_bundles_response(snapshot).bundles) == {"spiffe://example.org", "spiffe://partner.test"}
+    jwt = jwt_bundles_response(snapshot)
+    assert set(jwt.bundles) == {"spiffe://example.org", "spiffe://partner.test", "spiffe://jwt-only.test"}
+    for key, data in jwt.bundles.items():
+        td = TrustDomain.parse(key)
+        keys = json.loads(data)["keys"]
+        # Only JWT authorities (SPIFFE_Workload_API.md 6.2.2), each with its kid.
+        assert {k["kid"] for k in keys} == set(snapshot.bundles[td].jwt_authorities)
+        assert all(k["use"] == "jwt-svid" and "x5c" not in k for k in keys)
+        assert parse_jwt_jwks(td, data).jwt_authorities.keys() == snapshot.bundles[td].jwt_authorities.keys()
+
+
+def test_jwks_is_deterministic(snapshot: IdentitySnapshot) -> None:
+    assert jwt_bundle_jwks(snapshot.bundles[TD]) == jwt_bundle_jwks(snapshot.bundles[TD])
+
+
+def test_parse_jwt_jwks_accepts_keys_without_use_and_skips_other_uses() -> None:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    doc = {"keys": [{"kid": "a", **public_key_to_jwk(key)}, {"use": "x509-svid", **public_key_to_jwk(key)}]}
+    bundle = parse_jwt_jwks(TD, json.dumps(doc).encode())
+    assert list(bundle.jwt_authorities) == ["a"]
+    assert bundle.x509_authorities == ()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[]", "no 'keys' array"),
+        (b'{"keys": [1]}', "not a JSON object"),
+        (b'{"keys": [{"kty": "EC"}]}', "no 'kid'"),
+    ],
+)
+def test_parse_jwt_jwks_rejects(data: bytes, message: str) -> None:
+    with pytest.raises(BundleError, match=message):
+        parse_jwt_jwks(TD, data)
+
+
+def test_parse_rejects_a_spiffe_id_that_is_not_the_leafs(snapshot: IdentitySnapshot) -> None:
+    response = x509_svid_response(snapshot, [Identity(A)])
+    assert response is not None
+    response.svids[0].spiffe_id = str(B)
+    with pytest.raises(X509SvidError, match="not the leaf"):
+        parse_x509_svid_response(response)
+
+
+def test_parse_rejects_an_empty_response_and_a_bad_bundle(snapshot: IdentitySnapshot) -> None:
+    with pytest.raises(X509SvidError, match="no SVID"):
+        parse_x509_svid_response(workload_pb2.X509SVIDResponse())
+    response = x509_svid_response(snapshot, [Identity(A)])
+    assert response is not None
+    response.federated_bundles["spiffe://partner.test"] = b"\x01garbage"
+    with pytest.raises(BundleError, match=r"partner\.test"):
+        parse_x509_svid_response(response)
