@@ -119,10 +119,11 @@ def _request(token: str | None) -> bytes:
     if token is not None:
         headers["authorization"] = f"Bearer {token}"
     attributes.context_extensions["policy"] = "orders"
-    return request.SerializeToString()
+    data: bytes = request.SerializeToString()
+    return data
 
 
-# -- servers ---------------------------------------------------------------------------------------------------
+# -- servers -------------------------------------------------------------------------------------------------
 
 
 def _authz_config(cache_size: int) -> Any:
@@ -190,7 +191,7 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
                 serve_aio(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAio(), s))
             )
         elif kind == "noop-uvloop":
-            import uvloop
+            import uvloop  # type: ignore[import-not-found, unused-ignore]
 
             uvloop.run(
                 serve_aio(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAio(), s))
@@ -261,14 +262,14 @@ class Server:
             self.proc.wait()
 
 
-# -- clients ---------------------------------------------------------------------------------------------------
+# -- clients -------------------------------------------------------------------------------------------------
 
 
 async def _closed_loop(port: int, requests: list[bytes], seconds: float, inflight: int) -> tuple[int, int]:
     import grpc
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(METHOD)
+        call = channel.unary_unary(METHOD, None, None)
         done = 0
         not_ok = 0
         index = 0
@@ -330,7 +331,7 @@ async def _open_loop(port: int, requests: list[bytes], rate: float, seconds: flo
 
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(METHOD)
+        call = channel.unary_unary(METHOD, None, None)
         for body in requests[:50]:  # warm the channel and the server's code paths
             await call(body)
 
@@ -370,7 +371,7 @@ def latency(server: Server, requests: list[bytes], rate: float, seconds: float) 
     }
 
 
-# -- main ------------------------------------------------------------------------------------------------------
+# -- main ----------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -397,7 +398,7 @@ def main() -> None:
 
     keys = _keys(args.state)
     now = time.time()
-    # Unique-token cases: more distinct tokens than the server's cache holds, cycled in order, so LRU never hits.
+    # Unique-token cases: more distinct tokens than the server's cache holds, cycled in order: LRU never hits.
     unique_cache = 2000
     print("minting tokens ...", file=sys.stderr, flush=True)
     es_tokens = _mint(keys["ES256"], CLIENT_ID, 6000, now)
@@ -408,7 +409,7 @@ def main() -> None:
     rs = [_request(t) for t in rs_tokens]
 
     try:
-        import uvloop  # noqa: F401
+        import uvloop  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
 
         have_uvloop = True
     except ImportError:
@@ -445,10 +446,13 @@ def main() -> None:
     base = max((tp["rps"] for _, kind, tp, _ in rows if kind.startswith("noop")), default=float("nan"))
     print()
     print(
-        f"ext_authz Check, {os.cpu_count()} CPUs, {args.clients} client processes x {args.inflight} in flight, "
+        f"ext_authz Check, {os.cpu_count()} CPUs, {args.clients} clients x {args.inflight} in flight, "
         f"{args.seconds:g}s closed loop; latency at {args.rate:g}/s open loop for {args.latency_seconds:g}s"
     )
-    header = f"| {'case':<48} | {'Checks/s':>9} | {'% base':>6} | {'srv CPU/Check':>13} | {'p50 ms':>6} | {'p99 ms':>6} |"
+    header = (
+        f"| {'case':<48} | {'Checks/s':>9} | {'% base':>6} | {'srv CPU/Check':>13} "
+        f"| {'p50 ms':>6} | {'p99 ms':>6} |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for label, _, tp, lat in rows:

@@ -69,6 +69,21 @@ async def serve() -> None:
         svids = {w.spiffe_id: ca.mint_x509_svid(w.spiffe_id, 3600) for w in workloads}
         return IdentitySnapshot(svids, {td: ca.bundle(), partner.trust_domain: partner.bundle()}, version)
 
+    import gc
+
+    gc_time = [0.0, 0]
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            gc_time[0] += time.perf_counter() - gc_start[0]
+            gc_time[1] += 1
+
+    gc.callbacks.append(on_gc)
+    if os.environ.get("SDS_BENCH_GC_THRESHOLD"):
+        gc.set_threshold(int(os.environ["SDS_BENCH_GC_THRESHOLD"]), 10, 10)
     feed = SnapshotFeed(snapshot())
     server = grpc.aio.server(options=list(SERVER_OPTIONS), maximum_concurrent_rpcs=None)
     SecretDiscoveryServicer(feed, workloads, SdsConfig(), td).add_to_server(server)
@@ -80,6 +95,8 @@ async def serve() -> None:
     while line := (await reader.readline()).decode().strip():
         if line == "rss":
             print(json.dumps({"rss": rss_bytes()}), flush=True)
+        elif line == "gcstats":
+            print(json.dumps({"gc": gc_time[0], "collections": gc_time[1]}), flush=True)
         elif line == "rotate":
             next_snapshot = snapshot()  # minting is the source's work, not fan-out: done before the clock starts
             published = time.time()
@@ -202,9 +219,15 @@ async def run(streams: int, clients: int, per_channel: int) -> dict[str, float]:
     await asyncio.sleep(1.0)  # let the server settle (garbage, buffers) before reading its RSS
     server.stdin.write(b"rss\n")
     rss_after = (await read_json(server))["rss"]
+    server.stdin.write(b"gcstats\n")
+    gc_before = await read_json(server)
     server.stdin.write(b"profile\n" if os.environ.get("SDS_BENCH_PROFILE") else b"rotate\n")
     published = (await read_json(server))["published"]
     dones = [await read_json(p) for p in procs]
+    server.stdin.write(b"gcstats\n")
+    gc_after = await read_json(server)
+    if os.environ.get("SDS_BENCH_GC_DEBUG"):
+        print("gc during fan-out:", gc_after["gc"] - gc_before["gc"], "s", gc_after["collections"] - gc_before["collections"])
     last = max(d["last"] for d in dones)
     median = statistics.median(d["median"] for d in dones)
     for p in procs:

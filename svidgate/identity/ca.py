@@ -484,6 +484,8 @@ def _ensure_private_dir(path: Path) -> None:
     try:
         path.mkdir(mode=0o700, exist_ok=True)
         info = path.lstat()
+    except FileExistsError:
+        raise CaError(f"{path} exists and is not a directory") from None
     except OSError as exc:
         raise CaError(f"cannot create state directory {path}: {exc.strerror or exc}") from None
     if not stat.S_ISDIR(info.st_mode):

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from svidgate.identity.bundle import Bundle
@@ -19,7 +19,11 @@ if TYPE_CHECKING:
     from svidgate.identity.x509svid import X509Svid
 
 
-def _frozen(mapping: Mapping[object, object]) -> Mapping[object, object]:
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _frozen(mapping: Mapping[_K, _V]) -> Mapping[_K, _V]:
     return MappingProxyType(dict(mapping))
 
 

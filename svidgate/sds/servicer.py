@@ -86,7 +86,7 @@ MAX_ENCODED = 4096
 
 def _serialize(message: Any) -> bytes:
     # Streams hand pre-encoded bytes (see `_encode_sotw`); FetchSecrets hands a message.
-    return message if type(message) is bytes else message.SerializeToString()  # type: ignore[no-any-return]
+    return message if type(message) is bytes else message.SerializeToString()
 
 
 def naming_from_config(sds: SdsConfig, trust_domain: TrustDomain) -> Naming:
@@ -169,7 +169,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
     def _encode_sotw(self, response: SotwResponse) -> bytes:
         """The wire bytes of a `DiscoveryResponse`, sharing the expensive part between streams.
@@ -187,7 +187,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             ).SerializeToString()
             assert isinstance(body, bytes)
             self._remember(key, body)
-        tail = discovery_pb2.DiscoveryResponse(
+        tail: bytes = discovery_pb2.DiscoveryResponse(
             version_info=response.version_info, nonce=response.nonce
         ).SerializeToString()
         return body + tail
@@ -207,7 +207,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             ).SerializeToString()
             assert isinstance(body, bytes)
             self._remember(key, body)
-        tail = discovery_pb2.DeltaDiscoveryResponse(
+        tail: bytes = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=response.system_version_info, nonce=response.nonce
         ).SerializeToString()
         return body + tail

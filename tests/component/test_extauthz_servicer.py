@@ -225,7 +225,7 @@ async def test_dry_run_allows_and_counts(stub: Any, ca: TestCA, metrics: Metrics
     md = metadata(response)
     assert (md["reason"], md["dry_run"], md["policy"]) == ("missing_token", True, "shadow")
     labels = {"policy": "shadow", "result": "deny", "reason": "missing_token", "dry_run": "true"}
-    assert metrics.registry.get_sample_value("svidgate_authz_decisions_total", labels) == 1  # type: ignore[attr-defined]
+    assert metrics.registry.get_sample_value("svidgate_authz_decisions_total", labels) == 1
 
 
 async def test_cache_hits_are_counted(
@@ -234,7 +234,7 @@ async def test_cache_hits_are_counted(
     token = ca.create_jwt_svid("spiffe://example.org/web", ["api"])
     for _ in range(3):
         assert (await stub.Check(request(token))).status.code == 0
-    registry = metrics.registry  # type: ignore[attr-defined]
+    registry = metrics.registry
     assert registry.get_sample_value("svidgate_authz_token_cache_misses_total") == 1
     assert registry.get_sample_value("svidgate_authz_token_cache_hits_total") == 2
     assert registry.get_sample_value("svidgate_authz_token_cache_entries") == 1

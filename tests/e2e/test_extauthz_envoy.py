@@ -2,8 +2,8 @@
 
 One backend, one svidgate Check service served twice (grpc.aio as on ``listen.grpc``, threaded as on
 ``listen.check``), and two Envoys from envoy-examples/ext-authz/envoy.yaml: one fail-closed on the aio server,
-one with ``failure_mode_allow: true`` on the threaded server (bad tokens must still be denied: svidgate answers
-denials, it never fails the RPC).
+one with ``failure_mode_allow: true`` on the threaded server (bad tokens must still be denied: svidgate
+answers denials, it never fails the RPC).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -171,7 +171,7 @@ def test_federated_trust_domain_allowed_by_policy(world: World) -> None:
     assert seen["x-spiffe-id"] == "spiffe://partner.test/payments/api"
 
 
-BAD_TOKENS = {
+BAD_TOKENS: dict[str, Callable[[World], str | None]] = {
     "missing_token": lambda w: None,
     "expired": lambda w: w.ca.create_jwt_svid(FRONTEND, ["backend"], now=NOW - 3600, ttl=300),
     "audience_mismatch": lambda w: w.ca.create_jwt_svid(FRONTEND, ["someone-else"]),

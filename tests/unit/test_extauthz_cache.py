@@ -9,6 +9,7 @@ import pytest
 from svidgate.errors import JwtSvidError
 from svidgate.extauthz import cache as cache_module
 from svidgate.extauthz.cache import TokenCache
+from svidgate.identity import jwtsvid
 from svidgate.identity.bundle import Bundle
 from tests.support.ca import NOW, TestCA
 
@@ -23,7 +24,7 @@ def ca() -> TestCA:
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
-    real = cache_module.validate_jwt_svid
+    real = jwtsvid.validate_jwt_svid
 
     def counting(token: str, *args: Any, **kwargs: Any) -> Any:
         seen.append(token)

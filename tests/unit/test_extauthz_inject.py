@@ -1,4 +1,4 @@
-"""Inject mode (svidgate.extauthz.inject): one mint per token lifetime, entitlement where it can be checked."""
+"""Inject mode (svidgate.extauthz.inject): one mint per token lifetime; entitlement where it is knowable."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -43,8 +44,8 @@ def test_strip_query(path: str, expected: str) -> None:
     assert strip_query(path) == expected
 
 
-def _policy(name: str = "p", **match: object) -> Policy:
-    return Policy(name=name, match=PolicyMatch(**match), audiences=("aud",), allow=(AllowRule.parse("*"),))  # type: ignore[arg-type]
+def _policy(name: str = "p", **match: Any) -> Policy:
+    return Policy(name=name, match=PolicyMatch(**match), audiences=("aud",), allow=(AllowRule.parse("*"),))
 
 
 MATCH_CASES = [
@@ -74,7 +75,7 @@ MATCH_CASES = [
 
 @pytest.mark.parametrize(("match", "host", "path", "method", "extensions", "expected"), MATCH_CASES)
 def test_policy_match(
-    match: dict[str, object], host: str, path: str, method: str, extensions: dict[str, str], expected: bool
+    match: dict[str, Any], host: str, path: str, method: str, extensions: dict[str, str], expected: bool
 ) -> None:
     authz = compile_authz(AuthzConfig(policies=(_policy(**match),)))
     selected = authz.select(host, path, method, extensions)

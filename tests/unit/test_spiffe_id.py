@@ -251,7 +251,7 @@ def invalid_ids(draw: st.DrawFn) -> str:
         char = draw(st.characters(codec="ascii").filter(lambda c: c not in PATH_CHARS and c != "/"))
         return f"spiffe://{name}{path}{char}x"
     if breakage == "non_ascii":
-        char = draw(st.characters(min_codepoint=0x80, max_codepoint=0x10FFFF, exclude_categories=("Cs",)))
+        char = draw(st.characters(min_codepoint=0x80, max_codepoint=0x10FFFF, exclude_categories=["Cs"]))
         where = draw(st.booleans())
         return f"spiffe://{name}{char}{path}" if where else f"spiffe://{name}{path}{char}"
     if breakage == "port":
