@@ -172,6 +172,8 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
         sys.stdin.read()
         server.stop(None)
 
+    kind, _, workers_text = kind.partition(":")
+    workers = int(workers_text or 4)
     if kind.startswith("noop"):
         ok = external_auth_pb2.CheckResponse()
         ok.ok_response.SetInParent()
@@ -185,7 +187,7 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
                 return ok
 
         if kind == "noop-sync":
-            serve_sync(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Noop(), s), 4)
+            serve_sync(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Noop(), s), workers)
         elif kind == "noop-aio":
             asyncio.run(
                 serve_aio(lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAio(), s))
@@ -215,7 +217,7 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
         print(json.dumps({"cache_entries": len(servicer.cache)}), file=sys.stderr, flush=True)
 
     if kind == "svidgate-sync":
-        server = new_sync_check_server(servicer)
+        server = new_sync_check_server(servicer, max_workers=workers)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         print(port, flush=True)
@@ -388,6 +390,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="open-loop Checks per second")
     parser.add_argument("--quick", action="store_true", help="short phases (smoke run)")
     parser.add_argument("--only", default="", help="comma-separated case names to run")
+    parser.add_argument("--no-envoy", action="store_true", help="skip the through-Envoy comparison")
+    parser.add_argument("--envoy-only", action="store_true", help="only the through-Envoy comparison")
     args = parser.parse_args()
     args.state.mkdir(parents=True, exist_ok=True)
     if args.serve:
@@ -403,7 +407,8 @@ def main() -> None:
     print("minting tokens ...", file=sys.stderr, flush=True)
     es_tokens = _mint(keys["ES256"], CLIENT_ID, 6000, now)
     rs_tokens = _mint(keys["RS256"], CLIENT_ID, 4000, now)
-    cached = [_request(_mint(keys["ES256"], CLIENT_ID, 1, now)[0])]
+    cached_token = _mint(keys["ES256"], CLIENT_ID, 1, now)[0]
+    cached = [_request(cached_token)]
     denied = [_request(_mint(keys["ES256"], DENIED_ID, 1, now)[0])]
     es = [_request(t) for t in es_tokens]
     rs = [_request(t) for t in rs_tokens]
@@ -429,6 +434,8 @@ def main() -> None:
         ("svidgate grpc.aio (listen.grpc): cached token", "svidgate-aio", cached, 10000),
         ("svidgate grpc.aio: unique ES256 tokens", "svidgate-aio", es, unique_cache),
     ]
+    if args.envoy_only:
+        cases = []
     only = {c.strip() for c in args.only.split(",") if c.strip()}
     rows = []
     for label, kind, requests, cache_size in cases:
@@ -444,6 +451,8 @@ def main() -> None:
         rows.append((label, kind, tp, lat))
 
     base = max((tp["rps"] for _, kind, tp, _ in rows if kind.startswith("noop")), default=float("nan"))
+    if not rows:
+        base = float("nan")
     print()
     print(
         f"ext_authz Check, {os.cpu_count()} CPUs, {args.clients} clients x {args.inflight} in flight, "
@@ -467,6 +476,11 @@ def main() -> None:
     bad = [label for label, _, tp, _ in rows if "denials" not in label and tp["not_ok"]]
     if bad:
         print(f"WARNING: non-OK responses in allow cases: {bad}")
+    if not args.no_envoy:
+        import check_bench_envoy
+
+        tokens = {"cached": [cached_token], "es": es_tokens, "rs": rs_tokens}
+        check_bench_envoy.run(args, keys, tokens, lambda kind, size: Server(kind, args.state, size))
 
 
 if __name__ == "__main__":

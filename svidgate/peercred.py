@@ -112,6 +112,7 @@ class _Pipe(asyncio.Protocol):
     def __init__(self, on_lost: _Connection) -> None:
         self.transport: asyncio.Transport | None = None
         self.other: _Pipe | None = None
+        self.eof = False
         self._conn = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,10 +124,15 @@ class _Pipe(asyncio.Protocol):
             self.other.transport.write(data)
 
     def eof_received(self) -> bool:
+        self.eof = True
+        if self.other is not None and self.other.eof:
+            # Both directions are finished: release both sockets and the registry entry.
+            self._conn.close()
+            return False
         other = self.other.transport if self.other is not None else None
         if other is not None and other.can_write_eof():
             other.write_eof()
-        return True  # keep our write side open (half-close), gRPC may still send its last frames
+        return True  # keep our write side open (half-close): the other side may still send its last bytes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._conn.close()

@@ -14,7 +14,7 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509 import verification
 
@@ -154,13 +154,10 @@ def load_private_key(data: bytes) -> CertificateIssuerPrivateKeyTypes:
         raise X509SvidError("the private key is encrypted; svidgate needs an unencrypted key") from None
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise X509SvidError(f"the private key does not parse: {exc}") from None
+    # DSA is deliberately absent: no TLS stack svidgate serves (Envoy's BoringSSL) can use a DSA certificate.
     if not isinstance(
         key,
-        ec.EllipticCurvePrivateKey
-        | rsa.RSAPrivateKey
-        | ed25519.Ed25519PrivateKey
-        | ed448.Ed448PrivateKey
-        | dsa.DSAPrivateKey,
+        ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey,
     ):
         raise X509SvidError(f"unsupported private key type {type(key).__name__}")
     return key

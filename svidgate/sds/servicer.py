@@ -123,7 +123,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         trust_domain: the own trust domain (`Config.trust_domain`; the ``ROOTCA`` bundle).
         peers: the peer-credentials registry of the unix-socket front, or None (TCP only / no front).
         metrics: collectors, or None to record nothing.
-        clock: for the SVID lifetime in push log lines.
+        clock: the time source (kept for expiry-aware logging; SDS decisions never depend on time).
     """
 
     def __init__(

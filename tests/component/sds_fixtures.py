@@ -1,4 +1,4 @@
-"""Shared builders for the SDS tests (unit, component, e2e): CAs, snapshots, workloads, a servicer on a server."""
+"""Shared builders for the SDS tests (unit, component): CAs, snapshots, workloads, a servicer on a server."""
 
 from __future__ import annotations
 

@@ -40,7 +40,9 @@ async def test_sds_caller_identified_by_uid(sock_dir: Path) -> None:
         PeerCredFront(public, str(inner), registry),
     ):
         assert stat.S_IMODE(public.stat().st_mode) == 0o600
-        async with grpc.aio.insecure_channel(f"unix:{public}") as channel:
+        # A local subchannel pool: closing the channel closes its connection (the global pool may keep it).
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(f"unix:{public}", options=options) as channel:
             response = await stub(channel).FetchSecrets(sotw_request(["default"], node_id="anything"))
             assert list(secrets_of(response)) == ["default"]
             assert len(registry) == 1
@@ -53,6 +55,25 @@ async def test_sds_caller_identified_by_uid(sock_dir: Path) -> None:
                 break
             await asyncio.sleep(0.02)
         assert len(registry) == 0  # entry removed when the connection closed
+
+
+async def test_registry_entry_lives_as_long_as_the_connection(sock_dir: Path) -> None:
+    inner = sock_dir / "echo.sock"
+    server = await echo_server(inner)
+    registry = PeerRegistry()
+    async with PeerCredFront(sock_dir / "pub.sock", str(inner), registry):
+        reader, writer = await asyncio.open_unix_connection(str(sock_dir / "pub.sock"))
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        assert len(registry) == 1
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if len(registry) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(registry) == 0
+    server.close()
 
 
 async def test_registry_lookup() -> None:

@@ -27,7 +27,7 @@ async def open_streams(target: str, count: int, channels: int) -> tuple[int, lis
             await call.write(sotw_request(["default", "ROOTCA"], node_id="frontend"))
             response = await asyncio.wait_for(call.read(), 60)
             return response is not grpc.aio.EOF and len(response.resources) == 2  # type: ignore[attr-defined]
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as err:
+        except (TimeoutError, grpc.aio.AioRpcError) as err:
             errors.append(repr(err)[:200])
             return False
 
@@ -37,7 +37,7 @@ async def open_streams(target: str, count: int, channels: int) -> tuple[int, lis
         for call in calls:
             call.cancel()
         for chan in chans:
-            await chan.close()
+            await chan.close(None)
     return sum(results), errors
 
 

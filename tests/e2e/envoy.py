@@ -22,6 +22,7 @@ Why these flags:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ import string
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from types import TracebackType
@@ -100,7 +102,7 @@ class EnvoyProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._admin: str | None = None
 
-    # -- lifecycle --------------------------------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Spawn Envoy (returns at once; call `wait_ready` or `await wait_ready_async` next)."""
@@ -219,7 +221,7 @@ class EnvoyProcess:
     ) -> None:
         await self.stop_async()
 
-    # -- admin ------------------------------------------------------------------------------------------------
+    # -- admin -----------------------------------------------------------------------------------------------
 
     @property
     def admin_url(self) -> str:
@@ -229,7 +231,7 @@ class EnvoyProcess:
         return f"http://{self._admin}"
 
     def _admin_request(self, path: str, method: str = "GET") -> tuple[int, str]:
-        request = urllib.request.Request(f"http://{self._admin}{path}", method=method)  # noqa: S310
+        request = urllib.request.Request(f"http://{self._admin}{path}", method=method)
         try:
             with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
                 return response.status, response.read().decode()
@@ -263,7 +265,7 @@ class EnvoyProcess:
     def stats(self, filter_regex: str = "") -> dict[str, int]:
         """Counters and gauges as a dict (``/stats?filter=...``; histograms are left out)."""
         text = self.admin_get(
-            f"/stats?filter={urllib.request.quote(filter_regex)}" if filter_regex else "/stats"
+            f"/stats?filter={urllib.parse.quote(filter_regex)}" if filter_regex else "/stats"
         )
         result: dict[str, int] = {}
         for line in text.splitlines():
@@ -289,7 +291,7 @@ class EnvoyProcess:
             raise EnvoyError(f"{self.name}: no listener {name!r} (have {sorted(ports)})")
         return ports[name]
 
-    # -- diagnostics ------------------------------------------------------------------------------------------
+    # -- diagnostics -----------------------------------------------------------------------------------------
 
     @property
     def pid(self) -> int:
@@ -302,10 +304,8 @@ class EnvoyProcess:
         """The last lines of Envoy's log and stderr, for failure messages."""
         parts = []
         for path in (self.log_path, self.workdir / f"{self.name}.stderr"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 parts.extend(path.read_text(errors="replace").splitlines()[-lines:])
-            except FileNotFoundError:
-                pass
         return "\n".join(parts)
 
     def _require_proc(self) -> subprocess.Popen[bytes]:

@@ -45,7 +45,7 @@ PARTNER_CLIENT_ID = SpiffeId.parse("spiffe://partner.test/client")
 TEMPLATES = EXAMPLES / "sds-mtls"
 
 
-# -- the backend ------------------------------------------------------------------------------------------------
+# -- the backend ---------------------------------------------------------------------------------------------
 
 
 class _Backend(http.server.BaseHTTPRequestHandler):
@@ -74,7 +74,7 @@ def backend() -> Iterator[http.server.ThreadingHTTPServer]:
     server.server_close()
 
 
-# -- an in-test svidgate ----------------------------------------------------------------------------------------
+# -- an in-test svidgate -------------------------------------------------------------------------------------
 
 
 class Svidgate:
@@ -150,7 +150,7 @@ async def svidgate(sock_dir: Path) -> AsyncIterator[Svidgate]:
     await gate.stop()
 
 
-# -- Envoys -----------------------------------------------------------------------------------------------------
+# -- Envoys --------------------------------------------------------------------------------------------------
 
 
 def server_envoy(gate: Svidgate, backend_port: int, tmp_path: Path, sds_api: str = "GRPC") -> EnvoyProcess:
@@ -183,7 +183,7 @@ def client_envoy(
 
 def get(port: int) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
@@ -225,36 +225,39 @@ def xfcc_hash(xfcc: str) -> str:
     return fields.get("Hash", "")
 
 
-# -- tests ------------------------------------------------------------------------------------------------------
+# -- tests ---------------------------------------------------------------------------------------------------
 
 
 async def test_mtls_with_san_match_and_rotation_without_restart(
     svidgate: Svidgate, backend: http.server.ThreadingHTTPServer, tmp_path: Path
 ) -> None:
     seen: list[str] = backend.seen  # type: ignore[attr-defined]
-    async with server_envoy(svidgate, backend.server_address[1], tmp_path) as server:
-        async with client_envoy(svidgate, server.listener_port("ingress"), tmp_path) as client:
-            status, body = await request(client)
-            assert (status, body) == (200, "ok")
-            assert xfcc_uri(seen[-1]) == str(CLIENT_ID)
-            first_hash = xfcc_hash(seen[-1])
-            client_pid, server_pid = client.pid, server.pid
-            before = await asyncio.to_thread(cert_serials, client)
+    async with (
+        server_envoy(svidgate, backend.server_address[1], tmp_path) as server,
+        client_envoy(svidgate, server.listener_port("ingress"), tmp_path) as client,
+    ):
+        status, body = await request(client)
+        assert (status, body) == (200, "ok")
+        assert xfcc_uri(seen[-1]) == str(CLIENT_ID)
+        first_hash = xfcc_hash(seen[-1])
+        client_pid, server_pid = client.pid, server.pid
+        before = await asyncio.to_thread(cert_serials, client)
 
-            # Rotation: new SVIDs published; both Envoys pick them up without a restart.
-            svidgate.rotate()
-            await eventually(
-                lambda: asyncio.to_thread(lambda: cert_serials(client).isdisjoint(before)),
-                what="client Envoy to load its rotated SVID",
-            )
-            await eventually(lambda: asyncio.to_thread(lambda: request_hash_changed(client, seen, first_hash)))
-            assert (client.pid, server.pid) == (client_pid, server_pid)
-            assert client.running() and server.running()
-            # SotW (server) and delta (client) streams were both served; nothing was NACKed.
-            assert svidgate.sample("svidgate_sds_streams", api="sotw") >= 1
-            assert svidgate.sample("svidgate_sds_streams", api="delta") >= 1
-            assert svidgate.sample("svidgate_sds_nacks_total", resource="default") == 0
-            assert svidgate.sample("svidgate_sds_acks_total", resource="default") >= 4
+        # Rotation: new SVIDs published; both Envoys pick them up without a restart.
+        svidgate.rotate()
+        await eventually(
+            lambda: asyncio.to_thread(lambda: cert_serials(client).isdisjoint(before)),
+            what="client Envoy to load its rotated SVID",
+        )
+        await eventually(lambda: asyncio.to_thread(lambda: request_hash_changed(client, seen, first_hash)))
+        assert (client.pid, server.pid) == (client_pid, server_pid)
+        assert client.running()
+        assert server.running()
+        # SotW (server) and delta (client) streams were both served; nothing was NACKed.
+        assert svidgate.sample("svidgate_sds_streams", api="sotw") >= 1
+        assert svidgate.sample("svidgate_sds_streams", api="delta") >= 1
+        assert svidgate.sample("svidgate_sds_nacks_total", resource="default") == 0
+        assert svidgate.sample("svidgate_sds_acks_total", resource="default") >= 4
 
 
 def request_hash_changed(client: EnvoyProcess, seen: list[str], old_hash: str) -> bool:
@@ -284,27 +287,31 @@ async def test_federated_trust_domain_accepted_through_all(
     svidgate: Svidgate, backend: http.server.ThreadingHTTPServer, sock_dir: Path, tmp_path: Path
 ) -> None:
     # partner.test has its own svidgate; each side federates with the other (bundles exchanged).
-    partner = Svidgate(PARTNER_TD, (Workload(PARTNER_CLIENT_ID, (Selector.parse("envoy:node_id:client"),)),), sock_dir)
+    partner = Svidgate(
+        PARTNER_TD, (Workload(PARTNER_CLIENT_ID, (Selector.parse("envoy:node_id:client"),)),), sock_dir
+    )
     partner.federated[TD] = svidgate.ca
     svidgate.federated[PARTNER_TD] = partner.ca
     svidgate.rotate()
     partner.rotate()
     await partner.start()
     try:
-        async with server_envoy(svidgate, backend.server_address[1], tmp_path) as server:
-            async with client_envoy(partner, server.listener_port("ingress"), tmp_path, name="partner") as client:
-                status, _ = await request(client)
-                assert status == 200
-                assert xfcc_uri(backend.seen[-1]) == str(PARTNER_CLIENT_ID)  # type: ignore[attr-defined]
-                # Federation withdrawn: ALL loses partner.test and the next handshake is refused.
-                del svidgate.federated[PARTNER_TD]
-                svidgate.rotate()
-                await eventually(
-                    lambda: asyncio.to_thread(lambda: get(client.listener_port("egress"))[0] == 503),
-                    what="the server Envoy to stop accepting partner.test",
-                )
-                # Refused by the SPIFFE validator (no bundle for partner.test), not by the SAN match.
-                assert sum(server.stats("ssl.fail_verify_error").values()) >= 1
+        async with (
+            server_envoy(svidgate, backend.server_address[1], tmp_path) as server,
+            client_envoy(partner, server.listener_port("ingress"), tmp_path, name="partner") as client,
+        ):
+            status, _ = await request(client)
+            assert status == 200
+            assert xfcc_uri(backend.seen[-1]) == str(PARTNER_CLIENT_ID)  # type: ignore[attr-defined]
+            # Federation withdrawn: ALL loses partner.test and the next handshake is refused.
+            del svidgate.federated[PARTNER_TD]
+            svidgate.rotate()
+            await eventually(
+                lambda: asyncio.to_thread(lambda: get(client.listener_port("egress"))[0] == 503),
+                what="the server Envoy to stop accepting partner.test",
+            )
+            # Refused by the SPIFFE validator (no bundle for partner.test), not by the SAN match.
+            assert sum(server.stats("ssl.fail_verify_error").values()) >= 1
     finally:
         await partner.stop()
 
@@ -312,59 +319,65 @@ async def test_federated_trust_domain_accepted_through_all(
 async def test_svidgate_restart_under_running_envoy(
     svidgate: Svidgate, backend: http.server.ThreadingHTTPServer, tmp_path: Path
 ) -> None:
-    async with server_envoy(svidgate, backend.server_address[1], tmp_path) as server:
-        async with client_envoy(svidgate, server.listener_port("ingress"), tmp_path) as client:
+    async with (
+        server_envoy(svidgate, backend.server_address[1], tmp_path) as server,
+        client_envoy(svidgate, server.listener_port("ingress"), tmp_path) as client,
+    ):
+        assert (await request(client))[0] == 200
+        await svidgate.stop()
+        # svidgate is gone: Envoy keeps serving with the secrets it has.
+        for _ in range(3):
             assert (await request(client))[0] == 200
-            await svidgate.stop()
-            # svidgate is gone: Envoy keeps serving with the secrets it has.
-            for _ in range(3):
-                assert (await request(client))[0] == 200
-            # A new svidgate (fresh metrics, same socket path) with rotated SVIDs: both Envoys resubscribe.
-            svidgate.metrics = Metrics(CollectorRegistry(), process_metrics=False)
-            before = await asyncio.to_thread(cert_serials, client)
-            svidgate.rotate()
-            await svidgate.start()
-            await eventually(
-                lambda: svidgate.sample("svidgate_sds_streams", api="sotw") >= 1
-                and svidgate.sample("svidgate_sds_streams", api="delta") >= 1,
-                timeout=20,
-                what="both Envoys to reconnect",
-            )
-            await eventually(
-                lambda: asyncio.to_thread(lambda: cert_serials(client).isdisjoint(before)),
-                what="the rotated SVID after resubscription",
-            )
-            assert (await request(client))[0] == 200
+        # A new svidgate (fresh metrics, same socket path) with rotated SVIDs: both Envoys resubscribe.
+        svidgate.metrics = Metrics(CollectorRegistry(), process_metrics=False)
+        before = await asyncio.to_thread(cert_serials, client)
+        svidgate.rotate()
+        await svidgate.start()
+        await eventually(
+            lambda: (
+                svidgate.sample("svidgate_sds_streams", api="sotw") >= 1
+                and svidgate.sample("svidgate_sds_streams", api="delta") >= 1
+            ),
+            timeout=20,
+            what="both Envoys to reconnect",
+        )
+        await eventually(
+            lambda: asyncio.to_thread(lambda: cert_serials(client).isdisjoint(before)),
+            what="the rotated SVID after resubscription",
+        )
+        assert (await request(client))[0] == 200
 
 
 async def test_bad_secret_is_nacked_once_without_push_loop(
     svidgate: Svidgate, backend: http.server.ThreadingHTTPServer, tmp_path: Path
 ) -> None:
-    async with server_envoy(svidgate, backend.server_address[1], tmp_path) as server:
-        async with client_envoy(svidgate, server.listener_port("ingress"), tmp_path) as client:
-            assert (await request(client))[0] == 200
-            pushes_before = svidgate.sample("svidgate_sds_pushes_total", resource="default")
-            # The server's new SVID comes with a key that does not match its certificate.
-            good = {w.spiffe_id: svidgate.ca.mint_x509_svid(w.spiffe_id, 3600) for w in svidgate.workloads}
-            other = svidgate.ca.mint_x509_svid(SERVER_ID, 3600)
-            broken = X509Svid(SERVER_ID, good[SERVER_ID].cert_chain, other.private_key)
-            svidgate.feed.publish(svidgate.snapshot({**good, SERVER_ID: broken}))
-            await eventually(
-                lambda: svidgate.sample("svidgate_sds_nacks_total", resource="default") >= 1,
-                what="the server Envoy to NACK the broken secret",
-            )
-            # Give a NACK loop every chance to show itself, then check it did not happen.
-            await asyncio.sleep(1.0)
-            assert svidgate.sample("svidgate_sds_nacks_total", resource="default") == 1
-            # Exactly one push per Envoy for that snapshot (server: broken, client: its new good SVID).
-            assert svidgate.sample("svidgate_sds_pushes_total", resource="default") == pushes_before + 2
-            # The server Envoy keeps serving with its previous certificate.
-            assert (await request(client))[0] == 200
-            # A good SVID afterwards is pushed and accepted.
-            svidgate.rotate()
-            await eventually(
-                lambda: svidgate.sample("svidgate_sds_acks_total", resource="default") >= 5,
-                what="the good SVID to be ACKed",
-            )
-            assert svidgate.sample("svidgate_sds_nacks_total", resource="default") == 1
-            assert (await request(client))[0] == 200
+    async with (
+        server_envoy(svidgate, backend.server_address[1], tmp_path) as server,
+        client_envoy(svidgate, server.listener_port("ingress"), tmp_path) as client,
+    ):
+        assert (await request(client))[0] == 200
+        pushes_before = svidgate.sample("svidgate_sds_pushes_total", resource="default")
+        # The server's new SVID comes with a key that does not match its certificate.
+        good = {w.spiffe_id: svidgate.ca.mint_x509_svid(w.spiffe_id, 3600) for w in svidgate.workloads}
+        other = svidgate.ca.mint_x509_svid(SERVER_ID, 3600)
+        broken = X509Svid(SERVER_ID, good[SERVER_ID].cert_chain, other.private_key)
+        svidgate.feed.publish(svidgate.snapshot({**good, SERVER_ID: broken}))
+        await eventually(
+            lambda: svidgate.sample("svidgate_sds_nacks_total", resource="default") >= 1,
+            what="the server Envoy to NACK the broken secret",
+        )
+        # Give a NACK loop every chance to show itself, then check it did not happen.
+        await asyncio.sleep(1.0)
+        assert svidgate.sample("svidgate_sds_nacks_total", resource="default") == 1
+        # Exactly one push per Envoy for that snapshot (server: broken, client: its new good SVID).
+        assert svidgate.sample("svidgate_sds_pushes_total", resource="default") == pushes_before + 2
+        # The server Envoy keeps serving with its previous certificate.
+        assert (await request(client))[0] == 200
+        # A good SVID afterwards is pushed and accepted.
+        svidgate.rotate()
+        await eventually(
+            lambda: svidgate.sample("svidgate_sds_acks_total", resource="default") >= 5,
+            what="the good SVID to be ACKed",
+        )
+        assert svidgate.sample("svidgate_sds_nacks_total", resource="default") == 1
+        assert (await request(client))[0] == 200

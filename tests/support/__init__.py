@@ -1,0 +1,1 @@
+"""Test helpers built in code: the test CA (`ca.py`) and other helpers' support modules."""

@@ -34,7 +34,7 @@ def names(response: object) -> list[str]:
     return [r.name for r in response.resources]  # type: ignore[attr-defined]
 
 
-# -- state of the world ----------------------------------------------------------------------------------------
+# -- state of the world --------------------------------------------------------------------------------------
 
 
 def test_sotw_first_request_gets_full_state_even_with_old_version(ids: Identities) -> None:
@@ -155,7 +155,7 @@ def test_sotw_nothing_before_first_request(ids: Identities) -> None:
     assert SotwStream(SUB).on_snapshot(resolver(ids.snapshot())).response is None
 
 
-# -- delta -----------------------------------------------------------------------------------------------------
+# -- delta ---------------------------------------------------------------------------------------------------
 
 
 def test_delta_subscribe_ack_rotate(ids: Identities) -> None:
