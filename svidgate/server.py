@@ -230,6 +230,11 @@ def restrictive_umask(mode: int) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: After the last stream handler returns, how long its OK status gets to cross the unix front before the gRPC
+#: servers stop (an empirical margin; loopback delivery takes well under a millisecond).
+STATUS_FLUSH_SECONDS = 0.1
+
+
 class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Ends every server-streaming RPC with status OK once `drain` is set.
 
@@ -243,6 +248,22 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, drain: asyncio.Event) -> None:
         self._drain = drain
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once every wrapped streaming handler has returned (its status is then being sent)."""
+        await self._idle.wait()
+
+    def _enter(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
 
     async def intercept_service(
         self,
@@ -278,6 +299,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 responses = behavior(request, context)
                 drained = asyncio.ensure_future(drain.wait())
                 following: asyncio.Future[Any] | None = None
+                self._enter()
                 try:
                     while True:
                         following = asyncio.ensure_future(responses.__anext__())
@@ -300,6 +322,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                             await following
                     with contextlib.suppress(Exception):
                         await responses.aclose()
+                    self._leave()
 
             return generator
 
@@ -309,6 +332,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return None
             task = asyncio.ensure_future(behavior(request, context))
             drained = asyncio.ensure_future(drain.wait())
+            self._enter()
             try:
                 await asyncio.wait((task, drained), return_when=asyncio.FIRST_COMPLETED)
                 if task.done():
@@ -321,6 +345,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 drained.cancel()
                 if not task.done():
                     task.cancel()
+                self._leave()
 
         return coroutine
 
@@ -550,6 +575,7 @@ class Server:
         self._clock = clock
         self._drain = asyncio.Event()
         self._claims: dict[str, UnixSocketClaim] = {}
+        self._drain_interceptor = DrainInterceptor(self._drain)
         self._stop_requested = asyncio.Event()
         self._stop_reason = ""
         self._stopped = asyncio.Event()
@@ -734,7 +760,7 @@ class Server:
 
     def _new_grpc_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
-            interceptors=[self.metrics.interceptor(), DrainInterceptor(self._drain)],
+            interceptors=[self.metrics.interceptor(), self._drain_interceptor],
             options=list(GRPC_SERVER_OPTIONS),
         )
         self._grpc_servers.append(server)
@@ -865,7 +891,14 @@ class Server:
         for sync_health in self._sync_health:
             with contextlib.suppress(Exception):
                 sync_health.enter_graceful_shutdown()
-        await self._shutdown(grace)
+        # Stop the gRPC servers only once the streams have ended: `server.stop()` cancels every call whose
+        # status is still queued, and through the peer-credential front the client then sees UNAVAILABLE
+        # ("Cancelling all calls") instead of the clean OK that lets Envoy reconnect quietly.
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain_interceptor.wait_idle(), grace)
+        await asyncio.sleep(STATUS_FLUSH_SECONDS)
+        await self._shutdown(max(grace - (loop.time() - started), 0.0))
         log.info(
             "server.stopped",
             extra={
@@ -1122,6 +1155,9 @@ class Services:
         workloads = new.workloads
 
         def apply() -> None:
+            set_source_workloads = getattr(self.source, "set_workloads", None)
+            if set_source_workloads is not None:  # the built-in CA mints for new IDs; SPIRE decides itself
+                set_source_workloads(workloads)
             self.policies.swap(new.authz)
             self.injector.swap_workloads(workloads)
             self.workload_api.set_workloads(workloads)

@@ -50,8 +50,8 @@ class IdentitySnapshot:
 class SnapshotFeed:
     """Holds the latest snapshot and wakes every waiter when a newer one is published.
 
-    One `asyncio.Event` per generation: publishing sets it and installs a fresh one, so waking 10k streams costs
-    one `set()` and no per-subscriber bookkeeping. Must be used from one event loop.
+    One `asyncio.Event` per generation: publishing sets it and installs a fresh one, so waking 10k streams
+    costs one `set()` and no per-subscriber bookkeeping. Must be used from one event loop.
     """
 
     def __init__(self, initial: IdentitySnapshot | None = None) -> None:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from svidgate.config import Selector, Workload, parse_config
 from svidgate.errors import SourceError
@@ -87,6 +88,26 @@ def test_builtin_refresh_publishes_only_on_change(ca: BuiltinCa, clock: FakeCloc
     assert second.svids[FRONTEND] is not first.svids[FRONTEND]
     assert second.svids[FRONTEND].expires_at > first.svids[FRONTEND].expires_at
     assert source.refresh() is False
+
+
+def test_builtin_set_workloads_mints_new_ids_and_drops_removed_ones(ca: BuiltinCa, clock: FakeClock) -> None:
+    source = builtin(ca, clock)
+    first = source.feed.current()
+    web = SpiffeId.parse("spiffe://example.org/web")
+    # A reload adds web, drops backend, and changes frontend's DNS names.
+    assert source.set_workloads([workload(FRONTEND, dns=("fe.internal",)), workload(web)]) is True
+    second = source.feed.current()
+    assert second.version == first.version + 1
+    assert set(second.svids) == {FRONTEND, web}
+    frontend = second.svids[FRONTEND].leaf
+    dns = frontend.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert dns.get_values_for_type(x509.DNSName) == ["fe.internal"]
+    assert verify_x509_svid(second.svids[web].cert_chain, second.bundles, clock()) == web
+    with pytest.raises(SourceError, match="not a configured workload"):
+        source.mint_jwt_svid(BACKEND, ["aud"])
+    # The same workloads again: nothing to publish.
+    assert source.set_workloads([workload(FRONTEND, dns=("fe.internal",)), workload(web)]) is False
+    assert source.feed.current() is second
 
 
 def test_builtin_next_due_is_the_svid_half_life(ca: BuiltinCa, clock: FakeClock) -> None:

@@ -81,6 +81,8 @@ class BuiltinSource:
         self._signing_cert = ca.current.certificate
         self._jwt_cache: dict[tuple[SpiffeId, tuple[str, ...]], tuple[float, JwtSvid]] = {}
         self._jwt_lock = threading.Lock()
+        # `run()` steps in a worker thread while a reload may call `set_workloads()` on the event loop.
+        self._step_lock = threading.RLock()
         try:
             self._step(initial=True)
         except SvidgateError as exc:
@@ -104,15 +106,47 @@ class BuiltinSource:
             log.error("source.refresh_failed", extra={"fields": {"source": "builtin", "error": str(exc)}})
             return False
         if changed:
-            snapshot = self._snapshot(self.feed.current().version + 1)
-            self.feed.publish(snapshot)
-            log.info(
-                "source.published",
-                extra={
-                    "fields": {"source": "builtin", "version": snapshot.version, "svids": len(snapshot.svids)}
-                },
-            )
+            self._publish()
         return changed
+
+    def set_workloads(self, workloads: Sequence[Workload]) -> bool:
+        """Apply a reloaded `workloads[]`: mint SVIDs for new SPIFFE IDs, re-mint those whose DNS names or
+        hint changed, and stop serving the ones no longer configured. Call from the event loop.
+
+        Returns:
+            True when a new snapshot was published.
+        """
+        updated: dict[SpiffeId, Workload] = {}
+        for workload in workloads:
+            updated.setdefault(workload.spiffe_id, workload)
+        with self._step_lock:
+            previous, self._workloads = self._workloads, updated
+            removed = [spiffe_id for spiffe_id in self._svids if spiffe_id not in updated]
+            for spiffe_id in removed:
+                del self._svids[spiffe_id]
+                self._due.pop(spiffe_id, None)
+            for spiffe_id, workload in updated.items():
+                old = previous.get(spiffe_id)
+                if old is not None and (old.dns_names, old.hint) != (workload.dns_names, workload.hint):
+                    self._due[spiffe_id] = float("-inf")
+            with self._jwt_lock:
+                self._jwt_cache = {k: v for k, v in self._jwt_cache.items() if k[0] in updated}
+        if self.refresh():
+            return True
+        if removed:
+            self._publish()
+            return True
+        return False
+
+    def _publish(self) -> None:
+        snapshot = self._snapshot(self.feed.current().version + 1)
+        self.feed.publish(snapshot)
+        log.info(
+            "source.published",
+            extra={
+                "fields": {"source": "builtin", "version": snapshot.version, "svids": len(snapshot.svids)}
+            },
+        )
 
     def next_due(self) -> float:
         """The clock time of the next scheduled change (SVID half-life, CA rotation step, bundle check)."""
@@ -136,18 +170,7 @@ class BuiltinSource:
                 delay = RETRY_AFTER
             else:
                 if changed:
-                    snapshot = self._snapshot(self.feed.current().version + 1)
-                    self.feed.publish(snapshot)
-                    log.info(
-                        "source.published",
-                        extra={
-                            "fields": {
-                                "source": "builtin",
-                                "version": snapshot.version,
-                                "svids": len(snapshot.svids),
-                            }
-                        },
-                    )
+                    self._publish()
                 delay = min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP)
             await self._sleep(delay)
 
@@ -189,6 +212,10 @@ class BuiltinSource:
             return None
 
     def _step(self, *, initial: bool) -> bool:
+        with self._step_lock:
+            return self._step_locked(initial=initial)
+
+    def _step_locked(self, *, initial: bool) -> bool:
         changed = self._ca.rotate_if_due()
         if self._ca.current.certificate is not self._signing_cert:
             # Signing moved to the next authority: re-mint everything so that no SVID depends on the old root
