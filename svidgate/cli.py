@@ -8,8 +8,6 @@ never a traceback. The config file is ``--config FILE``, else ``$SVIDGATE_CONFIG
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import logging
 import os
 import sys
@@ -17,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import NoReturn, TextIO
 
 from svidgate import __version__
 from svidgate.config import Config, config_path_from_env, load_config, parse_duration
@@ -329,35 +327,24 @@ def _pairs(items: Sequence[str], option: str) -> dict[str, str]:
 
 
 def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from svidgate.extauthz.explain import explain
+
     _quiet_logging()
-    try:
-        module = importlib.import_module("svidgate.extauthz.explain")
-        explain: Callable[..., Any] = module.explain
-    except (ImportError, AttributeError):
-        raise SvidgateError(
-            "explain is not available in this build (svidgate.extauthz.explain.explain is missing)"
-        ) from None
     config, _ = _config(args)
     token: str | None = args.token
     if token == "-":  # noqa: S105 -- "read from stdin", not a secret
         token = sys.stdin.readline().strip()
-    headers = {k.lower(): v for k, v in _pairs(args.header, "--header").items()}
-    available: dict[str, Any] = {
-        "config": config,
-        "token": token,
-        "host": args.host,
-        "path": args.path,
-        "method": args.method.upper(),
-        "headers": headers,
-        "context_extensions": _pairs(args.context, "--context"),
-        "now": time.time(),
-    }
-    params = inspect.signature(explain).parameters
-    if "bundles" in params:
-        available["bundles"] = _bundles(config)
-    kwargs = {name: value for name, value in available.items() if name in params}
-    result = explain(**kwargs)
-    text = result if isinstance(result, str) else str(result)
+    text = explain(
+        config.authz,
+        _bundles(config),
+        token=token,
+        host=args.host,
+        path=args.path,
+        method=args.method.upper(),
+        now=time.time(),
+        headers={k.lower(): v for k, v in _pairs(args.header, "--header").items()},
+        context_extensions=_pairs(args.context, "--context"),
+    )
     out.write(text if text.endswith("\n") else text + "\n")
     return EXIT_OK
 
