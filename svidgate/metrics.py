@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from svidgate import __version__
+from svidgate.grpcutil import wrap_handler
 from svidgate.identity.clock import Clock, system_clock
 
 if TYPE_CHECKING:
@@ -364,31 +365,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         def done(context: grpc.aio.ServicerContext[Any, Any], raised: BaseException | None) -> None:
             handled.labels(service=service, method=method, code=_code_name(context, raised)).inc()
 
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, started, done),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(handler.unary_stream, started, done),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, started, done),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_streaming(handler.stream_stream, started, done),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return wrap_handler(
+            handler,
+            lambda behavior: _wrap_unary(behavior, started, done),
+            lambda behavior: _wrap_streaming(behavior, started, done),
+        )
 
 
 _Done = Callable[["grpc.aio.ServicerContext[Any, Any]", "BaseException | None"], None]

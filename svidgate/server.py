@@ -59,6 +59,7 @@ from svidgate.extauthz.inject import TokenInjector
 from svidgate.extauthz.policy import compile_authz
 from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer
+from svidgate.grpcutil import wrap_handler
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.sources import create_source
 from svidgate.identity.sources.base import IdentitySource
@@ -273,19 +274,8 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._wrap(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        # Unary calls (Check) are left alone: they are answered normally while the server stops.
+        return wrap_handler(handler, None, self._wrap)
 
     def _wrap(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         drain = self._drain

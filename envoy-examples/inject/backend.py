@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TextIO
+
+
+def echo_headers(headers: dict[str, str]) -> object:
+    """The example's answer: the caller's SPIFFE ID and every header the backend received."""
+    return {"x-spiffe-id": headers.get("x-spiffe-id"), "headers": headers}
 
 
 class EchoHandler(BaseHTTPRequestHandler):
-    """GET -> 200 with ``{"x-spiffe-id": ..., "headers": {...}}``; each request's headers are recorded."""
+    """GET -> 200 with the JSON of ``server.describe(headers)``; each request's headers are recorded."""
 
     server: BackendServer
 
     def do_GET(self) -> None:
         headers = {name.lower(): value for name, value in self.headers.items()}
         self.server.received.append(headers)
-        body = json.dumps({"x-spiffe-id": headers.get("x-spiffe-id"), "headers": headers}, indent=2).encode()
+        body = json.dumps(self.server.describe(headers), indent=2).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -29,21 +36,36 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
-        sys.stderr.write(
-            f"backend: {self.command} {self.path} x-spiffe-id={self.headers.get('x-spiffe-id')}\n"
-        )
+        if self.server.log is not None:
+            self.server.log.write(
+                f"backend: {self.command} {self.path} x-spiffe-id={self.headers.get('x-spiffe-id')}\n"
+            )
 
 
 class BackendServer(ThreadingHTTPServer):
     """A threading HTTP server that remembers the headers of every request (newest last)."""
 
     received: list[dict[str, str]]
+    describe: Callable[[dict[str, str]], object]
+    log: TextIO | None
 
 
-def make_server(host: str = "127.0.0.1", port: int = 9000) -> BackendServer:
-    """Bind the backend (port 0 picks a free port); call ``serve_forever()`` on the result."""
+def make_server(
+    host: str = "127.0.0.1",
+    port: int = 9000,
+    *,
+    describe: Callable[[dict[str, str]], object] = echo_headers,
+    log: TextIO | None = sys.stderr,
+) -> BackendServer:
+    """Bind the backend (port 0 picks a free port); call ``serve_forever()`` on the result.
+
+    `describe` turns a request's headers (lower-case names) into the JSON answer; `log` gets one line per
+    request (None: silent). ``svidgate demo`` runs this same backend with its own answer.
+    """
     server = BackendServer((host, port), EchoHandler)
     server.received = []
+    server.describe = describe
+    server.log = log
     return server
 
 

@@ -65,7 +65,6 @@ class Decision:
         status: the HTTP status of a denial; 200 when allowed; for a dry-run denial, the would-be status.
         reason: a stable code (`ALLOWED`, ``expired``, `SUBJECT_NOT_ALLOWED`...); for a dry-run denial, the
             reason the request *would* have been denied.
-        decision_id: a unique ID, returned in dynamic metadata and the deny body, logged with the decision.
         policy: the name of the policy that decided; None when none matched.
         spiffe_id: the authenticated caller (validate mode) or the injected identity (inject mode).
         dry_run: the policy is in dry-run mode and denied; the request passes anyway.
@@ -78,7 +77,6 @@ class Decision:
     allowed: bool
     status: int
     reason: str
-    decision_id: str
     policy: str | None = None
     spiffe_id: str | None = None
     dry_run: bool = False
@@ -96,7 +94,6 @@ class Decision:
 def deny(
     status: int,
     reason: str,
-    decision_id: str,
     *,
     policy: str | None = None,
     spiffe_id: str | None = None,
@@ -107,7 +104,6 @@ def deny(
     Args:
         status: 401 or 403.
         reason: the stable reason code.
-        decision_id: the decision's ID.
         policy: the policy that denied, if any.
         spiffe_id: the authenticated subject, if any (403).
         hide_details: leave the reason out of the body (it stays in logs, metrics and dynamic metadata).
@@ -119,7 +115,6 @@ def deny(
     body: dict[str, str] = {"error": error}
     if not hide_details:
         body["reason"] = reason
-    body["decision_id"] = decision_id
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
     if status == 401:
         challenge = "Bearer" if reason == MISSING_TOKEN else 'Bearer error="invalid_token"'
@@ -128,7 +123,6 @@ def deny(
         allowed=False,
         status=status,
         reason=reason,
-        decision_id=decision_id,
         policy=policy,
         spiffe_id=spiffe_id,
         response_headers=headers,
@@ -136,18 +130,17 @@ def deny(
     )
 
 
-def internal_error(decision_id: str) -> Decision:
+def internal_error() -> Decision:
     """The decision for a fault inside svidgate: a denial, never an allow (fail closed)."""
-    return deny(403, INTERNAL_ERROR, decision_id)
+    return deny(403, INTERNAL_ERROR)
 
 
-def _anonymous_allow(reason: str, decision_id: str, policy: str | None) -> Decision:
+def _anonymous_allow(reason: str, policy: str | None) -> Decision:
     # No authenticated subject: a client-sent x-spiffe-id must not reach the upstream looking authentic.
     return Decision(
         allowed=True,
         status=200,
         reason=reason,
-        decision_id=decision_id,
         policy=policy,
         headers_to_remove=(SPIFFE_ID_HEADER,),
     )
@@ -157,7 +150,6 @@ def decide(
     authz: CompiledAuthz,
     policy: CompiledPolicy | None,
     outcome: JwtSvid | SvidgateError | None,
-    decision_id: str,
 ) -> Decision:
     """Decide one request in validate mode.
 
@@ -166,26 +158,25 @@ def decide(
         policy: the first matching policy, or None.
         outcome: the validated token, the error that stopped extraction/validation (`TokenError`,
             `JwtSvidError`), or None when nothing was extracted (no token required, or no policy matched).
-        decision_id: the decision's ID.
 
     Returns:
-        The decision. A dry-run policy's denial comes back allowed with `dry_run` set and the would-be reason.
+        The decision, a pure function of the arguments (the servicer memoises it per policy and subject).
+        A dry-run policy's denial comes back allowed with `dry_run` set and the would-be reason.
     """
     hide = authz.config.hide_details
     if policy is None:
         if authz.default_allow:
-            return _anonymous_allow(DEFAULT_ALLOW, decision_id, None)
-        return deny(403, NO_MATCHING_POLICY, decision_id, hide_details=hide)
+            return _anonymous_allow(DEFAULT_ALLOW, None)
+        return deny(403, NO_MATCHING_POLICY, hide_details=hide)
     name = policy.name
     if not policy.policy.require_token:
-        return _anonymous_allow(NO_TOKEN_REQUIRED, decision_id, name)
+        return _anonymous_allow(NO_TOKEN_REQUIRED, name)
     if isinstance(outcome, (TokenError, JwtSvidError)):
-        result = deny(401, outcome.reason, decision_id, policy=name, hide_details=hide)
+        result = deny(401, outcome.reason, policy=name, hide_details=hide)
     elif outcome is None or isinstance(outcome, SvidgateError):
         result = deny(
             401,
             MISSING_TOKEN if outcome is None else INTERNAL_ERROR,
-            decision_id,
             policy=name,
             hide_details=hide,
         )
@@ -196,15 +187,12 @@ def decide(
                 allowed=True,
                 status=200,
                 reason=ALLOWED,
-                decision_id=decision_id,
                 policy=name,
                 spiffe_id=subject,
                 headers_to_set=((SPIFFE_ID_HEADER, subject),),
                 headers_to_remove=() if policy.policy.keep_token else (authz.token_header,),
             )
-        result = deny(
-            403, SUBJECT_NOT_ALLOWED, decision_id, policy=name, spiffe_id=subject, hide_details=hide
-        )
+        result = deny(403, SUBJECT_NOT_ALLOWED, policy=name, spiffe_id=subject, hide_details=hide)
     if policy.policy.dry_run:
         # Decide, log and count, but let the request through untouched (except that an unauthenticated request
         # never carries a client-made x-spiffe-id upstream).
@@ -212,7 +200,6 @@ def decide(
             allowed=True,
             status=result.status,
             reason=result.reason,
-            decision_id=decision_id,
             policy=name,
             spiffe_id=result.spiffe_id,
             dry_run=True,
@@ -221,16 +208,13 @@ def decide(
     return result
 
 
-def inject_decision(
-    authz: CompiledAuthz, policy: CompiledPolicy, svid: JwtSvid, decision_id: str
-) -> Decision:
+def inject_decision(authz: CompiledAuthz, policy: CompiledPolicy, svid: JwtSvid) -> Decision:
     """Allow an egress request with a freshly minted JWT-SVID set as its token header.
 
     Args:
         authz: the compiled configuration (token header and prefix, the same ones the ingress side reads).
         policy: the inject-mode policy.
         svid: the JWT-SVID to send.
-        decision_id: the decision's ID.
 
     Returns:
         An allow that overwrites the token header (a token the application sent is replaced, never forwarded
@@ -240,7 +224,6 @@ def inject_decision(
         allowed=True,
         status=200,
         reason=INJECTED,
-        decision_id=decision_id,
         policy=policy.name,
         spiffe_id=str(svid.spiffe_id),
         headers_to_set=((authz.token_header, f"{authz.token_prefix}{svid.token}"),),

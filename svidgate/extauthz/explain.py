@@ -142,7 +142,7 @@ def explain(
             f"inject:   would add a JWT-SVID for {policy.policy.inject_spiffe_id} with audience {audience!r} "
             f"as {compiled.token_header!r} (minted by the running server, not offline)"
         )
-        decision: Decision = Decision(True, 200, "injected", "explain", policy.name)
+        decision: Decision = Decision(True, 200, "injected", policy.name)
     else:
         if policy is not None and policy.policy.require_token:
             try:
@@ -150,7 +150,7 @@ def explain(
                 outcome = validate_jwt_svid(raw, bundles, policy.audiences, now, authz.leeway)
             except (TokenError, JwtSvidError) as err:
                 outcome = err
-        decision = decide(compiled, policy, outcome, "explain")
+        decision = decide(compiled, policy, outcome)
 
     if raw is not None:
         try:

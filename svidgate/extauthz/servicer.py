@@ -26,12 +26,13 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from svidgate.errors import JwtSvidError, SvidgateError
+from svidgate.errors import JwtSvidError
 from svidgate.extauthz.cache import TokenCache
 from svidgate.extauthz.decision import Decision, decide, deny, inject_decision, internal_error
 from svidgate.extauthz.inject import NO_IDENTITY, InjectError, TokenInjector, caller_from_extensions
 from svidgate.extauthz.token import TokenError, extract_token, extract_token_raw
 from svidgate.identity.clock import Clock, system_clock
+from svidgate.identity.jwtsvid import JwtSvid
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -39,8 +40,8 @@ if TYPE_CHECKING:
     from svidgate.extauthz.policy import CompiledAuthz, CompiledPolicy
     from svidgate.extauthz.reload import PolicyHolder
     from svidgate.identity.entitlement import CallerInfo
-    from svidgate.identity.jwtsvid import JwtSvid
     from svidgate.identity.snapshot import SnapshotFeed
+    from svidgate.identity.spiffe_id import SpiffeId
     from svidgate.metrics import Metrics
 
 __all__ = [
@@ -60,6 +61,8 @@ _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # google.rpc.Code: Envoy only looks at OK vs not OK, but the right code helps anyone reading a capture.
 _RPC_CODE_BY_STATUS: Final = {401: 16, 403: 7}  # UNAUTHENTICATED, PERMISSION_DENIED
 _INJECT_UNAVAILABLE: Final = "inject_unavailable"
+#: Memoised (policy, subject) decisions kept per configuration; a bound against unbounded subject sets.
+_MEMO_LIMIT: Final = 10_000
 
 
 def _static_internal_error() -> external_auth_pb2.CheckResponse:
@@ -74,7 +77,11 @@ def _static_internal_error() -> external_auth_pb2.CheckResponse:
 _LAST_RESORT: Final = _static_internal_error()
 
 
-def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+#: Response header of a denial naming the decision, so that a client can quote it to an operator.
+DECISION_ID_HEADER: Final = "x-svidgate-decision-id"
+
+
+def to_check_response(decision: Decision, decision_id: str) -> external_auth_pb2.CheckResponse:
     """Translate a `Decision` into Envoy's `CheckResponse`.
 
     Headers to set use ``OVERWRITE_IF_EXISTS_OR_ADD``: a copy of ``x-spiffe-id`` (or, in inject mode, of the
@@ -82,10 +89,19 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
 
     Args:
         decision: the decision.
+        decision_id: this Check's unique ID (dynamic metadata, and the deny response's
+            ``x-svidgate-decision-id`` header).
 
     Returns:
         The response, with `spiffe_id`, `policy`, `reason`, `decision_id` (and `dry_run`) in dynamic metadata.
     """
+    response = _response_template(decision)
+    _stamp(response, decision, decision_id)
+    return response
+
+
+def _response_template(decision: Decision) -> external_auth_pb2.CheckResponse:
+    """Everything of the response except the per-Check decision ID."""
     response = external_auth_pb2.CheckResponse()
     if decision.allowed:
         ok = response.ok_response
@@ -107,7 +123,6 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
             option.append_action = _OVERWRITE
         denied.body = decision.body
     fields = response.dynamic_metadata.fields
-    fields["decision_id"].string_value = decision.decision_id
     fields["reason"].string_value = decision.reason
     if decision.policy is not None:
         fields["policy"].string_value = decision.policy
@@ -116,6 +131,15 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     if decision.dry_run:
         fields["dry_run"].bool_value = True
     return response
+
+
+def _stamp(response: external_auth_pb2.CheckResponse, decision: Decision, decision_id: str) -> None:
+    response.dynamic_metadata.fields["decision_id"].string_value = decision_id
+    if not decision.allowed:
+        option = response.denied_response.headers.add()
+        option.header.key = DECISION_ID_HEADER
+        option.header.value = decision_id
+        option.append_action = _OVERWRITE
 
 
 class DecisionLog:
@@ -201,6 +225,7 @@ class AuthorizationServicer:
         self.decision_log = DecisionLog()
         self._errors_log = DecisionLog()
         self._decision_counters: dict[tuple[str, str, str, bool], Any] = {}
+        self._memo: tuple[CompiledAuthz | None, dict[tuple[str, SpiffeId], tuple[Decision, Any]]] = (None, {})
 
     # -- the core: plain and synchronous, served by both the aio and the threaded server ---------------------
 
@@ -224,16 +249,25 @@ class AuthorizationServicer:
             http = attributes.request.http
             extensions = attributes.context_extensions
             policy = authz.select(http.host, http.path, http.method, extensions)
+            template = None
             if policy is not None and policy.policy.mode == "inject":
-                decision = self._inject(authz, policy, extensions, peer, decision_id)
+                decision = self._inject(authz, policy, extensions, peer)
+            elif policy is None or not policy.policy.require_token:
+                decision = decide(authz, policy, None)
             else:
-                outcome: JwtSvid | SvidgateError | None = None
-                if policy is not None and policy.policy.require_token:
-                    outcome = self._validate(authz, policy, http)
-                decision = decide(authz, policy, outcome, decision_id)
-            response = to_check_response(decision)
+                outcome = self._validate(authz, policy, http)
+                if isinstance(outcome, JwtSvid):
+                    decision, template = self._memoised(authz, policy, outcome)
+                else:
+                    decision = decide(authz, policy, outcome)
+            if template is None:
+                response = _response_template(decision)
+            else:
+                response = external_auth_pb2.CheckResponse()
+                response.CopyFrom(template)
+            _stamp(response, decision, decision_id)
         except Exception as err:
-            decision = internal_error(decision_id)
+            decision = internal_error()
             if self._errors_log.admit(1.0, 10.0) is not None:
                 log.error(
                     "authz.internal_error",
@@ -241,13 +275,33 @@ class AuthorizationServicer:
                     exc_info=True,
                 )
             try:
-                response = to_check_response(decision)
+                response = to_check_response(decision, decision_id)
             except Exception:
                 response = _LAST_RESORT
-            self._record(decision, None, started)
+            self._record(decision, decision_id, None, started)
             return response
-        self._record(decision, request, started)
+        self._record(decision, decision_id, request, started)
         return response
+
+    def _memoised(
+        self, authz: CompiledAuthz, policy: CompiledPolicy, svid: JwtSvid
+    ) -> tuple[Decision, external_auth_pb2.CheckResponse]:
+        # With a valid token the decision depends only on (configuration, policy, subject), so it is built
+        # once with its response and copied per Check: building both cost more than the token cache lookup.
+        # The memo belongs to one CompiledAuthz: a reload starts a new one, and a thread still deciding with
+        # the old configuration only ever writes into the old configuration's memo.
+        owner, memo = self._memo
+        if owner is not authz:
+            memo = {}
+            self._memo = (authz, memo)
+        key = (policy.name, svid.spiffe_id)
+        entry = memo.get(key)
+        if entry is None:
+            if len(memo) >= _MEMO_LIMIT:
+                memo.clear()
+            decision = decide(authz, policy, svid)
+            entry = memo[key] = (decision, _response_template(decision))
+        return entry
 
     def _validate(
         self, authz: CompiledAuthz, policy: CompiledPolicy, http: Any
@@ -270,11 +324,10 @@ class AuthorizationServicer:
         policy: CompiledPolicy,
         extensions: Mapping[str, str],
         peer: Callable[[], str] | None,
-        decision_id: str,
     ) -> Decision:
         hide = authz.config.hide_details
         if self._injector is None:
-            return deny(403, _INJECT_UNAVAILABLE, decision_id, policy=policy.name, hide_details=hide)
+            return deny(403, _INJECT_UNAVAILABLE, policy=policy.name, hide_details=hide)
         spiffe_id = policy.policy.inject_spiffe_id
         try:
             if spiffe_id is None:
@@ -284,13 +337,17 @@ class AuthorizationServicer:
             audience = extensions.get("audience") or policy.policy.inject_audience or ""
             svid = self._injector.token(spiffe_id, audience)
         except InjectError as err:
-            return deny(403, err.reason, decision_id, policy=policy.name, hide_details=hide)
+            return deny(403, err.reason, policy=policy.name, hide_details=hide)
         if self._metrics is not None:
             self._metrics.authz_tokens_injected.labels(policy.name).inc()
-        return inject_decision(authz, policy, svid, decision_id)
+        return inject_decision(authz, policy, svid)
 
     def _record(
-        self, decision: Decision, request: external_auth_pb2.CheckRequest | None, started: float
+        self,
+        decision: Decision,
+        decision_id: str,
+        request: external_auth_pb2.CheckRequest | None,
+        started: float,
     ) -> None:
         elapsed = time.perf_counter() - started
         metrics = self._metrics
@@ -309,7 +366,7 @@ class AuthorizationServicer:
         if suppressed is None:
             return
         fields: dict[str, object] = {
-            "decision_id": decision.decision_id,
+            "decision_id": decision_id,
             "result": decision.verdict,
             "allowed": decision.allowed,
             "status": decision.status,

@@ -490,13 +490,18 @@ def _ensure_private_dir(path: Path) -> None:
         raise CaError(f"cannot create state directory {path}: {exc.strerror or exc}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise CaError(f"{path} exists and is not a directory")
+    # Private keys live below; other users must not even list the directory.
+    _restrict_mode(path, info, 0o700, "ca.state_dir_permissions_tightened")
+
+
+def _restrict_mode(path: Path, info: os.stat_result, mode: int, event: str) -> None:
+    """Set `path` to `mode` when group or others have any access to it, and log `event` when it did."""
     if stat.S_IMODE(info.st_mode) & 0o077:
-        # Private keys live below; other users must not even list the directory.
         try:
-            path.chmod(0o700)
+            path.chmod(mode)
         except OSError as exc:
-            raise CaError(f"cannot restrict {path} to mode 0700: {exc.strerror or exc}") from None
-        log.warning("ca.state_dir_permissions_tightened", extra={"fields": {"path": str(path)}})
+            raise CaError(f"cannot restrict {path} to mode {mode:04o}: {exc.strerror or exc}") from None
+        log.warning(event, extra={"fields": {"path": str(path)}})
 
 
 def _read_state(path: Path, trust_domain: TrustDomain) -> _State | None:
@@ -508,12 +513,7 @@ def _read_state(path: Path, trust_domain: TrustDomain) -> _State | None:
         raise CaError(f"cannot read CA state {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode):
         raise CaError(f"{path} is not a regular file; refusing to use it as CA state")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        try:
-            path.chmod(0o600)
-        except OSError as exc:
-            raise CaError(f"cannot restrict {path} to mode 0600: {exc.strerror or exc}") from None
-        log.warning("ca.state_file_permissions_tightened", extra={"fields": {"path": str(path)}})
+    _restrict_mode(path, info, 0o600, "ca.state_file_permissions_tightened")
     try:
         raw = path.read_bytes()
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""Key types svidgate generates, their JWT algorithms and their key IDs.
+"""Key types svidgate generates and their key IDs (a key's JWS `alg`: `jwtsvid.jwt_algorithm_for_key`).
 
 Only key types every SPIFFE implementation and Envoy's BoringSSL accept: ECDSA P-256 (the default, as in
 SPIRE), ECDSA P-384 and RSA-2048.
@@ -78,17 +78,6 @@ def key_type_of(private_key: PrivateKeyTypes) -> KeyType:
             return KeyType.RSA_2048
         raise SvidgateError(f"unsupported RSA key size {private_key.key_size}")
     raise SvidgateError(f"unsupported private key type {type(private_key).__name__}")
-
-
-def jwt_algorithm(private_key: PrivateKeyTypes) -> str:
-    """The JWS algorithm a JWT-SVID signed with `private_key` uses (``ES256``, ``ES384`` or ``RS256``).
-
-    Raises:
-        SvidgateError: the key is of a type svidgate does not sign with.
-    """
-    return {KeyType.EC_P256: "ES256", KeyType.EC_P384: "ES384", KeyType.RSA_2048: "RS256"}[
-        key_type_of(private_key)
-    ]
 
 
 def key_id(public_key: PublicKeyTypes) -> str:

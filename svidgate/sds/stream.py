@@ -25,6 +25,21 @@ envoyproxy.io "xDS REST and gRPC protocol"), and what each guards against:
   cluster using it stays warming until `initial_fetch_timeout`, 15 s by default, then starts without it and
   its TLS handshakes fail), which is why the servicer logs it at warning level with the Envoy node. In delta,
   a name the client holds but that disappeared is sent in `removed_resources`.
+- Withdrawal: a name the client holds that stops being servable for good (a config reload took the caller's
+  entitlement away, or a federated trust domain left the snapshot; not ``unavailable``, which is transient).
+  Delta says so in `removed_resources`. SotW has no way to say it: Envoy's SDS ignores a secret left out of a
+  response, and an empty response is NACKed ("Missing SDS resources"). So the SotW stream plans its end
+  (`Step.end_stream`, a `Withdrawn` event) and the servicer closes it with OK. Why this is the safest choice
+  rather than carrying on silently: svidgate's view and Envoy's would otherwise diverge with no trace;
+  ending the stream makes Envoy reconnect and re-subscribe, the name is then refused on the new stream (a
+  ``not_entitled``/``unknown`` warning and metric every time Envoy asks again, and no loop: a new stream
+  never held the name), an Envoy that restarts never gets it, and the withdrawal is one clear log line. What
+  neither delta nor SotW can do is make a running Envoy drop a secret it already holds (its SdsApi ACKs and
+  ignores a delta removal of a singleton secret, and keeps its secret across reconnects): the copy it has
+  is simply never rotated again, so a withdrawn SVID stops working when it expires (`ca.x509_svid_ttl`).
+  Revoking faster than that needs the Envoy restarted or its listener/cluster config changed.
+- Entitlement is re-evaluated on open streams (`on_entitlement`): a reload that grants a name pushes it, one
+  that takes it away withdraws it as above, and a stream whose entitlement did not change sends nothing.
 """
 
 from __future__ import annotations
@@ -110,15 +125,24 @@ class Removed:
     name: str
 
 
-Event = Ack | Nack | StaleNonce | Rejected | Removed
+@dataclass(frozen=True, slots=True)
+class Withdrawn:
+    """SotW only: names the client holds can no longer be served (module docstring); the stream ends."""
+
+    rejections: tuple[Rejection, ...]
+
+
+Event = Ack | Nack | StaleNonce | Rejected | Removed | Withdrawn
 
 
 @dataclass(frozen=True, slots=True)
 class Step(Generic[R]):
-    """The outcome of one input: a response to send (or None) and what to log and count."""
+    """The outcome of one input: a response to send (or None), what to log and count, and whether the
+    stream must now end (with OK; SotW withdrawal, see the module docstring)."""
 
     response: R | None
     events: tuple[Event, ...] = ()
+    end_stream: bool = False
 
 
 def state_version(pairs: Iterable[tuple[str, str]]) -> str:
@@ -170,47 +194,110 @@ class _Reporter:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# State of the world
+# What both flavours share
 # ---------------------------------------------------------------------------------------------------------
 
 
-class SotwStream:
-    """The state of one `StreamSecrets` stream.
+class StreamState(Generic[R]):
+    """The state both flavours keep: the caller, what the client holds, ACK/NACK accounting, reports.
 
-    Args:
-        subscriber: the caller's entitlement and validation flavour (fixed for the stream: the node is taken
-            from the first request, peer credentials from the connection).
-        nonces: the nonce generator (default: a per-stream counter).
+    Subclasses plan responses (`_plan`); everything here behaves the same in SotW and delta.
     """
 
-    __slots__ = (
-        "_in_flight",
-        "_nacked",
-        "_names",
-        "_nonce",
-        "_nonces",
-        "_reporter",
-        "_sent",
-        "_started",
-        "_wildcard",
-        "acked",
-        "subscriber",
-    )
+    __slots__ = ("_held", "_nacked", "_nonces", "_reporter", "_started", "_wildcard", "acked", "subscriber")
 
-    def __init__(self, subscriber: Subscriber, nonces: Callable[[], str] | None = None) -> None:
+    def __init__(self, subscriber: Subscriber, nonces: Callable[[], str] | None) -> None:
         self.subscriber = subscriber
         self._nonces = nonces or counter_nonces()
         self._started = False
         self._wildcard = False
-        self._names: tuple[str, ...] = ()
-        # name -> content version last sent on this stream (what Envoy holds, or was offered and rejected).
-        self._sent: dict[str, str] = {}
-        self._nonce: str | None = None
-        self._in_flight: tuple[tuple[str, str], ...] = ()
+        # name -> content version the client holds as far as this stream knows: what was sent (or offered and
+        # rejected), and in delta also what `initial_resource_versions` claimed.
+        self._held: dict[str, str] = {}
         self._nacked: set[tuple[str, str]] = set()
         self._reporter = _Reporter()
         #: name -> content version Envoy acknowledged last.
         self.acked: dict[str, str] = {}
+
+    def on_snapshot(self, resolver: SecretResolver) -> Step[R]:
+        """A new snapshot was published: plan a push of the subscribed resources whose content changed (and,
+        for what can no longer be served, a delta removal or the SotW stream's end)."""
+        if not self._started:
+            return Step(None)
+        return self._plan(resolver, [])
+
+    def on_entitlement(self, subscriber: Subscriber, resolver: SecretResolver) -> Step[R]:
+        """The caller's entitlement was re-evaluated (config reload): plan what it changes on this stream.
+
+        Args:
+            subscriber: the caller's entitlement under the new rules (validation: the stream's own).
+            resolver: the resolver of the current snapshot.
+
+        Returns:
+            Newly granted names pushed, withdrawn ones removed (delta) or the stream's end (SotW), and any
+            content change of `resolver`'s snapshot; nothing when neither changed.
+        """
+        self.subscriber = subscriber
+        return self.on_snapshot(resolver)
+
+    def _plan(self, resolver: SecretResolver, events: list[Event]) -> Step[R]:
+        raise NotImplementedError
+
+    def _answered(
+        self,
+        nonce: str,
+        pairs: tuple[tuple[str, str], ...],
+        error: tuple[int, str] | None,
+        events: list[Event],
+    ) -> None:
+        """Record Envoy's ACK or NACK of the response `nonce`, which carried `pairs`."""
+        if error is not None:
+            self._nacked.update(pairs)
+            events.append(Nack(nonce, pairs, error[0], error[1]))
+        else:
+            self.acked.update(pairs)
+            events.append(Ack(nonce, pairs))
+
+    def _forget(self, name: str) -> None:
+        # Unsubscribed: Envoy dropped its copy, so a re-subscription gets the content again, NACKed or not.
+        self._held.pop(name, None)
+        self.acked.pop(name, None)
+        self._nacked = {pair for pair in self._nacked if pair[0] != name}
+        self._reporter.forget(name)
+
+    def _changed(self, resolved: SecretResource) -> bool:
+        """True when the client should be sent `resolved` (it holds other content that it did not reject)."""
+        pair = (resolved.name, resolved.version)
+        return self._held.get(pair[0]) != pair[1] and pair not in self._nacked
+
+
+def _withdrawn(rejection: Rejection) -> bool:
+    # "unavailable" is transient (the source has not delivered yet, or an SVID is being re-minted): the client
+    # keeps its copy. Anything else is for good until the configuration or the snapshot changes again.
+    return rejection.reason != "unavailable"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# State of the world
+# ---------------------------------------------------------------------------------------------------------
+
+
+class SotwStream(StreamState[SotwResponse]):
+    """The state of one `StreamSecrets` stream.
+
+    Args:
+        subscriber: the caller's entitlement and validation flavour (the node is taken from the first request,
+            peer credentials from the connection; the entitlement changes on a config reload).
+        nonces: the nonce generator (default: a per-stream counter).
+    """
+
+    __slots__ = ("_in_flight", "_names", "_nonce")
+
+    def __init__(self, subscriber: Subscriber, nonces: Callable[[], str] | None = None) -> None:
+        super().__init__(subscriber, nonces)
+        self._names: tuple[str, ...] = ()
+        self._nonce: str | None = None
+        self._in_flight: tuple[tuple[str, str], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -252,59 +339,52 @@ class SotwStream:
                 return Step(None, (StaleNonce(response_nonce, self._nonce),))
             # Only the first answer to a response is its ACK/NACK; later requests with the same nonce are
             # subscription changes (or Envoy repeating itself) and must not be counted again.
-            if self._in_flight and error is not None:
-                self._nacked.update(self._in_flight)
-                events.append(Nack(response_nonce, self._in_flight, error[0], error[1]))
-            elif self._in_flight:
-                self.acked.update(self._in_flight)
-                events.append(Ack(response_nonce, self._in_flight))
+            if self._in_flight:
+                self._answered(response_nonce, self._in_flight, error, events)
             self._in_flight = ()
         if not self._wildcard:
             self._subscribe(_dedupe(resource_names))
-        return Step(self._plan(resolver, events), tuple(events))
-
-    def on_snapshot(self, resolver: SecretResolver) -> Step[SotwResponse]:
-        """A new snapshot was published: plan a push of the subscribed resources whose content changed."""
-        if not self._started:
-            return Step(None)
-        events: list[Event] = []
-        return Step(self._plan(resolver, events), tuple(events))
+        return self._plan(resolver, events)
 
     def _subscribe(self, names: tuple[str, ...]) -> None:
         keep = set(names)
         for name in self._names:
             if name not in keep:
-                # Unsubscribed: forget it, so that a later re-subscription gets the content again (Envoy
-                # dropped its copy), NACKed or not.
-                self._sent.pop(name, None)
-                self.acked.pop(name, None)
-                self._nacked = {pair for pair in self._nacked if pair[0] != name}
-                self._reporter.forget(name)
+                self._forget(name)
         self._names = names
 
-    def _plan(self, resolver: SecretResolver, events: list[Event]) -> SotwResponse | None:
+    def _plan(self, resolver: SecretResolver, events: list[Event]) -> Step[SotwResponse]:
+        names: Iterable[str] = self._names
         if self._wildcard:
             self._names = resolver.wildcard_names(self.subscriber)
+            # What the client got through the wildcard but that left it (entitlement or trust domain gone).
+            names = dict.fromkeys([*self._names, *self._held])
         to_send: list[SecretResource] = []
-        for name in self._names:
+        withdrawn: list[Rejection] = []
+        for name in names:
             resolved = resolver.resolve(name, self.subscriber)
             if isinstance(resolved, Rejection):
-                # SotW cannot withdraw a secret: Envoy keeps the last one it has (if any) until it
-                # unsubscribes.
-                self._reporter.rejected(resolved, name in self._sent, events)
+                held = name in self._held
+                self._reporter.rejected(resolved, held, events)
+                if held and _withdrawn(resolved):
+                    withdrawn.append(resolved)
                 continue
             self._reporter.resolved(name)
-            if self._sent.get(name) == resolved.version or (name, resolved.version) in self._nacked:
-                continue
-            to_send.append(resolved)
+            if self._changed(resolved):
+                to_send.append(resolved)
+        if withdrawn:
+            # SotW cannot withdraw a secret (module docstring): end the stream; the reconnecting Envoy gets
+            # the full current state on a new one.
+            events.append(Withdrawn(tuple(withdrawn)))
+            return Step(None, tuple(events), end_stream=True)
         if not to_send:
-            return None
+            return Step(None, tuple(events))
         for resource in to_send:
-            self._sent[resource.name] = resource.version
+            self._held[resource.name] = resource.version
         nonce = self._nonces()
         self._nonce = nonce
         self._in_flight = tuple((r.name, r.version) for r in to_send)
-        return SotwResponse(state_version(self._sent.items()), nonce, tuple(to_send))
+        return Step(SotwResponse(state_version(self._held.items()), nonce, tuple(to_send)), tuple(events))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,7 +392,7 @@ class SotwStream:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class DeltaStream:
+class DeltaStream(StreamState[DeltaResponse]):
     """The state of one `DeltaSecrets` stream.
 
     Args:
@@ -320,32 +400,12 @@ class DeltaStream:
         nonces: the nonce generator (default: a per-stream counter).
     """
 
-    __slots__ = (
-        "_client",
-        "_in_flight",
-        "_nacked",
-        "_nonces",
-        "_reporter",
-        "_started",
-        "_subscribed",
-        "_wildcard",
-        "acked",
-        "subscriber",
-    )
+    __slots__ = ("_in_flight", "_subscribed")
 
     def __init__(self, subscriber: Subscriber, nonces: Callable[[], str] | None = None) -> None:
-        self.subscriber = subscriber
-        self._nonces = nonces or counter_nonces()
-        self._started = False
-        self._wildcard = False
+        super().__init__(subscriber, nonces)
         self._subscribed: dict[str, None] = {}
-        # name -> content version the client holds (from initial_resource_versions, then from what we sent).
-        self._client: dict[str, str] = {}
         self._in_flight: OrderedDict[str, tuple[tuple[str, str], ...]] = OrderedDict()
-        self._nacked: set[tuple[str, str]] = set()
-        self._reporter = _Reporter()
-        #: name -> content version Envoy acknowledged last.
-        self.acked: dict[str, str] = {}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -378,17 +438,13 @@ class DeltaStream:
             self._started = True
             # Legacy wildcard: a first request that subscribes to nothing means "everything" (xDS spec).
             self._wildcard = not subscribe
-            self._client = {k: v for k, v in initial_resource_versions.items() if k}
+            self._held = {k: v for k, v in initial_resource_versions.items() if k}
         if response_nonce:
             pairs = self._in_flight.pop(response_nonce, None)
             if pairs is None:
                 events.append(StaleNonce(response_nonce, next(reversed(self._in_flight), "")))
-            elif error is not None:
-                self._nacked.update(pairs)
-                events.append(Nack(response_nonce, pairs, error[0], error[1]))
             else:
-                self.acked.update(pairs)
-                events.append(Ack(response_nonce, pairs))
+                self._answered(response_nonce, pairs, error, events)
         for name in subscribe:
             if name == "*":
                 self._wildcard = True
@@ -399,20 +455,10 @@ class DeltaStream:
                 self._wildcard = False
                 continue
             self._subscribed.pop(name, None)
-            self._client.pop(name, None)
-            self.acked.pop(name, None)
-            self._nacked = {pair for pair in self._nacked if pair[0] != name}
-            self._reporter.forget(name)
-        return Step(self._plan(resolver, events), tuple(events))
+            self._forget(name)
+        return self._plan(resolver, events)
 
-    def on_snapshot(self, resolver: SecretResolver) -> Step[DeltaResponse]:
-        """A new snapshot was published: plan a push of what changed (and removals of what disappeared)."""
-        if not self._started:
-            return Step(None)
-        events: list[Event] = []
-        return Step(self._plan(resolver, events), tuple(events))
-
-    def _plan(self, resolver: SecretResolver, events: list[Event]) -> DeltaResponse | None:
+    def _plan(self, resolver: SecretResolver, events: list[Event]) -> Step[DeltaResponse]:
         names: Iterable[str] = self._subscribed
         if self._wildcard:
             names = dict.fromkeys([*self._subscribed, *resolver.wildcard_names(self.subscriber)])
@@ -422,26 +468,34 @@ class DeltaStream:
         for name in names:
             resolved = resolver.resolve(name, self.subscriber)
             if isinstance(resolved, Rejection):
-                self._reporter.rejected(resolved, name in self._client, events)
-                # "unavailable" is transient (the source has not delivered yet): keep the client's copy.
-                if resolved.reason != "unavailable" and name in self._client:
-                    del self._client[name]
+                self._reporter.rejected(resolved, name in self._held, events)
+                if _withdrawn(resolved) and name in self._held:
+                    del self._held[name]
                     removed.append(name)
                     events.append(Removed(name))
                 continue
             self._reporter.resolved(name)
-            if self._client.get(name) == resolved.version or (name, resolved.version) in self._nacked:
-                continue
-            to_send.append(resolved)
-        # Versions the client claimed (initial_resource_versions) for names it no longer subscribes to.
-        for name in [n for n in self._client if n not in wanted]:
-            del self._client[name]
+            if self._changed(resolved):
+                to_send.append(resolved)
+        for name in [n for n in self._held if n not in wanted]:
+            if self._wildcard:
+                # Held through the wildcard but no longer part of it: removed when that is for good.
+                resolved = resolver.resolve(name, self.subscriber)
+                if isinstance(resolved, Rejection):
+                    if not _withdrawn(resolved):
+                        continue
+                    removed.append(name)
+                    events.append(Removed(name))
+            # Otherwise: versions the client claimed (initial_resource_versions) for names it does not
+            # subscribe to.
+            del self._held[name]
         if not to_send and not removed:
-            return None
+            return Step(None, tuple(events))
         for resource in to_send:
-            self._client[resource.name] = resource.version
+            self._held[resource.name] = resource.version
         nonce = self._nonces()
         self._in_flight[nonce] = tuple((r.name, r.version) for r in to_send)
         while len(self._in_flight) > MAX_IN_FLIGHT:
             self._in_flight.popitem(last=False)
-        return DeltaResponse(state_version(self._client.items()), nonce, tuple(to_send), tuple(removed))
+        response = DeltaResponse(state_version(self._held.items()), nonce, tuple(to_send), tuple(removed))
+        return Step(response, tuple(events))

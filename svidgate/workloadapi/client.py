@@ -8,9 +8,9 @@ crash.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Collection, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -30,6 +30,9 @@ from svidgate.workloadapi.messages import (
 )
 
 __all__ = ["WorkloadApiClient", "WorkloadApiError", "grpc_target"]
+
+
+_T = TypeVar("_T")
 
 
 class WorkloadApiError(SourceError):
@@ -106,55 +109,65 @@ class WorkloadApiClient:
             response_deserializer=response_type.FromString,
         )
 
-    async def _stream(self, method: str, request: Any, response_type: Any) -> AsyncGenerator[Any, None]:
+    async def _watch(
+        self, method: str, request: Any, response_type: Any, parse: Callable[[Any], _T]
+    ) -> AsyncGenerator[_T, None]:
+        """Stream `method`, yielding `parse(response)` for every message.
+
+        Raises:
+            WorkloadApiError: the call failed (with its status code) or the server ended the stream.
+        """
         call = self._unary_stream(method, response_type)(request, metadata=self._metadata)
         try:
             async for response in call:
-                yield response
+                yield parse(response)
         except grpc.aio.AioRpcError as exc:
             raise _error(method, exc) from None
         finally:
             call.cancel()
+        raise WorkloadApiError(f"{method}: the server ended the stream")
 
-    async def watch_x509_context(self) -> AsyncGenerator[X509Context, None]:
+    def watch_x509_context(self) -> AsyncGenerator[X509Context, None]:
         """Stream FetchX509SVID: every update of the caller's X.509-SVIDs and X.509 bundles.
 
         Raises:
             WorkloadApiError: the call failed (with its status code) or the stream ended.
             SvidgateError: an update does not parse (X509SvidError, BundleError).
         """
-        stream = self._stream("FetchX509SVID", workload_pb2.X509SVIDRequest(), workload_pb2.X509SVIDResponse)
-        async for response in stream:
-            yield parse_x509_svid_response(response)
-        raise WorkloadApiError("FetchX509SVID: the server ended the stream")
+        return self._watch(
+            "FetchX509SVID",
+            workload_pb2.X509SVIDRequest(),
+            workload_pb2.X509SVIDResponse,
+            parse_x509_svid_response,
+        )
 
-    async def watch_x509_bundles(self) -> AsyncGenerator[dict[TrustDomain, Bundle], None]:
+    def watch_x509_bundles(self) -> AsyncGenerator[dict[TrustDomain, Bundle], None]:
         """Stream FetchX509Bundles: every update of the X.509 bundles, by trust domain.
 
         Raises:
             WorkloadApiError: the call failed or the stream ended.
             BundleError: an update does not parse.
         """
-        stream = self._stream(
-            "FetchX509Bundles", workload_pb2.X509BundlesRequest(), workload_pb2.X509BundlesResponse
+        return self._watch(
+            "FetchX509Bundles",
+            workload_pb2.X509BundlesRequest(),
+            workload_pb2.X509BundlesResponse,
+            parse_x509_bundles_response,
         )
-        async for response in stream:
-            yield parse_x509_bundles_response(response)
-        raise WorkloadApiError("FetchX509Bundles: the server ended the stream")
 
-    async def watch_jwt_bundles(self) -> AsyncGenerator[dict[TrustDomain, Bundle], None]:
+    def watch_jwt_bundles(self) -> AsyncGenerator[dict[TrustDomain, Bundle], None]:
         """Stream FetchJWTBundles: every update of the JWT bundles (JWT authorities only), by trust domain.
 
         Raises:
             WorkloadApiError: the call failed or the stream ended.
             BundleError: an update does not parse.
         """
-        stream = self._stream(
-            "FetchJWTBundles", workload_pb2.JWTBundlesRequest(), workload_pb2.JWTBundlesResponse
+        return self._watch(
+            "FetchJWTBundles",
+            workload_pb2.JWTBundlesRequest(),
+            workload_pb2.JWTBundlesResponse,
+            parse_jwt_bundles_response,
         )
-        async for response in stream:
-            yield parse_jwt_bundles_response(response)
-        raise WorkloadApiError("FetchJWTBundles: the server ended the stream")
 
     async def fetch_x509_context(self) -> X509Context:
         """The first FetchX509SVID message (then the stream is closed).

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
@@ -78,6 +78,35 @@ def _fail(code: grpc.StatusCode, details: str, reason: str) -> NoReturn:
     raise _RpcFailure(code, details, reason)
 
 
+def _streaming_rpc(
+    method: str, responses: str, doc: str
+) -> Callable[[WorkloadApiServicer, Any, _Context], AsyncGenerator[Any, None]]:
+    """A server-streaming RPC of `WorkloadApiServicer`: `_serve_stream(method)` over its `responses` method.
+
+    The RPC must stay an async generator function: grpc.aio and the server's interceptors tell a streaming
+    handler by that.
+
+    Args:
+        method: the RPC's name (for logs and metrics).
+        responses: the name of the servicer method that builds a message from (caller, snapshot).
+        doc: the RPC's docstring.
+    """
+
+    async def rpc(self: WorkloadApiServicer, request: Any, context: _Context) -> AsyncGenerator[Any, None]:
+        # aclosing: when the client goes away or the server drains, the inner generator's cleanup (metrics,
+        # logs) runs now rather than whenever the garbage collector finalises it.
+        async with contextlib.aclosing(
+            self._serve_stream(method, context, getattr(self, responses))
+        ) as stream:
+            async for response in stream:
+                yield response
+
+    rpc.__name__ = method
+    rpc.__qualname__ = f"WorkloadApiServicer.{method}"
+    rpc.__doc__ = doc
+    return rpc
+
+
 class WorkloadApiServicer:
     """The SPIFFE Workload API (`SpiffeWorkloadAPI`) served from an identity snapshot feed.
 
@@ -130,31 +159,21 @@ class WorkloadApiServicer:
 
     # -- the five RPCs ---------------------------------------------------------------------------------------
 
-    async def FetchX509SVID(self, request: Any, context: _Context) -> AsyncIterator[Any]:
-        """Stream the caller's X.509-SVIDs (default first), their bundles and the federated bundles."""
-        # aclosing: when the client goes away or the server drains, the inner generator's cleanup (metrics,
-        # logs) runs now rather than whenever the garbage collector finalises it.
-        async with contextlib.aclosing(
-            self._serve_stream("FetchX509SVID", context, self._x509_svid_responses)
-        ) as responses:
-            async for response in responses:
-                yield response
-
-    async def FetchX509Bundles(self, request: Any, context: _Context) -> AsyncIterator[Any]:
-        """Stream the X.509 bundles of every trust domain (own and federated)."""
-        async with contextlib.aclosing(
-            self._serve_stream("FetchX509Bundles", context, self._x509_bundles_responses)
-        ) as responses:
-            async for response in responses:
-                yield response
-
-    async def FetchJWTBundles(self, request: Any, context: _Context) -> AsyncIterator[Any]:
-        """Stream the JWT bundles (one JWKS per trust domain)."""
-        async with contextlib.aclosing(
-            self._serve_stream("FetchJWTBundles", context, self._jwt_bundles_responses)
-        ) as responses:
-            async for response in responses:
-                yield response
+    FetchX509SVID = _streaming_rpc(
+        "FetchX509SVID",
+        "_x509_svid_responses",
+        "Stream the caller's X.509-SVIDs (default first), their bundles and the federated bundles.",
+    )
+    FetchX509Bundles = _streaming_rpc(
+        "FetchX509Bundles",
+        "_x509_bundles_responses",
+        "Stream the X.509 bundles of every trust domain (own and federated).",
+    )
+    FetchJWTBundles = _streaming_rpc(
+        "FetchJWTBundles",
+        "_jwt_bundles_responses",
+        "Stream the JWT bundles (one JWKS per trust domain).",
+    )
 
     async def FetchJWTSVID(self, request: Any, context: _Context) -> Any:
         """Mint JWT-SVIDs for the requested audience: for every entitled identity, or the one requested."""

@@ -1,5 +1,6 @@
-"""Helpers for the runtime's component tests: a config on disk, a whole server in-process or as a subprocess,
-and small real clients (SDS stream, Check, Workload API, HTTP scrape).
+"""Helpers for the runtime's component tests: a config on disk (`Layout`), a whole server as a subprocess,
+and small real clients (SDS stream, Check, Workload API, HTTP scrape). A whole server in-process:
+`tests.support.server.running_server(layout.config)`.
 
 Every server listens on 127.0.0.1 port 0 and on unix sockets in a short private directory (unix socket paths
 are limited to 108 bytes, and pytest's tmp_path can be longer than that).
@@ -11,15 +12,13 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,9 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.rpc import status_pb2
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from svidgate._gen import workload_pb2, workload_pb2_grpc
-from svidgate.config import load_config
 from svidgate.server import Server
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -45,16 +42,6 @@ BACKEND = "spiffe://example.org/backend"
 APP = "spiffe://example.org/app"
 AUDIENCE = "backend"
 WORKLOAD_HEADER = (("workload.spiffe.io", "true"),)
-
-
-@contextlib.contextmanager
-def short_dir() -> Iterator[Path]:
-    """A private directory with a short path, removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -130,18 +117,6 @@ def write_config(layout: Layout, **kwargs: Any) -> Path:
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config.write_text(config_text(layout, **kwargs))
     return layout.config
-
-
-@contextlib.asynccontextmanager
-async def running_server(layout: Layout, registry: CollectorRegistry | None = None) -> AsyncIterator[Server]:
-    """A whole svidgate on this event loop, from `layout.config`; drained on exit."""
-    config = load_config(layout.config)
-    server = Server(config, layout.config, registry=registry or CollectorRegistry())
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop("test")
 
 
 def tcp_grpc_target(server: Server) -> str:

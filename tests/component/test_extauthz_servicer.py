@@ -158,6 +158,11 @@ async def test_allow(stub: Any, ca: TestCA) -> None:
     assert md["policy"] == "api"
     assert md["reason"] == "allowed"
     assert len(md["decision_id"]) == 16
+    # The second answer is copied from the memoised template: same content, its own decision ID.
+    again = await stub.Check(request(token))
+    assert ok_headers(again) == ok_headers(response)
+    assert metadata(again)["decision_id"] != md["decision_id"]
+    assert len(again.ok_response.headers) == 1
 
 
 async def test_federated_trust_domain_allowed_by_glob(stub: Any, partner: TestCA) -> None:
@@ -197,6 +202,7 @@ async def test_denials_are_responses_not_rpc_errors(
     assert f'"reason":"{reason}"' in response.denied_response.body
     headers = {h.header.key: h.header.value for h in response.denied_response.headers}
     assert ("www-authenticate" in headers) is (status == 401)
+    assert headers["x-svidgate-decision-id"] == metadata(response)["decision_id"]
 
 
 async def test_duplicate_header_via_raw_headers(stub: Any, ca: TestCA) -> None:
@@ -267,7 +273,8 @@ async def test_hot_reload_changes_the_decision(
     holder.swap(
         authz_config(CONFIG.replace("allow: [spiffe://example.org/web,", "allow: [spiffe://example.org/db,"))
     )
-    assert (await stub.Check(request(token))).status.code == 0
+    for _ in range(2):
+        assert (await stub.Check(request(token))).status.code == 0
     assert holder.generation == 1
 
 

@@ -14,7 +14,6 @@ import base64
 import io
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -32,21 +31,19 @@ from tests.component.runtime_support import (
     SdsStream,
     check,
     fetch_jwt_svid,
-    running_server,
     sds_request,
-    short_dir,
     tcp_grpc_target,
     workload_channel,
     write_config,
 )
+from tests.support.server import running_server
 
 
 @pytest.fixture
-def layout() -> Iterator[Layout]:
-    with short_dir() as root:
-        layout = Layout(root)
-        write_config(layout, log_level="debug")
-        yield layout
+def layout(layout: Layout) -> Layout:
+    """The shared layout (tests/component/conftest.py), logging at debug level."""
+    write_config(layout, log_level="debug")
+    return layout
 
 
 def _key_der(pem_or_der: bytes) -> bytes:
@@ -91,7 +88,7 @@ async def test_no_key_material_or_token_in_the_logs_of_a_full_run(
     tokens: list[str] = []
     try:
         async with (
-            running_server(layout) as server,
+            running_server(layout.config) as server,
             grpc.aio.insecure_channel(f"unix:{layout.sds_socket}") as sds_channel,
             grpc.aio.insecure_channel(tcp_grpc_target(server)) as tcp_channel,
             workload_channel(layout) as wl_channel,

@@ -4,11 +4,9 @@ Workload API calls. Series values are checked, not just names."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import grpc
 import grpc.aio
-import pytest
 from prometheus_client import CollectorRegistry
 
 from svidgate.metrics import CHECK_BUCKETS, Metrics
@@ -21,33 +19,23 @@ from tests.component.runtime_support import (
     SdsStream,
     check,
     fetch_jwt_svid,
-    running_server,
     scrape,
     sds_request,
-    short_dir,
     tcp_grpc_target,
     value,
     workload_channel,
-    write_config,
 )
+from tests.support.server import running_server
 
 AUTHZ = "envoy.service.auth.v3.Authorization"
 SDS = "envoy.service.secret.v3.SecretDiscoveryService"
-
-
-@pytest.fixture
-def layout() -> Iterator[Layout]:
-    with short_dir() as root:
-        layout = Layout(root)
-        write_config(layout)
-        yield layout
 
 
 async def test_series_after_real_traffic(layout: Layout) -> None:
     from svidgate._gen import workload_pb2, workload_pb2_grpc
 
     async with (
-        running_server(layout, CollectorRegistry()) as server,
+        running_server(layout.config, CollectorRegistry()) as server,
         grpc.aio.insecure_channel(f"unix:{layout.sds_socket}") as sds_channel,
         grpc.aio.insecure_channel(tcp_grpc_target(server)) as tcp_channel,
         workload_channel(layout) as wl_channel,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -24,18 +24,11 @@ from tests.component.runtime_support import (
     check,
     fetch_jwt_svid,
     sds_request,
-    short_dir,
     workload_channel,
     write_config,
 )
 
 GRACE = 5.0
-
-
-@pytest.fixture
-def layout() -> Iterator[Layout]:
-    with short_dir() as root:
-        yield Layout(root)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,24 +16,14 @@ from svidgate.server import HttpEndpoint, Server
 from tests.component.runtime_support import (
     Layout,
     http_get,
-    running_server,
-    short_dir,
     tcp_grpc_target,
     workload_channel,
-    write_config,
 )
-
-
-@pytest.fixture
-def layout() -> Iterator[Layout]:
-    with short_dir() as root:
-        layout = Layout(root)
-        write_config(layout)
-        yield layout
+from tests.support.server import running_server
 
 
 async def test_healthz_readyz_and_metrics(layout: Layout) -> None:
-    async with running_server(layout) as server:
+    async with running_server(layout.config) as server:
         port = server.http_port
         assert port
         status, body, _ = await asyncio.to_thread(http_get, port, "/healthz")
@@ -80,7 +69,7 @@ async def test_readiness_goes_false_when_draining(layout: Layout) -> None:
 
 
 async def test_bad_requests_do_not_hurt_the_listener(layout: Layout) -> None:
-    async with running_server(layout) as server:
+    async with running_server(layout.config) as server:
         assert server.http_port
         reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
         writer.write(b"garbage\r\n\r\n")
@@ -92,7 +81,7 @@ async def test_bad_requests_do_not_hurt_the_listener(layout: Layout) -> None:
 
 
 async def test_grpc_health_per_service(layout: Layout) -> None:
-    async with running_server(layout) as server:
+    async with running_server(layout.config) as server:
         async with grpc.aio.insecure_channel(tcp_grpc_target(server)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for service in (
@@ -124,7 +113,7 @@ async def _reflection_services(target: str) -> list[str]:
 
 
 async def test_reflection_is_off_by_default_and_on_behind_the_switch(layout: Layout) -> None:
-    async with running_server(layout) as server:
+    async with running_server(layout.config) as server:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _reflection_services(tcp_grpc_target(server))
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -132,7 +121,7 @@ async def test_reflection_is_off_by_default_and_on_behind_the_switch(layout: Lay
         "  config_poll_interval:", "  reflection: true\n  config_poll_interval:"
     )
     Path(layout.config).write_text(text)
-    async with running_server(layout) as server:
+    async with running_server(layout.config) as server:
         names = await _reflection_services(tcp_grpc_target(server))
         assert "envoy.service.secret.v3.SecretDiscoveryService" in names
         assert "envoy.service.auth.v3.Authorization" in names

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from svidgate.config import load_config
 from svidgate.server import ListenerError, Server, UnixSocketClaim
-from tests.component.runtime_support import Layout, running_server, short_dir, write_config
-
-
-@pytest.fixture
-def layout() -> Iterator[Layout]:
-    with short_dir() as root:
-        layout = Layout(root)
-        write_config(layout)
-        yield layout
+from tests.component.runtime_support import Layout
+from tests.support.server import running_server
 
 
 def _mode(path: Path) -> int:
@@ -37,7 +29,7 @@ def _crashed_socket(path: Path) -> None:
 
 
 async def test_sockets_have_safe_modes_and_are_removed_on_exit(layout: Layout) -> None:
-    async with running_server(layout):
+    async with running_server(layout.config):
         assert stat.S_ISSOCK(os.lstat(layout.sds_socket).st_mode)
         assert _mode(layout.sds_socket) == 0o660
         assert _mode(layout.workload_socket) == 0o660
@@ -50,7 +42,7 @@ async def test_sockets_have_safe_modes_and_are_removed_on_exit(layout: Layout) -
 async def test_existing_directory_keeps_its_mode(layout: Layout) -> None:
     layout.run.mkdir(mode=0o755)
     os.chmod(layout.run, 0o755)  # noqa: S103 -- the operator's choice, which svidgate must keep
-    async with running_server(layout):
+    async with running_server(layout.config):
         assert _mode(layout.run) == 0o755
         assert _mode(layout.sds_socket) == 0o660
 
@@ -58,14 +50,14 @@ async def test_existing_directory_keeps_its_mode(layout: Layout) -> None:
 async def test_stale_socket_from_a_crash_does_not_block_the_start(layout: Layout) -> None:
     _crashed_socket(layout.sds_socket)
     _crashed_socket(layout.workload_socket)
-    async with running_server(layout):
+    async with running_server(layout.config):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.connect(str(layout.sds_socket))  # the new server accepts
         probe.close()
 
 
 async def test_second_instance_on_the_same_socket_is_refused(layout: Layout) -> None:
-    async with running_server(layout):
+    async with running_server(layout.config):
         second = Server(load_config(layout.config), layout.config, registry=CollectorRegistry())
         with pytest.raises(ListenerError, match="another svidgate instance is already serving"):
             await second.start()
@@ -128,5 +120,5 @@ async def test_failed_start_cleans_up_what_it_bound(layout: Layout) -> None:
     assert not layout.sds_socket.exists()
     # ... and the next start (once the path is fixed) works.
     layout.workload_socket.unlink()
-    async with running_server(layout):
+    async with running_server(layout.config):
         assert layout.sds_socket.exists()

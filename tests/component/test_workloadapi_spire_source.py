@@ -21,7 +21,8 @@ from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.jwtsvid import validate_jwt_svid
 from svidgate.identity.snapshot import IdentitySnapshot
 from svidgate.workloadapi.spire_source import SpireSource
-from tests.support.workloadapi import APP, APP_ADMIN, TRUST_DOMAIN, Harness, serve_workload_api, short_tempdir
+from tests.support.tempdir import short_dir
+from tests.support.workloadapi import APP, APP_ADMIN, TRUST_DOMAIN, Harness, serve_workload_api
 
 
 async def connect(endpoint: str, ready_timeout: float = 10, clock: Clock = system_clock) -> SpireSource:
@@ -74,7 +75,7 @@ async def test_connect_publishes_the_agents_svids_and_bundles() -> None:
 
 
 async def test_connect_fails_cleanly_when_no_agent_answers() -> None:
-    with short_tempdir() as directory, pytest.raises(SourceError, match=r"no X\.509-SVID within"):
+    with short_dir("wl-") as directory, pytest.raises(SourceError, match=r"no X\.509-SVID within"):
         await connect(str(directory / "absent.sock"), ready_timeout=0.2)
 
 
@@ -94,7 +95,7 @@ async def test_run_follows_rotations() -> None:
 
 
 async def test_keeps_the_last_snapshot_while_the_agent_is_away_and_reconnects() -> None:
-    with short_tempdir() as directory:
+    with short_dir("wl-") as directory:
         async with serve_workload_api(directory=directory) as agent:
             source = await connect(str(agent.socket))
             first_ca = agent.ca.bundle().x509_authorities

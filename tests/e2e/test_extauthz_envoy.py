@@ -207,6 +207,13 @@ def test_health_needs_no_token_and_strips_forged_identity(world: World) -> None:
     assert json.loads(seen["x-spiffe-id-all"]) == []
 
 
+def test_path_is_normalised_before_policy_matching(world: World) -> None:
+    # /healthz needs no token, but /healthz/../orders is /orders once Envoy normalises it (normalize_path in
+    # envoy.yaml), so it gets the backend policy and its 401, not the health policy's free pass.
+    status, _ = world.get("closed", path="/healthz/../orders")
+    assert status == 401
+
+
 def test_hot_reload_changes_a_decision_without_dropping_requests(world: World) -> None:
     token = world.ca.create_jwt_svid("spiffe://example.org/db", ["backend"])
     stop = threading.Event()

@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from svidgate.config import load_config
-from svidgate.server import Server
+from svidgate.demo import load_example_backend
 from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+from tests.support.server import running_server
+from tests.support.tempdir import short_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -39,20 +35,10 @@ EXAMPLE = EXAMPLES / "inject"
 FRONTEND = "spiffe://example.org/frontend"
 
 
-def _load_example_backend() -> ModuleType:
-    """The example's own backend.py (the directory name is not a package name, so load it by path)."""
-    spec = importlib.util.spec_from_file_location("inject_example_backend", EXAMPLE / "backend.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @contextlib.contextmanager
 def backend_app() -> Iterator[Any]:
     """Run envoy-examples/inject/backend.py on a free port; yield its server (``.received``: headers)."""
-    server = _load_example_backend().make_server(port=0)
+    server = load_example_backend().make_server(port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -61,16 +47,6 @@ def backend_app() -> Iterator[Any]:
         server.shutdown()
         server.server_close()
         thread.join()
-
-
-@contextlib.contextmanager
-def short_dir() -> Iterator[Path]:
-    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="inj-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
@@ -82,12 +58,8 @@ async def svidgate(directory: Path) -> AsyncIterator[Path]:
     config_path.write_text(
         render_template(EXAMPLE / "svidgate.yaml", run_dir=run_dir, state_dir=state_dir, uid=os.getuid())
     )
-    server = Server(load_config(config_path), config_path, registry=CollectorRegistry())
-    await server.start()
-    try:
+    async with running_server(config_path):
         yield run_dir / "svidgate.sock"
-    finally:
-        await server.stop("test over")
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
@@ -100,7 +72,7 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]
 
 
 async def test_backend_sees_the_callers_spiffe_id_without_the_app_sending_a_token(tmp_path: Path) -> None:
-    with short_dir() as directory, backend_app() as backend:
+    with short_dir("inj-") as directory, backend_app() as backend:
         async with svidgate(directory) as socket:
             ingress_config = render_template(
                 EXAMPLE / "ingress-envoy.yaml",

@@ -33,7 +33,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from svidgate.identity.bundle import Bundle
 from svidgate.identity.clock import FakeClock
-from svidgate.identity.keys import KeyType, SigningKey, generate_private_key, jwt_algorithm, key_id
+from svidgate.identity.jwtsvid import jwt_algorithm_for_key
+from svidgate.identity.keys import KeyType, SigningKey, generate_private_key, key_id
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
 
@@ -321,7 +322,7 @@ class TestCA:
         """
         signing_key = key if key is not None else self.jwt_key
         if header is None:
-            alg = jwt_algorithm(signing_key) if not isinstance(signing_key, bytes) else "HS256"
+            alg = jwt_algorithm_for_key(signing_key) if not isinstance(signing_key, bytes) else "HS256"
             header = {"alg": alg, "kid": self.jwt_kid, "typ": "JWT"}
         full_header = {k: v for k, v in {**header, **(extra_header or {})}.items() if k not in drop_header}
         if claims is None:

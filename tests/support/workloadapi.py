@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.metrics import Metrics
 from svidgate.peercred import PeerCredFront, PeerRegistry
 from svidgate.workloadapi.server import MintJwtSvid, WorkloadApiServicer
+from tests.support.tempdir import short_dir
 
 TRUST_DOMAIN = TrustDomain("example.org")
 APP = SpiffeId.parse("spiffe://example.org/app")
@@ -52,16 +51,6 @@ def default_workloads() -> tuple[Workload, ...]:
         Workload(OTHER, (uid_selector(os.getuid() + 1),)),
         Workload(APP_ADMIN, (uid_selector(), gid_selector()), hint="admin"),
     )
-
-
-@contextlib.contextmanager
-def short_tempdir() -> Iterator[Path]:
-    """A short directory path: unix socket paths are limited to 107 bytes, and pytest's tmp_path is long."""
-    path = Path(tempfile.mkdtemp(prefix="wl-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -122,7 +111,7 @@ async def serve_workload_api(
     source = BuiltinSource(ca, workloads, None, clock)
     with contextlib.ExitStack() as stack:
         if directory is None:
-            directory = stack.enter_context(short_tempdir())
+            directory = stack.enter_context(short_dir("wl-"))
         inner_dir = directory / "inner"
         inner_dir.mkdir(mode=0o700, exist_ok=True)
         inner = inner_dir / "wl.sock"

@@ -44,7 +44,7 @@ def _authz(**policy: object) -> CompiledAuthz:
 
 def test_allow_sets_spiffe_id_and_removes_token() -> None:
     authz = _authz()
-    d = decide(authz, authz.policies[0], _svid(), "id1")
+    d = decide(authz, authz.policies[0], _svid())
     assert (d.allowed, d.status, d.reason, d.policy, d.spiffe_id) == (True, 200, ALLOWED, "api", WEB)
     assert d.headers_to_set == (("x-spiffe-id", WEB),)
     assert d.headers_to_remove == ("authorization",)
@@ -53,15 +53,15 @@ def test_allow_sets_spiffe_id_and_removes_token() -> None:
 
 def test_keep_token() -> None:
     authz = _authz(keep_token=True)
-    assert decide(authz, authz.policies[0], _svid(), "i").headers_to_remove == ()
+    assert decide(authz, authz.policies[0], _svid()).headers_to_remove == ()
 
 
 def test_subject_not_allowed_is_403_without_challenge() -> None:
     authz = _authz()
-    d = decide(authz, authz.policies[0], _svid("spiffe://example.org/other"), "id2")
+    d = decide(authz, authz.policies[0], _svid("spiffe://example.org/other"))
     assert (d.allowed, d.status, d.reason) == (False, 403, SUBJECT_NOT_ALLOWED)
     assert "www-authenticate" not in dict(d.response_headers)
-    assert json.loads(d.body) == {"error": "forbidden", "reason": SUBJECT_NOT_ALLOWED, "decision_id": "id2"}
+    assert json.loads(d.body) == {"error": "forbidden", "reason": SUBJECT_NOT_ALLOWED}
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_token_errors_are_401_with_rfc6750_challenge(
     error: TokenError | JwtSvidError, challenge: str
 ) -> None:
     authz = _authz()
-    d = decide(authz, authz.policies[0], error, "id3")
+    d = decide(authz, authz.policies[0], error)
     assert (d.allowed, d.status, d.reason) == (False, 401, error.reason)
     headers = dict(d.response_headers)
     assert headers["www-authenticate"] == challenge
@@ -90,23 +90,23 @@ def test_token_errors_are_401_with_rfc6750_challenge(
 
 def test_hide_details_keeps_reason_out_of_body_only() -> None:
     authz = _authz(hide_details=True)
-    d = decide(authz, authz.policies[0], JwtSvidError("expired", "x"), "id4")
-    assert json.loads(d.body) == {"error": "unauthorized", "decision_id": "id4"}
+    d = decide(authz, authz.policies[0], JwtSvidError("expired", "x"))
+    assert json.loads(d.body) == {"error": "unauthorized"}
     assert d.reason == "expired"
 
 
 def test_no_policy_default_deny_and_allow() -> None:
     deny_all = compile_authz(AuthzConfig())
-    d = decide(deny_all, None, None, "i")
+    d = decide(deny_all, None, None)
     assert (d.allowed, d.status, d.reason) == (False, 403, NO_MATCHING_POLICY)
     allow_all = compile_authz(AuthzConfig(default="allow"))
-    d = decide(allow_all, None, None, "i")
+    d = decide(allow_all, None, None)
     assert (d.allowed, d.reason, d.headers_to_remove) == (True, DEFAULT_ALLOW, ("x-spiffe-id",))
 
 
 def test_require_token_false_allows_without_identity() -> None:
     authz = _authz(require_token=False, audiences=(), allow=())
-    d = decide(authz, authz.policies[0], None, "i")
+    d = decide(authz, authz.policies[0], None)
     assert (d.allowed, d.reason, d.spiffe_id) == (True, NO_TOKEN_REQUIRED, None)
     assert d.headers_to_set == ()
     assert d.headers_to_remove == ("x-spiffe-id",)  # a client-made x-spiffe-id never reaches upstream
@@ -121,7 +121,7 @@ def test_require_token_false_allows_without_identity() -> None:
 )
 def test_dry_run_allows_but_reports(outcome: JwtSvid | JwtSvidError, reason: str, status: int) -> None:
     authz = _authz(dry_run=True)
-    d = decide(authz, authz.policies[0], outcome, "i")
+    d = decide(authz, authz.policies[0], outcome)
     assert (d.allowed, d.dry_run, d.reason, d.status, d.verdict) == (True, True, reason, status, "deny")
     assert d.headers_to_set == ()
     assert d.headers_to_remove == ("x-spiffe-id",)
@@ -129,18 +129,18 @@ def test_dry_run_allows_but_reports(outcome: JwtSvid | JwtSvidError, reason: str
 
 def test_dry_run_allow_is_a_normal_allow() -> None:
     authz = _authz(dry_run=True)
-    d = decide(authz, authz.policies[0], _svid(), "i")
+    d = decide(authz, authz.policies[0], _svid())
     assert (d.allowed, d.dry_run, d.headers_to_set) == (True, False, (("x-spiffe-id", WEB),))
 
 
 def test_internal_error_denies() -> None:
-    d = internal_error("i")
+    d = internal_error()
     assert (d.allowed, d.status, d.reason) == (False, 403, "internal_error")
 
 
 def test_inject_decision_overwrites_token_header() -> None:
     authz = _authz()
-    d = inject_decision(authz, authz.policies[0], _svid(), "i")
+    d = inject_decision(authz, authz.policies[0], _svid())
     assert d.allowed
     assert d.headers_to_set == (("authorization", "Bearer a.b.c"),)
     assert d.spiffe_id == WEB

@@ -6,6 +6,8 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from svidgate.config import AllowRule, AuthzConfig, Policy, PolicyMatch
 from svidgate.errors import ConfigError
@@ -147,3 +149,11 @@ def test_compile_rejects_bad_allow_value() -> None:
 def test_compile_rejects_empty_token_header() -> None:
     with pytest.raises(ConfigError, match="token_header"):
         compile_authz(AuthzConfig(token_header=" "))
+
+
+@given(st.text(max_size=100))
+def test_normalize_host_lowercases_and_strips_ports(host: str) -> None:
+    assume(not host.strip().startswith("["))  # bracketed IPv6 literals are covered by the table above
+    once = normalize_host(host)
+    assert once == once.lower() or not once.isascii()
+    assert ":" not in once or once.count(":") > 1  # only a bare IPv6 address keeps colons

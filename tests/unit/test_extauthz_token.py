@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from svidgate.extauthz.token import (
     DUPLICATE_TOKEN,
@@ -74,3 +76,14 @@ def test_raw_header_list_detects_repeats() -> None:
     assert info.value.reason == DUPLICATE_TOKEN
     with pytest.raises(TokenError, match=MISSING_TOKEN):
         extract_token_raw([("accept", "*/*")], "authorization", "Bearer ")
+
+
+@given(st.text(max_size=300), st.sampled_from(["Bearer ", "", "Token "]))
+def test_any_header_value_yields_a_token_or_a_token_error(value: str, prefix: str) -> None:
+    try:
+        token = extract_token({"authorization": value}, "authorization", prefix)
+    except TokenError as err:
+        assert err.reason in (MISSING_TOKEN, DUPLICATE_TOKEN, MALFORMED_TOKEN)
+    else:
+        assert token.count(".") == 2
+        assert token in value

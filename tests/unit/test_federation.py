@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import threading
 import time
@@ -27,20 +26,10 @@ from svidgate.identity.sources.federation import (
 )
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from tests.support.ca import TestCA
+from tests.support.files import replace_file
 
 OWN = TrustDomain("example.org")
 OTHER = TrustDomain("other.org")
-
-
-def write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(1_800_000_000.0)
 
 
 @pytest.fixture
@@ -75,7 +64,7 @@ def file_federation(path: Path, clock: FakeClock) -> FederatedBundles:
 
 def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, other_ca: TestCA) -> None:
     path = tmp_path / "other.json"
-    write(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 1)))
+    replace_file(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 1)))
     federation = file_federation(path, clock)
     assert federation.bundles() == {}
     assert federation.refresh({}) is True
@@ -84,7 +73,7 @@ def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, oth
     assert federation.refresh({}) is False  # not due
     clock.advance(5)
     assert federation.refresh({}) is False  # due, unchanged
-    write(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 2)))
+    replace_file(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 2)))
     clock.advance(5)
     assert federation.refresh({}) is True
     assert federation.bundles()[OTHER].sequence == 2
@@ -94,11 +83,11 @@ def test_bad_bundle_file_keeps_the_last_bundle(
     tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "other.pem"
-    write(path, pem_bundle(other_ca.bundle()))
+    replace_file(path, pem_bundle(other_ca.bundle()))
     federation = file_federation(path, clock)
     federation.refresh({})
     good = federation.bundles()[OTHER]
-    write(path, b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    replace_file(path, b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             clock.advance(5)
@@ -115,11 +104,11 @@ def test_lower_sequence_is_ignored(
     tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "other.json"
-    write(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 7)))
+    replace_file(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 7)))
     federation = file_federation(path, clock)
     federation.refresh({})
     rotated = TestCA(OTHER)
-    write(path, spiffe_bundle_json(with_sequence(rotated.bundle(), 6)))
+    replace_file(path, spiffe_bundle_json(with_sequence(rotated.bundle(), 6)))
     clock.advance(5)
     with caplog.at_level(logging.WARNING):
         assert federation.refresh({}) is False

@@ -14,6 +14,7 @@ from svidgate.sds.stream import (
     Removed,
     SotwStream,
     StaleNonce,
+    Withdrawn,
     state_version,
 )
 from tests.component.sds_fixtures import BACKEND, FRONTEND, TD, Identities
@@ -231,6 +232,98 @@ def test_delta_wildcard(ids: Identities) -> None:
     step = DeltaStream(SUB).on_request([], [], {}, "", None, resolver(ids.snapshot()))
     assert step.response is not None
     assert names(step.response) == [str(FRONTEND), "spiffe://example.org", "spiffe://partner.test"]
+
+
+# -- entitlement changes and withdrawal ----------------------------------------------------------------------
+
+BOTH = Subscriber((FRONTEND, BACKEND), "spiffe")
+
+
+def test_sotw_entitlement_grant_pushes_only_the_new_name(ids: Identities) -> None:
+    res = resolver(ids.snapshot())
+    stream = SotwStream(SUB)
+    first = stream.on_request(["default", str(BACKEND)], "", "", None, res).response
+    assert first is not None
+    assert names(first) == ["default"]
+    stream.on_request(["default", str(BACKEND)], "", first.nonce, None, res)
+    assert stream.on_entitlement(SUB, res).response is None  # unchanged: nothing
+    granted = stream.on_entitlement(BOTH, res)
+    assert granted.response is not None
+    assert names(granted.response) == [str(BACKEND)]
+    assert not granted.end_stream
+
+
+def test_sotw_withdrawal_ends_the_stream(ids: Identities) -> None:
+    res = resolver(ids.snapshot())
+    stream = SotwStream(BOTH)
+    first = stream.on_request(["default", str(BACKEND)], "", "", None, res).response
+    assert first is not None
+    step = stream.on_entitlement(SUB, res)
+    assert step.end_stream
+    assert step.response is None
+    withdrawn = [e for e in step.events if isinstance(e, Withdrawn)]
+    assert [(r.name, r.reason) for r in withdrawn[0].rejections] == [(str(BACKEND), "not_entitled")]
+    rejected = [e for e in step.events if isinstance(e, Rejected)]
+    assert rejected[0].previously_served
+
+
+def test_sotw_unavailable_is_transient_not_a_withdrawal(ids: Identities) -> None:
+    stream = SotwStream(SUB)
+    assert stream.on_request(["default"], "", "", None, resolver(ids.snapshot())).response is not None
+    # The SVID is missing from one snapshot (being re-minted): Envoy keeps its copy, the stream goes on.
+    step = stream.on_snapshot(resolver(ids.snapshot(ids=())))
+    assert not step.end_stream
+    assert step.response is None
+    assert isinstance(step.events[0], Rejected)
+    assert stream.on_snapshot(resolver(ids.snapshot())).response is not None
+
+
+def test_sotw_trust_domain_gone_ends_the_stream_but_not_for_all(ids: Identities) -> None:
+    res = resolver(ids.snapshot())
+    held = SotwStream(SUB)
+    assert held.on_request(["spiffe://partner.test"], "", "", None, res).response is not None
+    validator = SotwStream(SUB)
+    assert validator.on_request(["ALL"], "", "", None, res).response is not None
+    no_fed = resolver(ids.snapshot(federated=False))
+    assert held.on_snapshot(no_fed).end_stream
+    changed = validator.on_snapshot(no_fed)
+    assert not changed.end_stream
+    assert changed.response is not None
+
+
+def test_sotw_wildcard_withdrawal(ids: Identities) -> None:
+    res = resolver(ids.snapshot())
+    stream = SotwStream(BOTH)
+    first = stream.on_request([], "", "", None, res).response
+    assert first is not None
+    assert str(BACKEND) in names(first)
+    assert stream.on_entitlement(SUB, res).end_stream
+
+
+def test_delta_entitlement_grant_and_removal(ids: Identities) -> None:
+    res = resolver(ids.snapshot())
+    stream = DeltaStream(SUB)
+    first = stream.on_request(["default", str(BACKEND)], [], {}, "", None, res).response
+    assert first is not None
+    granted = stream.on_entitlement(BOTH, res).response
+    assert granted is not None
+    assert names(granted) == [str(BACKEND)]
+    gone = stream.on_entitlement(SUB, res)
+    assert gone.response is not None
+    assert gone.response.removed == (str(BACKEND),)
+    assert not gone.end_stream
+
+
+def test_delta_wildcard_removal(ids: Identities) -> None:
+    res = resolver(ids.snapshot())
+    stream = DeltaStream(BOTH)
+    first = stream.on_request([], [], {}, "", None, res).response
+    assert first is not None
+    gone = stream.on_entitlement(SUB, res).response
+    assert gone is not None
+    assert gone.removed == (str(BACKEND),)
+    # A wildcard SVID missing from one snapshot is transient: not removed.
+    assert stream.on_snapshot(resolver(ids.snapshot(ids=()))).response is None
 
 
 def test_state_version_is_order_independent() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from svidgate.identity.sources.federation import FederatedBundles
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import verify_x509_svid
 from tests.support.ca import TestCA
+from tests.support.files import replace_file
 
 TD = TrustDomain("example.org")
 FRONTEND = SpiffeId.parse("spiffe://example.org/frontend")
@@ -32,18 +32,6 @@ DAY = 86400.0
 
 def workload(spiffe_id: SpiffeId, *, dns: tuple[str, ...] = (), hint: str = "") -> Workload:
     return Workload(spiffe_id, (Selector("any"),), dns, hint)
-
-
-def write(path: Path, data: bytes) -> None:
-    """Replace a file the way real writers do (new inode), so the watcher sees the change."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(1_800_000_000.0)
 
 
 @pytest.fixture
@@ -209,7 +197,7 @@ def test_builtin_merges_federated_bundles(ca: BuiltinCa, clock: FakeClock, tmp_p
     other_td = TrustDomain("other.org")
     other_ca = BuiltinCa.in_memory(other_td, KeyType.EC_P256, clock)
     bundle_file = tmp_path / "other.json"
-    write(bundle_file, spiffe_bundle_json(other_ca.bundle()))
+    replace_file(bundle_file, spiffe_bundle_json(other_ca.bundle()))
     config = parse_config(
         f"trust_domain: example.org\nfederation: {{other.org: {{bundle_file: {bundle_file}}}}}\n"
     )
@@ -251,9 +239,9 @@ class Files:
 
     def write_svid(self, spiffe_id: SpiffeId = FRONTEND) -> None:
         svid = self.ca.mint_x509_svid(spiffe_id, HOUR)
-        write(self.cert, svid.cert_chain_pem())
-        write(self.key, svid.private_key_pem())
-        write(self.bundle, pem_bundle(self.ca.bundle()))
+        replace_file(self.cert, svid.cert_chain_pem())
+        replace_file(self.key, svid.private_key_pem())
+        replace_file(self.bundle, pem_bundle(self.ca.bundle()))
 
     def source(self, clock: FakeClock) -> FileSource:
         return FileSource(self.cert, self.key, self.bundle, TD, None, clock, poll_interval=5)
@@ -295,21 +283,21 @@ def test_files_bad_combination_keeps_last_good_and_logs_once(
     source = files.source(clock)
     good = source.feed.current()
     other = files.ca.mint_x509_svid(FRONTEND, HOUR)
-    write(files.key, other.private_key_pem())  # the key no longer fits the certificate
+    replace_file(files.key, other.private_key_pem())  # the key no longer fits the certificate
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             clock.advance(5)
             assert source.refresh() is False
     assert source.feed.current() is good
     assert caplog.messages.count("source.files_invalid") == 1
-    write(files.cert, other.cert_chain_pem())  # the writer finishes: a good combination again
+    replace_file(files.cert, other.cert_chain_pem())  # the writer finishes: a good combination again
     clock.advance(5)
     assert source.refresh() is True
     assert source.feed.current().svids[FRONTEND].leaf == other.leaf
 
 
 def test_files_accepts_a_spiffe_bundle_document(files: Files, clock: FakeClock) -> None:
-    write(files.bundle, spiffe_bundle_json(files.ca.bundle()))
+    replace_file(files.bundle, spiffe_bundle_json(files.ca.bundle()))
     source = files.source(clock)
     assert source.feed.current().bundles[TD].jwt_authorities
 
@@ -329,7 +317,7 @@ def test_files_reject_an_svid_of_another_trust_domain(tmp_path: Path, clock: Fak
 
 def test_files_reject_a_chain_the_bundle_does_not_vouch_for(files: Files, clock: FakeClock) -> None:
     stranger = BuiltinCa.in_memory(TD, KeyType.EC_P256, clock)
-    write(files.bundle, pem_bundle(stranger.bundle()))
+    replace_file(files.bundle, pem_bundle(stranger.bundle()))
     with pytest.raises(SourceError, match="no valid path"):
         files.source(clock)
 
@@ -353,8 +341,8 @@ def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> N
     root = TestCA(TD)
     svid = root.child_ca().create_x509_svid(FRONTEND)
     cert, key, bundle = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "b.pem"
-    write(cert, svid.cert_chain_pem())
-    write(key, svid.private_key_pem())
-    write(bundle, pem_bundle(root.bundle()))
+    replace_file(cert, svid.cert_chain_pem())
+    replace_file(key, svid.private_key_pem())
+    replace_file(bundle, pem_bundle(root.bundle()))
     source = FileSource(cert, key, bundle, TD, None, clock)
     assert len(source.feed.current().svids[FRONTEND].cert_chain) == 2
