@@ -440,6 +440,17 @@ class Config:
             for w in self.workloads
             if any(s.type == "any" for s in w.selectors)
         ]
+        tcp = [str(a) for a in self.listen.grpc if a.kind == "tcp"]
+        if tcp:
+            # Envoy's node ID and cluster are claims, not credentials: over TCP any local process can send
+            # them and receive that workload's private key. Unix peer credentials are kernel-verified.
+            found += [
+                f"workload {w.spiffe_id} is selected only by envoy: selectors, which any client of "
+                f"{', '.join(tcp)} can claim to receive its private key; add unix:uid/unix:gid selectors "
+                "and serve SDS on a unix socket"
+                for w in self.workloads
+                if w.selectors and all(s.type == "envoy" for s in w.selectors)
+            ]
         if self.authz.default == "allow":
             found.append("authz.default is allow: requests that match no policy are let through")
         found += [

@@ -35,24 +35,20 @@ def wrap_handler(
         A new handler of the same kind around the wrapped behaviour, or `handler` itself when its kind has no
         wrapper.
     """
-    serializers: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        if wrap_unary is None:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **serializers)
-    if handler.unary_stream is not None:
-        if wrap_stream is None:
-            return handler
-        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **serializers)
-    if handler.stream_unary is not None:
-        if wrap_unary is None:
-            return handler
-        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **serializers)
-    if handler.stream_stream is not None:
-        if wrap_stream is None:
-            return handler
-        return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **serializers)
+    kinds: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler[Any, Any]], BehaviorWrapper | None], ...] = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_stream),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_stream),
+    )
+    for kind, build, wrap in kinds:
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            if wrap is None:
+                return handler
+            return build(
+                wrap(behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
     return handler

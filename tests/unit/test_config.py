@@ -610,3 +610,29 @@ def test_every_key_is_documented() -> None:
         for f in dataclasses.fields(cls):
             key = re.compile(rf"`[\w.<>]*\b{f.name}\b[\w.]*`")
             assert key.search(doc), f"{cls.__name__}.{f.name} is not documented"
+
+
+@pytest.mark.parametrize(
+    ("grpc", "selectors", "warned"),
+    [
+        ("[tcp://127.0.0.1:8081]", '["envoy:node_id:backend"]', True),
+        ("[unix:///run/s.sock, tcp://127.0.0.1:8081]", '["envoy:node_id:backend", "envoy:cluster:b"]', True),
+        ("[tcp://127.0.0.1:8081]", '["envoy:node_id:backend", "unix:uid:1001"]', False),
+        ("[unix:///run/s.sock]", '["envoy:node_id:backend"]', False),
+    ],
+)
+def test_envoy_only_selectors_over_tcp_warn(grpc: str, selectors: str, warned: bool) -> None:
+    config = parse(
+        f"""\
+        trust_domain: example.org
+        listen: {{grpc: {grpc}}}
+        workloads:
+          - spiffe_id: spiffe://example.org/backend
+            selectors: {selectors}
+        """
+    )
+    found = [w for w in config.warnings() if "only by envoy: selectors" in w]
+    assert bool(found) is warned
+    if warned:
+        assert "spiffe://example.org/backend" in found[0]
+        assert "tcp://127.0.0.1:8081" in found[0]
