@@ -90,6 +90,39 @@ class ListenerError(SvidgateError):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def check_socket_dir(directory: Path) -> None:
+    """Refuse a socket directory that another user controls.
+
+    Whoever can write to the directory can replace svidgate's socket with their own and hand Envoy their
+    certificates, or receive Workload API callers. The default path (``/tmp/svidgate-<uid>``) is predictable,
+    so another user could create it first. The directory (and a symlink to it) must belong to svidgate's
+    user or root, and must not be writable by others unless the sticky bit protects entries (as in /tmp).
+
+    Raises:
+        ListenerError: the directory is not safe to put sockets in.
+    """
+    trusted = {os.geteuid(), 0}
+    try:
+        link = os.lstat(directory)
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ListenerError(f"{directory}: cannot inspect the socket directory: {exc.strerror}") from None
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+        raise ListenerError(f"{directory}: is a symlink owned by uid {link.st_uid}; refusing to use it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ListenerError(f"{directory}: is not a directory")
+    if st.st_uid not in trusted:
+        raise ListenerError(
+            f"{directory}: is owned by uid {st.st_uid}, not by svidgate's user ({os.geteuid()}) or root; "
+            "another user could replace the sockets in it"
+        )
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise ListenerError(
+            f"{directory}: is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "another user could replace the sockets in it"
+        )
+
+
 class UnixSocketClaim:
     """Claims a unix socket path for this process, and gives it back on exit.
 
@@ -125,8 +158,11 @@ class UnixSocketClaim:
             # 0700: only svidgate's user may create or replace entries next to its sockets.
             parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             log.info("socket.dir_created", extra={"fields": {"path": str(parent), "mode": "0700"}})
+        check_socket_dir(parent)
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # O_NOFOLLOW: a symlink planted at the lock path must not make svidgate create or lock another
+            # file.
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise ListenerError(
                 f"unix://{self.path}: cannot open lock file {self.lock_path}: {exc.strerror}"

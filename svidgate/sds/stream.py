@@ -40,6 +40,9 @@ envoyproxy.io "xDS REST and gRPC protocol"), and what each guards against:
   Revoking faster than that needs the Envoy restarted or its listener/cluster config changed.
 - Entitlement is re-evaluated on open streams (`on_entitlement`): a reload that grants a name pushes it, one
   that takes it away withdraws it as above, and a stream whose entitlement did not change sends nothing.
+- Size: a request carrying more than `MAX_RESOURCE_NAMES` names (in any one list), or one that would leave a
+  stream subscribed to more, is refused whole (`ResourceLimitError`, before any state changes); the servicer
+  ends the stream with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -51,7 +54,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from svidgate.errors import SvidgateError
 from svidgate.sds.resources import Rejection, SecretResolver, SecretResource, Subscriber
+
+#: Most resource names one request may carry in any one list (SotW `resource_names`; delta
+#: `resource_names_subscribe`, `resource_names_unsubscribe`, `initial_resource_versions`), and most names one
+#: stream may be subscribed to. Why: every name is resolved, tracked and reported on the event loop that also
+#: answers ext_authz Check; one SotW request with 150k junk names held that loop for 20-40 s (security review,
+#: with one warning line per name), long enough for an Envoy with `failure_mode_allow` to let requests through
+#: unchecked. A real Envoy subscribes to a handful of names (one per distinct SDS secret its listeners and
+#: clusters use), so 1000 leaves a wide margin; a request at the cap is bounded to a few milliseconds of work.
+MAX_RESOURCE_NAMES = 1000
 
 #: Unacknowledged delta responses remembered per stream for ACK/NACK accounting (Envoy answers in order, so
 #: anything older than a handful of responses is stale).
@@ -133,6 +146,40 @@ class Withdrawn:
 
 
 Event = Ack | Nack | StaleNonce | Rejected | Removed | Withdrawn
+
+
+class ResourceLimitError(SvidgateError):
+    """A request names more resources than `MAX_RESOURCE_NAMES` allows (in one list, or on the stream).
+
+    Raised before the stream's state changes; the servicer ends the stream with INVALID_ARGUMENT.
+
+    Attributes:
+        field: the request field over the cap (``resource_names``, ``resource_names_subscribe``, ...), or
+            ``subscriptions`` for the stream-wide total.
+        count: how many names it had (or the stream would have had).
+        limit: the cap.
+    """
+
+    def __init__(self, field: str, count: int, limit: int = MAX_RESOURCE_NAMES) -> None:
+        where = "the stream would be subscribed to" if field == "subscriptions" else f"{field} has"
+        super().__init__(f"{where} {count} resource names; at most {limit} are allowed")
+        self.field = field
+        self.count = count
+        self.limit = limit
+
+
+def check_resource_names(field: str, count: int) -> None:
+    """Refuse a list of `count` resource names longer than `MAX_RESOURCE_NAMES`.
+
+    Args:
+        field: the request field, for the message.
+        count: its length (taken before anything iterates over it).
+
+    Raises:
+        ResourceLimitError: `count` is over the cap.
+    """
+    if count > MAX_RESOURCE_NAMES:
+        raise ResourceLimitError(field, count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +374,12 @@ class SotwStream(StreamState[SotwResponse]):
 
         Returns:
             The response to send, if any, and the events to report.
+
+        Raises:
+            ResourceLimitError: more than `MAX_RESOURCE_NAMES` names (the stream's state is unchanged).
         """
+        # SotW requests carry the whole subscription, so this one check bounds the stream too.
+        check_resource_names("resource_names", len(resource_names))
         events: list[Event] = []
         if not self._started:
             self._started = True
@@ -432,7 +484,12 @@ class DeltaStream(StreamState[DeltaResponse]):
 
         Returns:
             The response to send, if any, and the events to report.
+
+        Raises:
+            ResourceLimitError: a list over `MAX_RESOURCE_NAMES`, or a subscription that would grow past it
+                (the stream's state is unchanged).
         """
+        self._check_limits(subscribe, unsubscribe, initial_resource_versions)
         events: list[Event] = []
         if not self._started:
             self._started = True
@@ -457,6 +514,23 @@ class DeltaStream(StreamState[DeltaResponse]):
             self._subscribed.pop(name, None)
             self._forget(name)
         return self._plan(resolver, events)
+
+    def _check_limits(
+        self,
+        subscribe: Sequence[str],
+        unsubscribe: Sequence[str],
+        initial_resource_versions: Mapping[str, str],
+    ) -> None:
+        # Lengths first: they cost nothing, whatever the request's size.
+        check_resource_names("resource_names_subscribe", len(subscribe))
+        check_resource_names("resource_names_unsubscribe", len(unsubscribe))
+        check_resource_names("initial_resource_versions", len(initial_resource_versions))
+        # Delta subscriptions accumulate over requests: bound the total the stream would hold afterwards.
+        new = [n for n in subscribe if n and n != "*" and n not in self._subscribed]
+        if len(self._subscribed) + len(new) > MAX_RESOURCE_NAMES:
+            total = len((self._subscribed.keys() | set(new)) - set(unsubscribe))
+            if total > MAX_RESOURCE_NAMES:
+                raise ResourceLimitError("subscriptions", total)
 
     def _plan(self, resolver: SecretResolver, events: list[Event]) -> Step[DeltaResponse]:
         names: Iterable[str] = self._subscribed

@@ -44,7 +44,7 @@ def config_file(tmp_path: Path) -> Path:
         f"state_dir: {tmp_path / 'state'}\n"
         "workloads:\n"
         "  - spiffe_id: spiffe://example.org/frontend\n"
-        "    selectors: ['envoy:node_id:frontend']\n"
+        "    selectors: ['envoy:node_id:frontend', 'unix:uid:1000']\n"
         "authz:\n"
         "  policies:\n"
         "    - name: api\n"

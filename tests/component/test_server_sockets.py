@@ -122,3 +122,30 @@ async def test_failed_start_cleans_up_what_it_bound(layout: Layout) -> None:
     layout.workload_socket.unlink()
     async with running_server(layout.config):
         assert layout.sds_socket.exists()
+
+
+def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "run"
+    directory.mkdir()
+    os.chmod(directory, 0o777)  # noqa: S103 -- the unsafe directory under test
+    with pytest.raises(ListenerError, match="writable by every user"):
+        UnixSocketClaim(directory / "s.sock").claim()
+    assert not (directory / "s.sock.lock").exists()
+
+
+def test_a_socket_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a directory owned by another user")
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 4343, 4343)
+    with pytest.raises(ListenerError, match="owned by uid 4343"):
+        UnixSocketClaim(directory / "s.sock").claim()
+
+
+def test_a_symlinked_lock_file_is_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    (tmp_path / "s.sock.lock").symlink_to(target)
+    with pytest.raises(ListenerError, match="cannot open lock file"):
+        UnixSocketClaim(tmp_path / "s.sock").claim()
+    assert not target.exists()

@@ -1,0 +1,102 @@
+"""Instructions per Check, counted by callgrind: a measurement other processes on the machine cannot disturb.
+
+    .venv/bin/python bench/check_bench_callgrind.py      # ~5 minutes
+
+Each server of bench/check_bench.py runs under ``valgrind --tool=callgrind`` with instrumentation off; after a
+warm-up, instrumentation is switched on for exactly N sequential Checks and off again, so the count covers the
+whole server process (gRPC core, protobuf, Python, svidgate) for those Checks and nothing else. Instructions
+are not time, but they are repeatable, and the ratio to the no-op baseline is the quantity the throughput
+target is about.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import check_bench as cb  # noqa: E402
+
+N = 300
+
+
+def count(kind: str, requests: list[bytes], state: Path, cache_size: int) -> float:
+    out = state / f"callgrind.{kind.replace(':', '_')}.out"
+    out.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            str(HERE / "check_bench.py"),
+            "--serve",
+            kind,
+            "--state",
+            str(state),
+            "--cache-size",
+            str(cache_size),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    port = int(proc.stdout.readline())
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(cb.METHOD, None, None)
+        for body in requests[:50]:
+            call(body, timeout=60)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+        for i in range(N):
+            call(requests[(50 + i) % len(requests)], timeout=60)
+        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
+    proc.stdin.close()
+    proc.wait(120)
+    text = out.read_text(errors="replace")
+    totals = [int(m) for m in re.findall(r"^(?:summary|totals):\s+(\d+)", text, flags=re.M)]
+    return max(totals) / N
+
+
+def main() -> None:
+    state = HERE / ".state"
+    state.mkdir(exist_ok=True)
+    keys = cb._keys(state)
+    now = time.time()
+    cached = [cb._request(cb._mint(keys["ES256"], cb.CLIENT_ID, 1, now)[0])]
+    es = [cb._request(t) for t in cb._mint(keys["ES256"], cb.CLIENT_ID, N + 60, now)]
+    rs = [cb._request(t) for t in cb._mint(keys["RS256"], cb.CLIENT_ID, N + 60, now)]
+    denied = [cb._request(cb._mint(keys["ES256"], cb.DENIED_ID, 1, now)[0])]
+    cases = [
+        ("baseline no-op, threaded server (4 workers)", "noop-sync:4", cached, 10000),
+        ("baseline no-op, grpc.aio", "noop-aio", cached, 10000),
+        ("svidgate threaded: cached token", "svidgate-sync:4", cached, 10000),
+        ("svidgate threaded: unique ES256 tokens", "svidgate-sync:4", es, 10000),
+        ("svidgate threaded: unique RS256 tokens", "svidgate-sync:4", rs, 10000),
+        ("svidgate threaded: denials (403)", "svidgate-sync:4", denied, 10000),
+        ("svidgate grpc.aio: cached token", "svidgate-aio", cached, 10000),
+    ]
+    rows = []
+    for label, kind, requests, size in cases:
+        print(f"{label} ...", file=sys.stderr, flush=True)
+        rows.append((label, count(kind, requests, state, size)))
+    base = rows[0][1]
+    print(f"\nInstructions per Check (callgrind, whole server process, {N} sequential Checks)")
+    print(f"| {'case':<44} | {'instructions':>12} | {'baseline/case':>13} |")
+    print(f"|{'-' * 46}|{'-' * 14}|{'-' * 15}|")
+    for label, ir in rows:
+        print(f"| {label:<44} | {ir:>12,.0f} | {base / ir * 100:>12.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
