@@ -267,11 +267,6 @@ def restrictive_umask(mode: int) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
-#: After the last stream handler returns, how long its OK status gets to cross the unix front before the gRPC
-#: servers stop (an empirical margin; loopback delivery takes well under a millisecond).
-STATUS_FLUSH_SECONDS = 0.1
-
-
 class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Ends every server-streaming RPC with status OK once `drain` is set.
 
@@ -290,14 +285,18 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._idle.set()
 
     async def wait_idle(self) -> None:
-        """Return once every wrapped streaming handler has returned (its status is then being sent)."""
+        """Return once every wrapped streaming RPC is done (its status sent to the client)."""
         await self._idle.wait()
 
-    def _enter(self) -> None:
+    def _enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # Counted until the RPC is done (its status sent), not until the handler returns: stopping the server
+        # between the two cancels the call, and the client sees UNAVAILABLE instead of OK.
         self._active += 1
         self._idle.clear()
+        # grpc-stubs declares DoneCallback as a class, so no plain callable type-checks against it.
+        context.add_done_callback(self._leave)  # type: ignore[arg-type]
 
-    def _leave(self) -> None:
+    def _leave(self, _context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._active -= 1
         if self._active == 0:
             self._idle.set()
@@ -325,7 +324,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 responses = behavior(request, context)
                 drained = asyncio.ensure_future(drain.wait())
                 following: asyncio.Future[Any] | None = None
-                self._enter()
+                self._enter(context)
                 try:
                     while True:
                         following = asyncio.ensure_future(responses.__anext__())
@@ -348,7 +347,6 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                             await following
                     with contextlib.suppress(Exception):
                         await responses.aclose()
-                    self._leave()
 
             return generator
 
@@ -358,7 +356,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return None
             task = asyncio.ensure_future(behavior(request, context))
             drained = asyncio.ensure_future(drain.wait())
-            self._enter()
+            self._enter(context)
             try:
                 await asyncio.wait((task, drained), return_when=asyncio.FIRST_COMPLETED)
                 if task.done():
@@ -371,7 +369,6 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 drained.cancel()
                 if not task.done():
                     task.cancel()
-                self._leave()
 
         return coroutine
 
@@ -923,7 +920,6 @@ class Server:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drain_interceptor.wait_idle(), grace)
-        await asyncio.sleep(STATUS_FLUSH_SECONDS)
         await self._shutdown(max(grace - (loop.time() - started), 0.0))
         log.info(
             "server.stopped",
