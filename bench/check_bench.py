@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -148,7 +147,10 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
     from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
     # Decision log lines are written at INFO to a file, as in production (rate-limited to 100/s by config).
-    logging.basicConfig(filename=os.devnull, level=logging.INFO)
+    logging.basicConfig(
+        filename=os.devnull,
+        level=logging.WARNING if os.environ.get("BENCH_DECISION_LOG") == "off" else logging.INFO,
+    )
 
     async def serve_aio(register: Any) -> None:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -211,12 +213,16 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
 
     bundle = _bundle(state)
     feed = SnapshotFeed(IdentitySnapshot(bundles={bundle.trust_domain: bundle}, version=1))
-    servicer = AuthorizationServicer(
-        feed, PolicyHolder(_authz_config(cache_size)), Metrics(CollectorRegistry())
-    )
-
-    def report() -> None:
-        print(json.dumps({"cache_entries": len(servicer.cache)}), file=sys.stderr, flush=True)
+    # Diagnostic variants: "-nometrics" (no Prometheus recording), "svidgate-const" (svidgate loaded and
+    # registered on the threaded server, but Check answers a constant: the cost of the adapter alone).
+    metrics = None if kind.endswith("-nometrics") else Metrics(CollectorRegistry())
+    kind = kind.removesuffix("-nometrics")
+    servicer = AuthorizationServicer(feed, PolicyHolder(_authz_config(cache_size)), metrics)
+    if kind == "svidgate-const":
+        constant = external_auth_pb2.CheckResponse()
+        constant.ok_response.SetInParent()
+        servicer.check = lambda request, peer=None: constant  # type: ignore[method-assign]
+        kind = "svidgate-sync"
 
     if kind == "svidgate-sync":
         server = new_sync_check_server(servicer, max_workers=workers)

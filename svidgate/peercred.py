@@ -1,16 +1,21 @@
 """Kernel-verified peer credentials for gRPC services on unix sockets (SO_PEERCRED), which grpcio cannot read.
 
-The front listens on the public unix socket. For every connection it reads SO_PEERCRED (pid, uid, gid), opens
-a connection to the gRPC server's private inner socket from a socket bound to the abstract address
-``\\0svidgate-<token>-<conn_id>``, records that name in a `PeerRegistry`, and pumps bytes both ways. grpcio
-reports such a connection's peer as ``unix-abstract:svidgate-<token>-<conn_id>``, so a servicer maps
+The front listens on the public unix socket. For every connection it reads SO_PEERCRED (pid, uid, gid), binds
+a fresh socket to a new path in the gRPC server's private inner directory (``<dir>/peer-<64 random bits>``),
+records that path in a `PeerRegistry`, connects it to the inner socket, unlinks the path (the kernel keeps a
+connected socket's bound address), and pumps bytes both ways. grpcio reports such a connection's peer as
+``unix:<path>`` (verified with grpcio 1.85, see tests/component/test_peercred.py), so a servicer maps
 `context.peer()` back to the caller with `PeerRegistry.lookup`. The entry is removed when the connection
 closes.
 
-Why it is safe: the inner socket lives in a directory only svidgate can enter, so every connection to it comes
-from the front; an abstract name cannot be bound twice, and the random token keeps other processes from
-predicting names. A peer that is not in the registry (TCP, or the inner socket reached some other way) gets no
-uid/gid, and `unix:` selectors never match it.
+Why it is safe: the inner directory is 0700, so only svidgate's own user can connect to the inner socket or
+bind a path in it. Every connection on the inner socket therefore comes from the front, and no other local
+user can take a name the front is about to bind. The name is also unpredictable (`secrets.token_hex`),
+but that is defence in depth, not the protection: bound paths are listed in /proc/net/unix for everyone.
+An earlier design bound abstract names (``\\0svidgate-<token>-<n>``): those live in a namespace every local
+user shares, so anyone could read the token from /proc/net/unix, bind the next names first and make the
+front drop callers. A peer that is not in the registry (TCP, or the inner socket reached some other way)
+gets no uid/gid, and `unix:` selectors never match it.
 
 Used by SDS and by the Workload API. This module imports only the identity domain (`CallerInfo`), never gRPC.
 """
@@ -20,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import secrets
@@ -36,7 +40,14 @@ from svidgate.identity.entitlement import CallerInfo
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;} (Linux)
-_ABSTRACT_PREFIX = "unix-abstract:"
+_UNIX_PREFIX = "unix:"
+
+#: `sockaddr_un.sun_path` holds 108 bytes on Linux, the terminating NUL included.
+MAX_UNIX_PATH_BYTES = 107
+
+#: The front's client sockets are bound to ``<inner dir>/peer-<16 hex digits>``.
+_CLIENT_NAME_PREFIX = "peer-"
+_CLIENT_TOKEN_BYTES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,38 +80,46 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
 
 
 class PeerRegistry:
-    """Maps the abstract addresses the front connects from back to the caller's credentials.
+    """Maps the paths the front's inner connections are bound to back to the callers' credentials.
 
-    Args:
-        token: the random part of every abstract name (default: 64 fresh random bits).
+    One registry may serve several fronts (every path is unique: it names a socket file that existed when the
+    connection was made).
     """
 
-    def __init__(self, token: str | None = None) -> None:
-        self.token = token or secrets.token_hex(8)
-        self._ids = itertools.count(1)
+    def __init__(self) -> None:
         self._peers: dict[str, CallerInfo] = {}
 
-    def register(self, credentials: PeerCredentials) -> str:
-        """Allocate an abstract name (without the leading NUL) for a new connection; remember its caller."""
-        name = f"svidgate-{self.token}-{next(self._ids)}"
-        self._peers[name] = CallerInfo(uid=credentials.uid, gid=credentials.gid, pid=credentials.pid)
-        return name
+    def register(self, address: str, credentials: PeerCredentials) -> bool:
+        """Remember the caller behind the inner connection bound to `address`.
 
-    def unregister(self, name: str) -> None:
-        self._peers.pop(name, None)
+        Args:
+            address: the filesystem path the front's inner socket is bound to.
+            credentials: the caller's SO_PEERCRED.
+
+        Returns:
+            False (and nothing recorded) when `address` is already registered to a live connection.
+        """
+        if address in self._peers:
+            return False
+        self._peers[address] = CallerInfo(uid=credentials.uid, gid=credentials.gid, pid=credentials.pid)
+        return True
+
+    def unregister(self, address: str) -> None:
+        self._peers.pop(address, None)
 
     def lookup(self, peer: str) -> CallerInfo | None:
         """The caller behind a gRPC `context.peer()` string, or None when it did not come through the front.
 
         Args:
-            peer: e.g. ``unix-abstract:svidgate-<token>-<id>``.
+            peer: e.g. ``unix:/tmp/svidgate-x/peer-0123456789abcdef`` (grpcio's form for a unix client bound
+                to a path; an unbound client is plain ``unix:`` and TCP is ``ipv4:...``/``ipv6:...``).
 
         Returns:
             The caller's uid, gid and pid, or None.
         """
-        if not peer.startswith(_ABSTRACT_PREFIX):
+        if not peer.startswith(_UNIX_PREFIX):
             return None
-        return self._peers.get(peer[len(_ABSTRACT_PREFIX) :])
+        return self._peers.get(peer[len(_UNIX_PREFIX) :])
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -155,7 +174,10 @@ class _Connection:
         self.outer = _Pipe(self)
         self.inner = _Pipe(self)
         self.outer.other, self.inner.other = self.inner, self.outer
-        self.name: str | None = None
+        #: The registered path of the inner connection (unregistered on close).
+        self.address: str | None = None
+        #: The socket file still to unlink (None once unlinked).
+        self._socket_file: str | None = None
         self.closed = False
 
     def close(self) -> None:
@@ -165,9 +187,45 @@ class _Connection:
         for pipe in (self.outer, self.inner):
             if pipe.transport is not None:
                 pipe.transport.close()
-        if self.name is not None:
-            self.front.registry.unregister(self.name)
+        self._unlink()
+        if self.address is not None:
+            self.front.registry.unregister(self.address)
         self.front.connections.discard(self)
+
+    def _unlink(self) -> None:
+        if self._socket_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._socket_file)
+            self._socket_file = None
+
+    def _bind(self, credentials: PeerCredentials) -> socket.socket:
+        """A socket bound to a fresh, registered path in the inner directory.
+
+        A failed bind (or, vanishingly unlikely, a name already registered) is retried once with a new name:
+        only svidgate's own user can create files there, so a second failure is not a collision but a broken
+        directory (removed, full, read-only).
+
+        Raises:
+            OSError: the second attempt failed too.
+        """
+        for attempt in (1, 2):
+            address = self.front.client_address()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.bind(address)
+            except OSError:
+                sock.close()
+                if attempt == 2:
+                    raise
+                continue
+            self._socket_file = address
+            if self.front.registry.register(address, credentials):
+                self.address = address
+                return sock
+            sock.close()
+            self._unlink()
+        raise OSError(errno.EADDRINUSE, "no free inner client address after two attempts")
 
     async def connect_inner(self) -> None:
         outer = self.outer.transport
@@ -179,16 +237,20 @@ class _Connection:
             log.warning("peercred.no_credentials", extra={"fields": {"error": str(err)}})
             self.close()
             return
-        self.name = self.front.registry.register(credentials)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
         try:
-            sock.setblocking(False)
-            sock.bind("\0" + self.name)
-            await loop.sock_connect(sock, self.front.inner_path)
+            sock = self._bind(credentials)
+            try:
+                await loop.sock_connect(sock, self.front.inner_path)
+            finally:
+                # grpcio reads the peer address from the connected socket (getpeername), which keeps the bound
+                # path after the file is gone: the file is only needed until the connect.
+                self._unlink()
             await loop.create_unix_connection(lambda: self.inner, sock=sock)
         except OSError as err:
-            sock.close()
+            if sock is not None:
+                sock.close()
             log.error(
                 "peercred.inner_connect_failed",
                 extra={"fields": {"inner": self.front.inner_path, "error": str(err), "pid": credentials.pid}},
@@ -314,24 +376,60 @@ class PeerCredFront:
             in a directory only svidgate can enter.
         registry: where connections are recorded; the servicer looks peers up in it.
         mode: file mode of the public socket (0o600 or 0o660).
+        client_dir: where the inner connections' client sockets are bound: a directory only svidgate can
+            enter (default: the directory of `inner_path`, which must be one already).
     """
 
-    def __init__(self, path: Path, inner_path: str, registry: PeerRegistry, mode: int = 0o600) -> None:
+    def __init__(
+        self,
+        path: Path,
+        inner_path: str,
+        registry: PeerRegistry,
+        mode: int = 0o600,
+        client_dir: Path | None = None,
+    ) -> None:
         self.path = path
         self.inner_path = inner_path
         self.registry = registry
         self.mode = mode
+        self.client_dir = client_dir if client_dir is not None else Path(inner_path).parent
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
 
+    def client_address(self) -> str:
+        """A fresh, unpredictable path in `client_dir` for one inner connection's client socket."""
+        return str(self.client_dir / f"{_CLIENT_NAME_PREFIX}{secrets.token_hex(_CLIENT_TOKEN_BYTES)}")
+
+    def _check_client_dir(self) -> None:
+        example = self.client_address()
+        if len(os.fsencode(example)) > MAX_UNIX_PATH_BYTES:
+            raise SvidgateError(
+                f"{self.client_dir}: too long for the front's client sockets ({example!r} is "
+                f"{len(os.fsencode(example))} bytes; unix socket paths hold at most {MAX_UNIX_PATH_BYTES})"
+            )
+        try:
+            info = os.stat(self.client_dir)
+        except OSError as err:
+            raise SvidgateError(
+                f"{self.client_dir}: cannot use it for the front's client sockets: {err}"
+            ) from err
+        if stat.S_IMODE(info.st_mode) & 0o077 or info.st_uid != os.geteuid():
+            # Others could then reach the inner socket (no credentials, so no SVID) and bind paths in it.
+            log.warning(
+                "peercred.inner_dir_not_private",
+                extra={"fields": {"dir": str(self.client_dir), "mode": oct(stat.S_IMODE(info.st_mode))}},
+            )
+
     async def start(self) -> None:
         """Bind the public socket and start accepting.
 
         Raises:
-            SvidgateError: the socket path is in use by a live process, or cannot be bound.
+            SvidgateError: the socket path is in use by a live process, or cannot be bound; or the client
+                directory is missing or its paths would be too long for a unix socket.
         """
+        self._check_client_dir()
         sock = bind_unix_socket(self.path, self.mode)
         self._inode = os.stat(self.path).st_ino
         self._server = await asyncio.get_running_loop().create_unix_server(lambda: _Outer(self), sock=sock)

@@ -47,6 +47,10 @@ __all__ = [
 ]
 
 _SPIFFE = "spiffe://"
+# Envoy sends the same few Host values over and over: normalising each once saves ~1 us per Check. A pure
+# function's memo, so sharing it between configurations and threads is safe; bounded against junk hosts.
+_HOSTS: dict[str, str] = {}
+_HOSTS_LIMIT = 4096
 
 
 def normalize_host(host: str) -> str:
@@ -298,7 +302,12 @@ class CompiledAuthz:
         Returns:
             The first matching policy in configuration order, or None (then `default_allow` decides).
         """
-        host = normalize_host(host)
+        normalized = _HOSTS.get(host)
+        if normalized is None:
+            if len(_HOSTS) >= _HOSTS_LIMIT:
+                _HOSTS.clear()
+            normalized = _HOSTS[host] = normalize_host(host)
+        host = normalized
         path = strip_query(path)
         for policy in self.policies:
             if policy.matches(host, path, method, context_extensions):

@@ -9,6 +9,8 @@ is stricter still wherever a looser reading could let two parties disagree about
   not described here ... MUST NOT be included");
 - the trust domain of `sub` selects the bundle and `kid` is only a dictionary lookup in *that* bundle, so a
   key of one trust domain never verifies a token of another;
+- `sub` is a workload's SPIFFE ID: a bare trust domain ID (``spiffe://td``, no path) is ``bad_subject``, as
+  it is for an X.509-SVID leaf (py-spiffe accepts it);
 - `exp`, `nbf` and `iat` are JSON integers (RFC 7519 NumericDate; fractions and booleans are rejected).
 
 Every failure is a `JwtSvidError` whose `reason` is one of the stable codes below (ext_authz reports them and
@@ -281,6 +283,11 @@ def _parse(token: object, max_token_bytes: int) -> _Parsed:
         spiffe_id = SpiffeId.parse(sub)
     except SpiffeIdError as err:
         _fail(BAD_SUBJECT, f"sub is not a valid SPIFFE ID: {err}")
+    if not spiffe_id.path:
+        # A JWT-SVID names a workload, never a trust domain (JWT-SVID.md 3.1: `sub` is the workload's SPIFFE
+        # ID); the X.509 leaf check refuses the same ID, and an allow rule for a whole trust domain must not
+        # be satisfiable by a token that names only the trust domain.
+        _fail(BAD_SUBJECT, f"sub {_shown(sub)} is a trust domain ID, not a workload's SPIFFE ID (no path)")
     return _Parsed(
         signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
         signature=signature,
@@ -551,7 +558,8 @@ def mint_jwt_svid(
 
     Raises:
         JwtSvidError: ``bad_claim`` for an empty audience list, an empty audience or a non-positive ttl,
-            ``missing_key_id`` for an empty kid, ``unsupported_algorithm`` for an unusable key.
+            ``missing_key_id`` for an empty kid, ``bad_subject`` for a trust domain ID (no path),
+            ``unsupported_algorithm`` for an unusable key.
     """
     audiences = (audience,) if isinstance(audience, str) else tuple(audience)
     if not audiences:
@@ -560,6 +568,8 @@ def mint_jwt_svid(
         _fail(BAD_CLAIM, "every audience must be a non-empty string")
     if not isinstance(kid, str) or not kid:
         _fail(MISSING_KEY_ID, "kid must be a non-empty string")
+    if not spiffe_id.path:
+        _fail(BAD_SUBJECT, f"{spiffe_id} is a trust domain ID; a JWT-SVID names a workload (no path)")
     if not (ttl > 0 and math.isfinite(ttl)):
         _fail(BAD_CLAIM, f"ttl must be a positive number of seconds, not {ttl!r}")
     if not math.isfinite(now):

@@ -10,15 +10,22 @@ under an open stream: the identity snapshot (`SnapshotFeed`) and, on a config re
 task turns snapshot publications into the same wake-up event that a reload sets, so each watcher waits on one
 event (no extra task per stream) and, when woken, re-plans against whichever of the two changed. A per-stream
 lock serialises planning and writing, so responses leave in the order their nonces were issued.
+
+Every stream shares one event loop with the other services (ext_authz Check among them), so a request whose
+size alone would hold that loop is refused whole before any work: more than `stream.MAX_RESOURCE_NAMES`
+names, or a `node.id`/`node.cluster` longer than `MAX_NODE_FIELD_LENGTH`, ends the stream (or the fetch)
+with INVALID_ARGUMENT and one `sds.request_refused` warning. Names that cannot be served are reported once per
+request in one `sds.resource_rejected` line (a count and the first few names), never one line per name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -41,6 +48,7 @@ from svidgate.sds.stream import (
     DeltaResponse,
     DeltaStream,
     Event,
+    InvalidRequestError,
     Nack,
     Rejected,
     Removed,
@@ -50,6 +58,7 @@ from svidgate.sds.stream import (
     Step,
     StreamState,
     Withdrawn,
+    check_resource_names,
     state_version,
 )
 
@@ -68,6 +77,17 @@ _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 
 #: Longest `error_detail.message` we log (Envoy's messages are short; this bounds a hostile client).
 MAX_ERROR_LOG = 1000
+
+#: Longest `node.id` and `node.cluster` accepted, in characters. Both go into every log line of the stream and
+#: are matched against `envoy:` selectors; real ones are host, pod or service names (Kubernetes caps names at
+#: 253), so 1 KiB is generous, and a hostile multi-megabyte node id is refused at once instead of being copied
+#: into every log line. Longer -> INVALID_ARGUMENT.
+MAX_NODE_FIELD_LENGTH = 1024
+
+#: A `sds.resource_rejected` line names at most this many of the request's rejected names (each cut to
+#: `MAX_NAME_LOG` characters) and counts the rest: one line per request, whatever the request holds.
+MAX_NAMES_LOGGED = 5
+MAX_NAME_LOG = 100
 
 #: Server options that let a reconnect storm in. grpc-core queues calls that arrived before the application
 #: asked for them ("pending requests"); past `grpc.server.max_pending_requests` (default 1000) it refuses new
@@ -118,6 +138,26 @@ def naming_from_config(sds: SdsConfig, trust_domain: TrustDomain) -> Naming:
         validation=sds.validation,
         istio_compat=sds.istio_compat,
     )
+
+
+def check_node(node: Any) -> None:
+    """Refuse an Envoy `Node` whose id or cluster is longer than `MAX_NODE_FIELD_LENGTH`.
+
+    Args:
+        node: the request's `config.core.v3.Node` (an unset node is empty and passes).
+
+    Raises:
+        InvalidRequestError: `node.id` or `node.cluster` is too long.
+    """
+    for field, value in (("node.id", node.id), ("node.cluster", node.cluster)):
+        if len(value) > MAX_NODE_FIELD_LENGTH:
+            raise InvalidRequestError(
+                f"{field} is {len(value)} characters long; at most {MAX_NODE_FIELD_LENGTH} are allowed"
+            )
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= MAX_NAME_LOG else name[: MAX_NAME_LOG - 3] + "..."
 
 
 def _error_of(
@@ -297,10 +337,12 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         return resolver
 
     def _caller(self, node: Any, context: grpc.aio.ServicerContext[Any, Any]) -> CallerInfo:
+        """The caller: peer credentials from the front (if any), and the Envoy node unless `node` is None."""
         caller = None
         if self._peers is not None:
             caller = self._peers.lookup(context.peer())
-        return (caller or CallerInfo()).with_node(node.id, node.cluster)
+        caller = caller or CallerInfo()
+        return caller if node is None else caller.with_node(node.id, node.cluster)
 
     def _validation(self, node: Any, caller: CallerInfo) -> Validation:
         requested = None
@@ -364,6 +406,9 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
 
     def _report(self, events: Sequence[Event], caller: CallerInfo, api: str) -> None:
         metrics = self._metrics
+        rejected = [event for event in events if isinstance(event, Rejected)]
+        if rejected:
+            self._report_rejected(rejected, caller, api)
         for event in events:
             if isinstance(event, Ack):
                 log.debug(
@@ -396,24 +441,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                     extra={"fields": {**caller.describe(), "nonce": event.nonce, "expected": event.expected}},
                 )
             elif isinstance(event, Rejected):
-                rejection = event.rejection
-                log.warning(
-                    "sds.resource_rejected",
-                    extra={
-                        "fields": {
-                            **caller.describe(),
-                            "api": api,
-                            "resource": rejection.name,
-                            "reason": rejection.reason,
-                            "detail": rejection.detail,
-                            "previously_served": event.previously_served,
-                            "effect": "not sent; Envoy keeps waiting for it (listeners/clusters using it "
-                            "stay warming until initial_fetch_timeout) and keeps any copy it already has",
-                        }
-                    },
-                )
-                if metrics is not None:
-                    metrics.sds_rejected_names.labels(reason=rejection.reason).inc()
+                pass  # summarised below: one line per request, not one per name
             elif isinstance(event, Removed):
                 log.info(
                     "sds.resource_removed",
@@ -433,6 +461,58 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                         }
                     },
                 )
+
+    def _report_rejected(self, rejected: Sequence[Rejected], caller: CallerInfo, api: str) -> None:
+        """One warning for all the names of one request (or one re-plan) that cannot be served.
+
+        A request may carry up to `MAX_RESOURCE_NAMES` junk names: one line each would let a client flood the
+        log and hold the event loop (the security review measured a 150k-name request writing 150k lines).
+        """
+        reasons = Counter(event.rejection.reason for event in rejected)
+        shown = rejected[:MAX_NAMES_LOGGED]
+        fields: dict[str, object] = {
+            **caller.describe(),
+            "api": api,
+            "count": len(rejected),
+            "reasons": dict(reasons),
+            "resources": {_shown(e.rejection.name): e.rejection.reason for e in shown},
+            "details": {_shown(e.rejection.name): e.rejection.detail for e in shown},
+            "previously_served": [_shown(e.rejection.name) for e in shown if e.previously_served],
+            "effect": "not sent; Envoy keeps waiting for it (listeners/clusters using it stay warming until "
+            "initial_fetch_timeout) and keeps any copy it already has",
+        }
+        if len(rejected) > len(shown):
+            fields["not_shown"] = len(rejected) - len(shown)
+        log.warning("sds.resource_rejected", extra={"fields": fields})
+        if self._metrics is not None:
+            for reason, count in reasons.items():
+                self._metrics.sds_rejected_names.labels(reason=reason).inc(count)
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        caller: CallerInfo,
+        api: str,
+        error: InvalidRequestError,
+    ) -> NoReturn:
+        """End the call with INVALID_ARGUMENT for a request refused whole (too many names, oversized node).
+
+        Raises:
+            grpc.aio.AbortError: always (`context.abort`); grpc.aio turns it into the status.
+        """
+        log.warning(
+            "sds.request_refused",
+            extra={
+                "fields": {
+                    **caller.describe(),
+                    "api": api,
+                    "peer": context.peer(),
+                    "error": str(error),
+                    "effect": "the call ends with INVALID_ARGUMENT (a stream is closed)",
+                }
+            },
+        )
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     def _log_push(
         self, caller: CallerInfo, api: str, nonce: str, resources: Sequence[SecretResource]
@@ -470,6 +550,11 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         first = await context.read()
         if first is _EOF:
             return
+        try:
+            check_node(first.node)
+        except InvalidRequestError as err:
+            # Not logged with the node: it is what is too long.
+            await self._refuse(context, self._caller(None, context), api, err)
         handler = asyncio.current_task()
         caller = self._caller(first.node, context)
         rules = self._rules
@@ -528,7 +613,12 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 else:
                     async with lock:
                         snapshot = self._feed.current()
-                        if await send(on_request(state, request, self.resolver_for(snapshot))):
+                        try:
+                            check_node(request.node)  # Envoy may repeat the node on every request
+                            step = on_request(state, request, self.resolver_for(snapshot))
+                        except InvalidRequestError as err:
+                            await self._refuse(context, caller, api, err)
+                        if await send(step):
                             return
                     if watcher is None:
                         watcher = asyncio.create_task(watch(snapshot.version, rules))
@@ -572,7 +662,15 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         request: discovery_pb2.DiscoveryRequest,
         context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
     ) -> discovery_pb2.DiscoveryResponse:
+        try:
+            check_node(request.node)
+        except InvalidRequestError as err:
+            await self._refuse(context, self._caller(None, context), "fetch", err)
         caller = self._caller(request.node, context)
+        try:
+            check_resource_names("resource_names", len(request.resource_names))
+        except InvalidRequestError as err:
+            await self._refuse(context, caller, "fetch", err)
         subscriber = self._subscriber(self._rules, caller, self._validation(request.node, caller))
         resolver = self.resolver_for(self._feed.current())
         names = list(dict.fromkeys(request.resource_names)) or list(resolver.wildcard_names(subscriber))
@@ -607,8 +705,10 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
 def _sotw_request(
     state: SotwStream, request: discovery_pb2.DiscoveryRequest, resolver: SecretResolver
 ) -> Step[SotwResponse]:
+    # The repeated fields are passed as they are (they are sequences): copying them would cost time in
+    # proportion to a request the stream may be about to refuse.
     return state.on_request(
-        list(request.resource_names),
+        request.resource_names,
         request.version_info,
         request.response_nonce,
         _error_of(request),
@@ -620,9 +720,9 @@ def _delta_request(
     state: DeltaStream, request: discovery_pb2.DeltaDiscoveryRequest, resolver: SecretResolver
 ) -> Step[DeltaResponse]:
     return state.on_request(
-        list(request.resource_names_subscribe),
-        list(request.resource_names_unsubscribe),
-        dict(request.initial_resource_versions),
+        request.resource_names_subscribe,
+        request.resource_names_unsubscribe,
+        request.initial_resource_versions,
         request.response_nonce,
         _error_of(request),
         resolver,

@@ -148,7 +148,11 @@ class Withdrawn:
 Event = Ack | Nack | StaleNonce | Rejected | Removed | Withdrawn
 
 
-class ResourceLimitError(SvidgateError):
+class InvalidRequestError(SvidgateError):
+    """A request refused whole: the servicer ends the stream (or the fetch) with INVALID_ARGUMENT."""
+
+
+class ResourceLimitError(InvalidRequestError):
     """A request names more resources than `MAX_RESOURCE_NAMES` allows (in one list, or on the stream).
 
     Raised before the stream's state changes; the servicer ends the stream with INVALID_ARGUMENT.

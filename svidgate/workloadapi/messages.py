@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -200,16 +201,55 @@ def jwt_bundles_response(snapshot: IdentitySnapshot) -> workload_pb2.JWTBundlesR
     return response
 
 
+#: Deepest JSON nesting of a claim copied into `ValidateJWTSVIDResponse.claims`; a deeper array or object is
+#: replaced by a placeholder string. Why: python-protobuf's `Struct.update` recurses once per level and raised
+#: RecursionError at ~900 levels (a signed token of 8 KiB can nest ~3000), and protobuf parsers cap message
+#: nesting (upb, behind Python clients, at 100 messages; every JSON level is two: a Value and a Struct or
+#: ListValue), so a client could not even decode a deeper response. Real claims nest two or three levels.
+MAX_CLAIM_DEPTH = 32
+
+
+def _struct_value(value: Any, depth: int) -> Any:
+    """A JSON value (as `json.loads` returns it) in the shapes `Struct.update` accepts without failing."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            # JSON integers are unbounded (and jwtsvid keeps them exact); beyond double range the exact
+            # decimal digits are the only faithful value.
+            return str(value)
+    if isinstance(value, float):
+        # `1e400` parses as inf; protobuf's JSON mapping refuses a non-finite Value (it would read back as a
+        # string), so it becomes that string here.
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, list | dict):
+        if depth >= MAX_CLAIM_DEPTH:
+            kind = "array" if isinstance(value, list) else "object"
+            return f"<JSON {kind} nested deeper than {MAX_CLAIM_DEPTH} levels, not shown>"
+        if isinstance(value, list):
+            return [_struct_value(item, depth + 1) for item in value]
+        return {str(key): _struct_value(item, depth + 1) for key, item in value.items()}
+    return str(value)  # not produced by json.loads; never fail on it
+
+
 def claims_struct(claims: Mapping[str, Any]) -> Any:
     """JWT claims as a `google.protobuf.Struct` (ValidateJWTSVIDResponse.claims).
 
-    JSON numbers become doubles, as `Struct` can hold nothing else (SPIRE behaves the same).
+    JSON numbers become doubles, as `Struct` can hold nothing else (SPIRE behaves the same). What a double
+    cannot hold becomes a string instead of an error: an integer beyond double range its decimal digits, a
+    non-finite number ``inf``/``-inf``; an array or object nested deeper than `MAX_CLAIM_DEPTH` a placeholder.
+    The token is signed, so its issuer chose these values: the response must still be well-formed.
+
+    Args:
+        claims: the validated token's claims (`JwtSvid.claims`).
 
     Returns:
         The `Struct` message (typed Any: the generated code is not type-checked).
     """
     response = workload_pb2.ValidateJWTSVIDResponse()
-    response.claims.update(dict(claims))
+    response.claims.update({str(key): _struct_value(value, 1) for key, value in claims.items()})
     return response.claims
 
 

@@ -217,7 +217,6 @@ def test_every_jwt_svid_algorithm_validates(alg: str, key_name: str, kid: str) -
         ("no iat", Tok(claims=default_claims(iat=DROP)), [AUD]),
         ("nbf in the past", Tok(claims=default_claims(nbf=NOW - 10)), [AUD]),
         ("extra claims", Tok(claims=default_claims(iss="me", jti="1", x={"a": [1, None]})), [AUD]),
-        ("sub is a trust domain ID", Tok(claims=default_claims(sub="spiffe://example.org")), [AUD]),
         ("exp far beyond float range", Tok(claims=default_claims(exp=10**400)), [AUD]),
         ("JSON whitespace", Tok(header=b' { "alg" : "ES256" , "kid" : "k-p256" } \n'), [AUD]),
     ],
@@ -401,6 +400,12 @@ CASES: list[tuple[str, Callable[[], str], str]] = [
     ),
     ("sub trailing newline", lambda: Tok(claims=default_claims(sub=SUB + "\n")).build(), "bad_subject"),
     ("sub empty", lambda: Tok(claims=default_claims(sub="")).build(), "bad_subject"),
+    # A JWT-SVID names a workload; the trust domain's own ID is refused as an X.509 leaf is.
+    (
+        "sub a bare trust domain",
+        lambda: Tok(claims=default_claims(sub="spiffe://example.org")).build(),
+        "bad_subject",
+    ),
     # key selection
     (
         "trust domain without bundle",
@@ -748,6 +753,7 @@ def test_mint_several_audiences_is_an_array_and_a_string_is_one_audience() -> No
         ("infinite ttl", {"ttl": float("inf")}, "bad_claim"),
         ("infinite now", {"now": float("inf")}, "bad_claim"),
         ("empty kid", {"kid": ""}, "missing_key_id"),
+        ("trust domain subject", {"spiffe_id": SpiffeId.parse("spiffe://example.org")}, "bad_subject"),
         ("RSA-1024 key", {"private_key": key("rsa1024")}, "unsupported_algorithm"),
         ("Ed25519 key", {"private_key": key("ed25519")}, "unsupported_algorithm"),
         ("secp256k1 key", {"private_key": key("secp256k1")}, "unsupported_algorithm"),

@@ -174,6 +174,9 @@ DELIBERATE_STRICTNESS: list[tuple[str, Callable[[], str], str]] = [
         "bad_subject",
     ),
     ("sub with trailing newline", lambda: craft(header(), claims(sub=SUB + "\n")), "bad_subject"),
+    # JWT-SVID.md 3.1: sub is the workload's SPIFFE ID; a trust domain ID names no workload (and X.509 leaves
+    # refuse it too).
+    ("sub a bare trust domain", lambda: craft(header(), claims(sub="spiffe://example.org")), "bad_subject"),
     # NumericDates are integers here; py-spiffe takes floats and even numeric strings.
     ("exp with a fraction", lambda: craft(header(), claims(exp=NOW + 600.5)), "bad_claim"),
     (
