@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHOD = "/envoy.service.auth.v3.Authorization/Check"
+STATE = Path(tempfile.gettempdir()) / "svidgate-check-bench"
 TRUST_DOMAIN = "bench.test"
 AUDIENCE = "backend"
 CLIENT_ID = "spiffe://bench.test/client"
@@ -396,7 +398,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
-    parser.add_argument("--state", type=Path, default=ROOT / "bench" / ".state")
+    # Outside the repository: the state holds private signing keys, which must never be committed.
+    parser.add_argument("--state", type=Path, default=STATE)
     parser.add_argument("--cache-size", type=int, default=10000, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=4.0, help="closed-loop phase length per case")
     parser.add_argument("--latency-seconds", type=float, default=3.0, help="open-loop phase length per case")

@@ -72,7 +72,7 @@ def count(kind: str, requests: list[bytes], state: Path, cache_size: int, log: b
 
 
 def main() -> None:
-    state = HERE / ".state"
+    state = cb.STATE
     state.mkdir(exist_ok=True)
     keys = cb._keys(state)
     now = time.time()
