@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -249,7 +250,7 @@ class _Reporter:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class StreamState(Generic[R]):
+class StreamState(ABC, Generic[R]):
     """The state both flavours keep: the caller, what the client holds, ACK/NACK accounting, reports.
 
     Subclasses plan responses (`_plan`); everything here behaves the same in SotW and delta.
@@ -291,8 +292,9 @@ class StreamState(Generic[R]):
         self.subscriber = subscriber
         return self.on_snapshot(resolver)
 
+    @abstractmethod
     def _plan(self, resolver: SecretResolver, events: list[Event]) -> Step[R]:
-        raise NotImplementedError
+        """The response (if any) that brings the client up to date with `resolver`'s snapshot."""
 
     def _answered(
         self,

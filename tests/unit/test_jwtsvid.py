@@ -683,7 +683,9 @@ def test_insecure_parse_skips_signature_audience_and_time_only() -> None:
     [
         case
         for case in CASES
-        if case[2]
+        # A forged token fails only at the signature, which the insecure parse does not check.
+        if "forged" not in case[0]
+        and case[2]
         in {
             "malformed",
             "too_large",
@@ -699,8 +701,6 @@ def test_insecure_parse_skips_signature_audience_and_time_only() -> None:
     ids=lambda v: v if isinstance(v, str) else "",
 )
 def test_insecure_parse_keeps_the_structural_rules(name: str, make: Callable[[], str], reason: str) -> None:
-    if "forged" in name:
-        pytest.skip("signature-order case")
     with pytest.raises(JwtSvidError) as info:
         parse_jwt_svid_insecure(make())
     assert info.value.reason == reason
