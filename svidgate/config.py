@@ -334,6 +334,9 @@ class Policy:
         mode: ``validate`` checks the caller's JWT-SVID; ``inject`` mints a JWT-SVID for `inject_spiffe_id`
             with audience `inject_audience` and adds it to the request (egress).
         inject_spiffe_id: inject mode only; defaults to the only configured workload.
+        inject_allow_unverified_callers: inject mode only; mint for a Check whose caller has no
+            kernel-verified credentials (TCP). Off by default: then any client of the endpoint could obtain
+            tokens for `inject_spiffe_id`.
     """
 
     name: str
@@ -346,6 +349,7 @@ class Policy:
     mode: Literal["validate", "inject"] = "validate"
     inject_audience: str | None = None
     inject_spiffe_id: SpiffeId | None = None
+    inject_allow_unverified_callers: bool = False
 
     def allows(self, spiffe_id: SpiffeId) -> bool:
         """True when any `allow` rule matches the (already validated) subject."""
@@ -451,6 +455,25 @@ class Config:
                 for w in self.workloads
                 if w.selectors and all(s.type == "envoy" for s in w.selectors)
             ]
+        # Check is served on listen.check when it is set, else on every listen.grpc listener. Over TCP there
+        # are no peer credentials, so an inject-mode policy either denies every such Check (the default) or,
+        # opted in, mints its identity's tokens for anyone who can connect.
+        check_listeners = (self.listen.check,) if self.listen.check is not None else self.listen.grpc
+        check_tcp = ", ".join(str(a) for a in check_listeners if a.kind == "tcp")
+        for p in self.authz.policies:
+            if p.mode != "inject" or not check_tcp:
+                continue
+            if p.inject_allow_unverified_callers:
+                found.append(
+                    f"authz policy {p.name!r} sets inject_allow_unverified_callers: any client of "
+                    f"{check_tcp} can obtain JWT-SVIDs of {p.inject_spiffe_id}; serve Check on a unix socket"
+                )
+            else:
+                found.append(
+                    f"authz policy {p.name!r} is in inject mode but Check is reachable over TCP "
+                    f"({check_tcp}): Checks arriving there have no verified caller and are denied "
+                    "(unverified_caller); serve Check to egress Envoys on a unix socket"
+                )
         if self.authz.default == "allow":
             found.append("authz.default is allow: requests that match no policy are let through")
         found += [
@@ -1231,6 +1254,7 @@ class _Parser:
                 "mode",
                 "inject_audience",
                 "inject_spiffe_id",
+                "inject_allow_unverified_callers",
             ),
         )
         if "name" not in section:
@@ -1262,10 +1286,13 @@ class _Parser:
         if section.get("inject_spiffe_id") is not None:
             inject_id = _spiffe_id(section["inject_spiffe_id"], f"{path}.inject_spiffe_id")
         require_token = _bool(section.get("require_token", True), f"{path}.require_token")
+        allow_unverified = _bool(
+            section.get("inject_allow_unverified_callers", False), f"{path}.inject_allow_unverified_callers"
+        )
         if mode == "validate":
-            if inject_audience is not None or inject_id is not None:
-                key = "inject_audience" if inject_audience is not None else "inject_spiffe_id"
-                raise ConfigError(f"{path}.{key}: only meaningful with mode: inject")
+            for key in ("inject_audience", "inject_spiffe_id", "inject_allow_unverified_callers"):
+                if section.get(key) is not None:
+                    raise ConfigError(f"{path}.{key}: only meaningful with mode: inject")
             # With require_token: false the route is public: ext_authz lets it through without looking at a
             # token, so audiences and allow have nothing to check.
             if require_token and not audiences:
@@ -1312,13 +1339,27 @@ class _Parser:
             mode=mode,
             inject_audience=inject_audience,
             inject_spiffe_id=inject_id,
+            inject_allow_unverified_callers=allow_unverified,
         )
 
     def policy_match(self, value: object, path: str) -> PolicyMatch:
         section = _mapping(
             value, path, ("hosts", "path_prefix", "path_exact", "path_regex", "methods", "context_extensions")
         )
-        hosts = tuple(h.lower() for h in _str_list(section.get("hosts"), f"{path}.hosts"))
+        # Imported here, not at the top: the matcher imports this module's types. Validating with the very
+        # functions a Check uses means `check-config` refuses what could never match.
+        from svidgate.extauthz.policy import canonical_host, normalize_path
+
+        raw_hosts = _str_list(section.get("hosts"), f"{path}.hosts")
+        for j, host in enumerate(raw_hosts):
+            bare = host[2:] if host.startswith("*.") else host
+            # Checked before lower-casing: str.lower() turns the Kelvin sign into an ASCII "k".
+            if host != "*" and not canonical_host(bare):
+                raise ConfigError(
+                    f"{path}.hosts[{j}]: {host!r} is not a host name or IP address "
+                    "(ASCII only: write an internationalised name in its xn-- form)"
+                )
+        hosts = tuple(h.lower() for h in raw_hosts)
         paths = [k for k in ("path_prefix", "path_exact", "path_regex") if section.get(k) is not None]
         if len(paths) > 1:
             raise ConfigError(f"{path}.{paths[1]}: set at most one of path_prefix, path_exact, path_regex")
@@ -1327,6 +1368,11 @@ class _Parser:
         for key, text in (("path_prefix", path_prefix), ("path_exact", path_exact)):
             if text is not None and not text.startswith("/"):
                 raise ConfigError(f"{path}.{key}: must start with '/'")
+            if text is not None and normalize_path(text) != text:
+                # Requests are compared in canonical form (case-sensitive): this value could never match.
+                canonical = normalize_path(text)
+                hint = f"write {canonical!r}" if canonical else "it has no single reading"
+                raise ConfigError(f"{path}.{key}: {text!r} is not a canonical path ({hint})")
         regex = None
         if section.get("path_regex") is not None:
             text = _str(section["path_regex"], f"{path}.path_regex")

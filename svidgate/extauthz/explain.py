@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from svidgate.errors import JwtSvidError, SvidgateError
 from svidgate.extauthz.decision import Decision, decide
-from svidgate.extauthz.policy import CompiledPolicy, compile_authz, normalize_host, strip_query
+from svidgate.extauthz.policy import CompiledPolicy, canonical_host, compile_authz, normalize_path
 from svidgate.extauthz.token import TokenError, extract_token
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure, validate_jwt_svid
 
@@ -122,15 +122,24 @@ def explain(
         has_prefix = prefix and token[: len(prefix.strip())].lower() == prefix.strip().lower()
         request_headers[compiled.token_header] = token if has_prefix or not prefix else f"{prefix}{token}"
     lines: list[str] = []
-    n_host, n_path = normalize_host(host), strip_query(path)
+    # The same canonical forms the live Check matches on (`CompiledAuthz.select`).
+    n_host, n_path = canonical_host(host), normalize_path(path)
     policy = None
-    for index, candidate in enumerate(compiled.policies):
-        why_not = mismatch(candidate, n_host, n_path, method, extensions)
-        if why_not is None:
-            policy = candidate
-            lines.append(f"policy:   {candidate.name!r} (authz.policies[{index}]) matches")
-            break
-        lines.append(f"skipped:  {candidate.name!r} (authz.policies[{index}]): {why_not}")
+    if n_host is None or n_path is None:
+        policy = compiled.ambiguous
+        what = "host" if n_host is None else "path"
+        lines.append(
+            f"policy:   {policy.name!r}: the {what} has no single safe reading, so the request is denied "
+            "whatever authz.default says"
+        )
+    else:
+        for index, candidate in enumerate(compiled.policies):
+            why_not = mismatch(candidate, n_host, n_path, method, extensions)
+            if why_not is None:
+                policy = candidate
+                lines.append(f"policy:   {candidate.name!r} (authz.policies[{index}]) matches")
+                break
+            lines.append(f"skipped:  {candidate.name!r} (authz.policies[{index}]): {why_not}")
     if policy is None:
         lines.append(f"policy:   none matches; authz.default is {authz.default}")
 

@@ -5,15 +5,25 @@ Pure: config values in, compiled matchers out; no gRPC, no I/O. Policies are com
 
 Matching rules (documented for operators in the configuration reference):
 
+- The request's host and path are first put in canonical form (`canonical_host`, `normalize_path`), the form
+  Envoy routes on with ``normalize_path: true`` and ``merge_slashes: true``, so that ``//admin``,
+  ``/public/../admin`` or ``/%61dmin`` cannot sidestep an ``/admin`` policy, nor ``API.Example.com.:443`` an
+  ``api.example.com`` one. A request whose host or path has no single safe reading -- a host that is not a
+  plain ASCII name or IP literal with an optional numeric port (``evil.com:80@good``, Unicode look-alikes),
+  or a path with encoded slashes or backslashes (``%2F``, ``%5C``), a backslash, ``;`` path parameters,
+  control characters or broken percent-encoding -- matches no configured policy: `CompiledAuthz.select`
+  returns the built-in ``svidgate/ambiguous_request`` policy, which denies whatever the token and
+  ``authz.default``. Backends disagree on what such requests mean, so whatever svidgate picked, one of
+  them would see another path than the policy did.
 - ``hosts``: exact names (``api.example.com``), ``*.suffix`` wildcards (``*.example.com`` matches any name
   that ends in ``.example.com``, at any depth, but not ``example.com`` itself, as Envoy's virtual host domains
-  do) and ``*`` (any host). Case-insensitive; the request's port is stripped (``api.example.com:8443`` matches
-  ``api.example.com``) and so is a trailing dot.
-- ``path_prefix`` is a plain string prefix and ``path_exact`` an exact comparison, both over the path
-  *without* its query string (Envoy sends the request target with the query in ``path``); ``path_regex`` must
-  match the whole path (``fullmatch``, as Envoy's ``safe_regex`` does). Paths are compared as received,
-  undecoded: enable Envoy's ``normalize_path`` and ``merge_slashes`` so that ``/admin/../x`` or ``//admin``
-  cannot sidestep a prefix.
+  do) and ``*`` (any host). Case-insensitive (ASCII only: use the punycode ``xn--`` form of an
+  internationalised name); the request's port is stripped (``api.example.com:8443`` matches
+  ``api.example.com``) and so is one trailing dot.
+- ``path_prefix`` is a plain string prefix and ``path_exact`` an exact comparison, both over the canonical
+  path *without* its query string and fragment; ``path_regex`` must match the whole canonical path
+  (``fullmatch``, as Envoy's ``safe_regex`` does). Paths are case-sensitive (RFC 3986 6.2.2.1: only the
+  scheme and host are case-insensitive).
 - ``methods``: case-insensitive set; ``context_extensions``: every configured key must be present with exactly
   the configured value (a route names its policy with ``context_extensions: {policy: payments}``).
 - An empty ``match`` matches every request. The first policy that matches wins.
@@ -26,35 +36,59 @@ for any SPIFFE ID whose token validated against a bundle svidgate holds.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+from svidgate.config import Policy
 from svidgate.errors import ConfigError
 
 if TYPE_CHECKING:
-    from svidgate.config import AllowRule, AuthzConfig, Policy
+    from svidgate.config import AllowRule, AuthzConfig
 
 __all__ = [
+    "AMBIGUOUS_REQUEST",
     "CompiledAuthz",
     "CompiledPolicy",
     "SubjectMatcher",
+    "canonical_host",
     "compile_authz",
     "compile_policy",
     "normalize_host",
+    "normalize_path",
     "strip_query",
 ]
 
 _SPIFFE = "spiffe://"
-# Envoy sends the same few Host values over and over: normalising each once saves ~1 us per Check. A pure
+# Envoy sends the same few Host values over and over: canonicalising each once saves ~1 us per Check. A pure
 # function's memo, so sharing it between configurations and threads is safe; bounded against junk hosts.
-_HOSTS: dict[str, str] = {}
+_HOSTS: dict[str, str | None] = {}
 _HOSTS_LIMIT = 4096
+_UNSET: Final = object()
+
+#: The name of the built-in policy that a request with an ambiguous host or path selects. Not a valid
+#: configured policy name ('/'), so it cannot collide with one.
+AMBIGUOUS_REQUEST: Final = "svidgate/ambiguous_request"
+
+# RFC 3986 2.3 unreserved characters: percent-decoding them never changes what a URI means (6.2.2.2).
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX: Final = frozenset("0123456789abcdefABCDEF")
+# Decoded or raw, these mean different things to different backends (a segment separator, a path parameter,
+# a string terminator): a path containing them has no single reading.
+_AMBIGUOUS_CHARS: Final = frozenset("/\\;")
+# A path that is already canonical: segments of plain characters, none of them "." or "..". Most requests are
+# like this, and a fullmatch is much cheaper than the general algorithm below.
+_CANONICAL_PATH = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~!$&'()*+,=:@-]+)*/?")
+_PORT = re.compile(r"[0-9]{0,5}")
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 def normalize_host(host: str) -> str:
     """Lower-case a Host/:authority value and strip its port and trailing dot (``[::1]:80`` -> ``::1``).
+
+    Lenient, for display (``svidgate explain``); matching uses the strict `canonical_host`.
 
     Args:
         host: the request's host as Envoy sends it.
@@ -71,6 +105,119 @@ def normalize_host(host: str) -> str:
     if colon >= 0 and host.find(":") == colon:
         host = host[:colon]
     return host.rstrip(".")
+
+
+def canonical_host(host: str) -> str | None:
+    """The host a Host/:authority value names, in the form policies are compared in, or None if unsafe.
+
+    ASCII only, lower-cased, port and one trailing dot stripped, IPv6 literals in their compressed form.
+    Non-ASCII is refused rather than case-folded: ``str.lower`` maps the Kelvin sign to ``k`` and leaves
+    full-width dots alone, so a Unicode host could compare equal to a name it is not (IDNA 2008 maps such
+    characters; Envoy does not, and neither do we). Anything that is not a DNS name or IP literal with an
+    optional numeric port (``evil.com:80@good``, ``a..b``, ``host:port:x``) is refused too.
+
+    Args:
+        host: the request's host as Envoy sends it.
+
+    Returns:
+        The canonical host ("" when the request has none), or None when it has no single safe reading.
+    """
+    host = host.strip()
+    if not host:
+        return ""
+    if not host.isascii():
+        return None
+    host = host.lower()
+    if host.startswith("["):
+        end = host.find("]")
+        rest = host[end + 1 :]
+        if end < 0 or (rest and (rest[0] != ":" or _PORT.fullmatch(rest[1:]) is None)):
+            return None
+        return _ipv6(host[1:end])
+    if host.count(":") > 1:
+        return _ipv6(host)  # a bare IPv6 address (no port without brackets)
+    name, _, port = host.partition(":")
+    if _PORT.fullmatch(port) is None:
+        return None
+    if name.endswith("."):
+        name = name[:-1]
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return None
+    return name
+
+
+def _ipv6(text: str) -> str | None:
+    if "%" in text:
+        return None  # a zone ID ("fe80::1%eth0") names an interface of the client's host, not a server
+    try:
+        return ipaddress.IPv6Address(text).compressed
+    except ValueError:
+        return None
+
+
+def normalize_path(path: str) -> str | None:
+    """A request target's path in canonical form (what Envoy routes on with ``normalize_path`` and
+    ``merge_slashes``), or None when it has no single safe reading.
+
+    Query and fragment are cut; percent-encoded unreserved characters are decoded and other escapes
+    upper-cased (RFC 3986 6.2.2); runs of slashes become one; ``.`` and ``..`` segments are removed (RFC 3986
+    5.2.4). An empty path is ``/``. Refused: an encoded ``/``, ``\\`` or ``;`` (``%2F``, ``%5C``, ``%3B``),
+    a raw ``\\`` or ``;``, control characters (raw or encoded), raw spaces, non-ASCII, broken escapes, and
+    a path that does not start with ``/`` (``*``, absolute-form).
+
+    Args:
+        path: the request target (``:path``) as Envoy sends it.
+
+    Returns:
+        The canonical path, or None.
+    """
+    path = strip_query(path)
+    if _CANONICAL_PATH.fullmatch(path) is not None and "//" not in path:
+        return path or "/"
+    if not path.startswith("/") or not path.isascii():
+        return None
+    out: list[str] = []
+    i, n = 0, len(path)
+    while i < n:
+        char = path[i]
+        if char == "%":
+            digits = path[i + 1 : i + 3]
+            if len(digits) != 2 or not _HEX.issuperset(digits):
+                return None
+            decoded = chr(int(digits, 16))
+            if decoded in _UNRESERVED:
+                out.append(decoded)
+            elif decoded in _AMBIGUOUS_CHARS or decoded < " " or decoded == "\x7f":
+                return None
+            else:
+                out.append("%" + digits.upper())
+            i += 3
+            continue
+        if (char in _AMBIGUOUS_CHARS and char != "/") or char <= " " or char == "\x7f":
+            return None
+        out.append(char)
+        i += 1
+    merged = re.sub(r"/{2,}", "/", "".join(out))
+    return _remove_dot_segments(merged)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 for an absolute path (starts with "/", no empty segments but a trailing one)."""
+    segments = path.split("/")[1:]
+    kept: list[str] = []
+    for segment in segments:
+        if segment == ".":
+            continue
+        if segment == "..":
+            if kept:
+                kept.pop()
+            continue
+        kept.append(segment)
+    result = "/" + "/".join(kept)
+    # "/a/b/.." is "/a/": a final dot segment leaves the directory, with its slash.
+    if segments[-1] in (".", "..") and not result.endswith("/"):
+        result += "/"
+    return result
 
 
 def strip_query(path: str) -> str:
@@ -187,8 +334,8 @@ class CompiledPolicy:
         """Whether a request matches this policy.
 
         Args:
-            host: the normalised host (`normalize_host`).
-            path: the path without query (`strip_query`).
+            host: the canonical host (`canonical_host`).
+            path: the canonical path (`normalize_path`).
             method: the request method as sent (compared upper-case).
             context_extensions: the route's context extensions from the CheckRequest.
 
@@ -228,17 +375,32 @@ def compile_policy(policy: Policy, where: str) -> CompiledPolicy:
             check mandatory, and an empty list would silently skip it).
     """
     match = policy.match
+    for key in ("path_prefix", "path_exact"):
+        configured: str | None = getattr(match, key)
+        if configured is not None and normalize_path(configured) != configured:
+            # Requests are compared in canonical form: a value that is not could never match (or would
+            # need an ambiguous request to).
+            canonical = normalize_path(configured)
+            hint = f"write {canonical!r}" if canonical else "it has no single reading"
+            raise ConfigError(f"{where}.match.{key}: {configured!r} is not a canonical path ({hint})")
     any_host = not match.hosts
     exact: set[str] = set()
     suffixes: list[str] = []
-    for host in match.hosts:
-        host = host.strip().lower().rstrip(".")
-        if host == "*":
+    for index, host in enumerate(match.hosts):
+        if host.strip() == "*":
             any_host = True
-        elif host.startswith("*."):
-            suffixes.append(host[1:])
+            continue
+        wildcard = host.strip().startswith("*.")
+        canonical = canonical_host(host.strip()[2:] if wildcard else host)
+        if not canonical:
+            raise ConfigError(
+                f"{where}.match.hosts[{index}]: {host!r} is not a host name or IP address "
+                "(ASCII only: write an internationalised name in its xn-- form)"
+            )
+        if wildcard:
+            suffixes.append("." + canonical)
         else:
-            exact.add(normalize_host(host))
+            exact.add(canonical)
     regex: re.Pattern[str] | None
     raw_regex: object = match.path_regex
     if raw_regex is None or isinstance(raw_regex, re.Pattern):
@@ -280,6 +442,8 @@ class CompiledAuthz:
         token_header: the lower-cased header that carries the token.
         token_prefix: the scheme prefix (``Bearer ``) or empty.
         default_allow: ``authz.default: allow`` (a request no policy matches passes).
+        ambiguous: the built-in policy that a request with an ambiguous host or path selects: it requires a
+            token and allows no subject, so it always denies (see the module docstring).
     """
 
     config: AuthzConfig
@@ -287,6 +451,7 @@ class CompiledAuthz:
     token_header: str
     token_prefix: str
     default_allow: bool
+    ambiguous: CompiledPolicy
 
     def select(
         self, host: str, path: str, method: str, context_extensions: Mapping[str, str]
@@ -294,23 +459,26 @@ class CompiledAuthz:
         """The first policy that matches the request, or None.
 
         Args:
-            host: the request's host as sent (normalised here).
-            path: the request target as sent (query stripped here).
+            host: the request's host as sent (canonicalised here).
+            path: the request target as sent (canonicalised here).
             method: the request method.
             context_extensions: the route's context extensions.
 
         Returns:
-            The first matching policy in configuration order, or None (then `default_allow` decides).
+            The first matching policy in configuration order; `ambiguous` when the host or path has no
+            single safe reading (`canonical_host`, `normalize_path`); None when no policy matches (then
+            `default_allow` decides).
         """
-        normalized = _HOSTS.get(host)
-        if normalized is None:
+        canonical = _HOSTS.get(host, _UNSET)
+        if canonical is _UNSET:
             if len(_HOSTS) >= _HOSTS_LIMIT:
                 _HOSTS.clear()
-            normalized = _HOSTS[host] = normalize_host(host)
-        host = normalized
-        path = strip_query(path)
+            canonical = _HOSTS[host] = canonical_host(host)
+        canonical_path = normalize_path(path)
+        if not isinstance(canonical, str) or canonical_path is None:
+            return self.ambiguous
         for policy in self.policies:
-            if policy.matches(host, path, method, context_extensions):
+            if policy.matches(canonical, canonical_path, method, context_extensions):
                 return policy
         return None
 
@@ -337,4 +505,27 @@ def compile_authz(config: AuthzConfig) -> CompiledAuthz:
         token_header=header,
         token_prefix=config.token_prefix,
         default_allow=config.default == "allow",
+        ambiguous=_AMBIGUOUS_POLICY,
     )
+
+
+def _ambiguous_policy() -> CompiledPolicy:
+    # Built directly, not through compile_policy: no audiences (any token's audience passes validation) and no
+    # allowed subject, so the decision is 401 without a token and 403 with a valid one, never an allow.
+    policy = Policy(name=AMBIGUOUS_REQUEST, require_token=True)
+    return CompiledPolicy(
+        policy=policy,
+        any_host=False,
+        exact_hosts=frozenset(),
+        host_suffixes=(),
+        path_prefix=None,
+        path_exact=None,
+        path_regex=None,
+        methods=frozenset(),
+        context_extensions=(),
+        audiences=frozenset(),
+        subjects=SubjectMatcher(False, frozenset(), frozenset(), ()),
+    )
+
+
+_AMBIGUOUS_POLICY: Final = _ambiguous_policy()

@@ -636,3 +636,113 @@ def test_envoy_only_selectors_over_tcp_warn(grpc: str, selectors: str, warned: b
     if warned:
         assert "spiffe://example.org/backend" in found[0]
         assert "tcp://127.0.0.1:8081" in found[0]
+
+
+# -- hardening: inject-mode callers and the TCP warning ------------------------------------------------------
+
+_INJECT = """\
+trust_domain: example.org
+listen: {{grpc: {grpc}{check}}}
+workloads:
+  - spiffe_id: spiffe://example.org/frontend
+    selectors: ["unix:uid:1000"]
+authz:
+  policies:
+    - name: egress
+      mode: inject
+      match: {{context_extensions: {{policy: egress}}}}
+      audiences: [backend, payments]
+      inject_audience: backend
+{extra}"""
+
+
+def _inject(grpc: str = "[unix:///run/s.sock]", check: str = "", extra: str = "") -> Config:
+    return parse_config(
+        _INJECT.format(grpc=grpc, check=f", check: {check}" if check else "", extra=extra), "test"
+    )
+
+
+def test_inject_allow_unverified_callers_defaults_off_and_parses() -> None:
+    assert _inject().authz.policies[0].inject_allow_unverified_callers is False
+    opted = _inject(extra="      inject_allow_unverified_callers: true\n")
+    assert opted.authz.policies[0].inject_allow_unverified_callers is True
+    with pytest.raises(ConfigError, match=r"policies\[0\]\.inject_allow_unverified_callers"):
+        _inject(extra="      inject_allow_unverified_callers: maybe\n")
+
+
+def test_inject_allow_unverified_callers_only_in_inject_mode() -> None:
+    text = """\
+trust_domain: example.org
+authz:
+  policies:
+    - name: api
+      audiences: [api]
+      allow: ["*"]
+      inject_allow_unverified_callers: false
+"""
+    with pytest.raises(ConfigError, match=r"policies\[0\]\.inject_allow_unverified_callers: only meaningful"):
+        parse_config(text, "test")
+
+
+@pytest.mark.parametrize(
+    ("grpc", "check", "extra", "expected"),
+    [
+        ("[unix:///run/s.sock]", "", "", None),
+        ("[unix:///run/s.sock, tcp://127.0.0.1:8081]", "", "", "denied (unverified_caller)"),
+        ("[tcp://127.0.0.1:8081]", "", "      inject_allow_unverified_callers: true\n", "any client of"),
+        # Check on its own unix listener: the TCP SDS listener does not serve Check.
+        ("[tcp://127.0.0.1:8081]", "unix:///run/check.sock", "", None),
+        ("[unix:///run/s.sock]", "tcp://127.0.0.1:9001", "", "denied (unverified_caller)"),
+    ],
+)
+def test_inject_policy_with_check_over_tcp_warns(
+    grpc: str, check: str, extra: str, expected: str | None
+) -> None:
+    found = [w for w in _inject(grpc, check, extra).warnings() if "'egress'" in w]
+    if expected is None:
+        assert found == []
+    else:
+        assert len(found) == 1
+        assert expected in found[0]
+        assert "tcp://127.0.0.1:" in found[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("path_prefix", "/api/../admin", "write '/admin'"),
+        ("path_exact", "//admin", "write '/admin'"),
+        ("path_prefix", "/%61dmin", "write '/admin'"),
+        ("path_prefix", "/a;b", "no single reading"),
+        ("path_exact", "/a%2Fb", "no single reading"),
+    ],
+)
+def test_non_canonical_policy_paths_are_refused(key: str, value: str, message: str) -> None:
+    text = f"""\
+trust_domain: example.org
+authz:
+  policies:
+    - name: api
+      match: {{{key}: "{value}"}}
+      audiences: [api]
+      allow: ["*"]
+"""
+    with pytest.raises(ConfigError, match=rf"policies\[0\]\.match\.{key}: .*{re.escape(message)}"):
+        parse_config(text, "test")
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.com:80@good", "\u212a8s.io", "api\uff0eexample.com", "a..b", "bad host", "*.a@b"]
+)
+def test_unusable_policy_hosts_are_refused(host: str) -> None:
+    text = f"""\
+trust_domain: example.org
+authz:
+  policies:
+    - name: api
+      match: {{hosts: ["{host}"]}}
+      audiences: [api]
+      allow: ["*"]
+"""
+    with pytest.raises(ConfigError, match=r"policies\[0\]\.match\.hosts\[0\]: .*not a host name"):
+        parse_config(text, "test")

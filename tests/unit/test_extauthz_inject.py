@@ -12,6 +12,7 @@ from svidgate.extauthz.inject import (
     MINT_FAILED,
     NO_AUDIENCE,
     NOT_ENTITLED,
+    UNVERIFIED_CALLER,
     InjectError,
     TokenInjector,
     caller_from_extensions,
@@ -109,7 +110,9 @@ def test_no_audience_and_mint_failure() -> None:
 def test_entitlement_of_known_callers() -> None:
     injector = TokenInjector(Minter(FakeClock()), WORKLOADS, FakeClock())
     injector.check_entitled(EGRESS, CallerInfo(uid=1000))  # kernel-verified uid matches the workload
-    injector.check_entitled(EGRESS, None)  # nothing known (TCP): the policy's word stands
+    with pytest.raises(InjectError) as unverified:
+        injector.check_entitled(EGRESS, None)  # nothing kernel-verified (TCP): never minted for
+    assert unverified.value.reason == UNVERIFIED_CALLER
     with pytest.raises(InjectError) as info:
         injector.check_entitled(EGRESS, CallerInfo(uid=1001))
     assert info.value.reason == NOT_ENTITLED
