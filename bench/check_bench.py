@@ -85,8 +85,10 @@ def _mint(key: Any, subject: str, count: int, now: float) -> list[str]:
 
     sid = SpiffeId.parse(subject)
     kid = key_id(key.public_key())
-    # Distinct `iat` per token makes every token distinct (the cache is keyed by the token bytes).
-    return [mint_jwt_svid(sid, [AUDIENCE], key, kid, 3600, now - i * 0.001) for i in range(count)]
+    # A distinct `iat` (whole seconds) per token makes every token distinct, RS256 ones included (PKCS#1 v1.5
+    # signatures are deterministic): the cache is keyed by the token bytes. The ttl grows with the age so that
+    # every token expires an hour from now.
+    return [mint_jwt_svid(sid, [AUDIENCE], key, kid, 3600 + i, now - i) for i in range(count)]
 
 
 def _request(token: str | None) -> bytes:
@@ -223,7 +225,8 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
     if kind == "svidgate-const":
         constant = external_auth_pb2.CheckResponse()
         constant.ok_response.SetInParent()
-        servicer.check = lambda request, peer=None: constant  # type: ignore[method-assign]
+        constant_wire = constant.SerializeToString()
+        servicer.check_wire = lambda request, peer=None: constant_wire  # type: ignore[method-assign]
         kind = "svidgate-sync"
 
     if kind == "svidgate-sync":

@@ -91,13 +91,24 @@ def main() -> None:
     ]
     # Under valgrind a Check takes milliseconds, so the decision log's 100 lines/s limit lets every Check log,
     # which a server answering thousands of Checks a second never does: count those cases both ways.
+    # Diagnostics (run only when named): the adapter alone, and the core without Prometheus recording.
+    diagnostics = [
+        ("svidgate threaded: adapter only (constant)", "svidgate-const:4", cached, 10000),
+        ("svidgate threaded: cached, no metrics, log off", "svidgate-sync-nometrics:4", cached, 10000),
+    ]
     quiet = [
         ("svidgate threaded: cached token, log off", "svidgate-sync:4", cached, 10000),
         ("svidgate threaded: unique ES256, log off", "svidgate-sync:4", es, 10000),
     ]
     only = sys.argv[1:]
     cases = [c for c in cases if not only or any(o in c[0] for o in only)]
+    # Diagnostics (run only when named): the adapter alone, and the core without Prometheus recording.
+    diagnostics = [
+        ("svidgate threaded: adapter only (constant)", "svidgate-const:4", cached, 10000),
+        ("svidgate threaded: cached, no metrics, log off", "svidgate-sync-nometrics:4", cached, 10000),
+    ]
     quiet = [c for c in quiet if not only or any(o in c[0] for o in only)]
+    quiet += [c for c in diagnostics if any(o in c[0] for o in only)]
     rows = []
     for label, kind, requests, size in cases:
         print(f"{label} ...", file=sys.stderr, flush=True)

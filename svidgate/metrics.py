@@ -13,8 +13,10 @@ import it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import inspect
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
     from svidgate.identity.spiffe_id import TrustDomain
 
-__all__ = ["CHECK_BUCKETS", "Metrics", "MetricsInterceptor"]
+__all__ = ["CHECK_BUCKETS", "CheckRecorder", "Metrics", "MetricsInterceptor"]
 
 #: Check latency buckets, 50 µs .. 100 ms: a cache hit answers in well under a millisecond and an ES256
 #: verification costs ~160 µs, so resolution is spent below 1 ms; Envoy's default ext_authz timeout is 200 ms.
@@ -58,6 +60,125 @@ CHECK_BUCKETS: tuple[float, ...] = (
     0.05,
     0.1,
 )
+
+
+class _Cell:
+    """One thread's running totals; written only by its own thread, read by `CheckRecorder.flush`."""
+
+    __slots__ = ("buckets", "counts", "hits", "misses", "seconds")
+
+    def __init__(self) -> None:
+        self.counts: dict[Any, int] = {}  # decisions counter child -> Checks
+        self.buckets = [0] * (len(CHECK_BUCKETS) + 1)  # the last one is +Inf
+        self.seconds = 0.0
+        self.hits = 0
+        self.misses = 0
+
+
+class CheckRecorder:
+    """Lock-free recording of the per-Check series (decisions, latency, token cache hits and misses).
+
+    Why: a Prometheus ``Counter.inc``/``Histogram.observe`` takes a lock and runs several Python calls (the
+    histogram walks its buckets in Python); measured with callgrind, the four updates of one Check cost
+    ~19k instructions, a fifth of a cached Check's own work. Here every thread adds to its own `_Cell`
+    (plain attribute and dict updates: one writer per cell, so no update is lost and no lock is needed), and
+    `flush` folds the growth of every cell into the Prometheus collectors. The collectors of `Metrics`
+    call `flush` before they are collected, so every scrape (and `get_sample_value`) sees every Check
+    recorded before it: names, labels and values are exactly those of direct recording.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._cells: list[_Cell] = []
+        self._flushed: dict[int, _Cell] = {}  # id(cell) -> the totals already folded in
+        self._lock = threading.Lock()
+        self._histogram: Any = None
+        self._hits: Any = None
+        self._misses: Any = None
+
+    def bind(self, histogram: Histogram, hits: Counter, misses: Counter) -> None:
+        """Name the collectors to fold into (`Metrics` does this once)."""
+        self._histogram, self._hits, self._misses = histogram, hits, misses
+
+    def cell(self) -> _Cell:
+        """The calling thread's cell."""
+        try:
+            cell: _Cell = self._local.cell
+        except AttributeError:
+            cell = self._local.cell = _Cell()
+            with self._lock:
+                self._cells.append(cell)
+                self._flushed[id(cell)] = _Cell()
+        return cell
+
+    def check(self, decision_counter: Any, seconds: float) -> None:
+        """Count one Check: its decisions counter child (``authz_decisions.labels(...)``) and duration."""
+        cell = self.cell()
+        counts = cell.counts
+        counts[decision_counter] = counts.get(decision_counter, 0) + 1
+        # bisect_left: the first bucket whose upper bound is >= seconds, Prometheus's `le` rule.
+        cell.buckets[bisect.bisect_left(CHECK_BUCKETS, seconds)] += 1
+        cell.seconds += seconds
+
+    def cache_hit(self) -> None:
+        """Count one validated-token cache hit."""
+        self.cell().hits += 1
+
+    def cache_miss(self) -> None:
+        """Count one validated-token cache miss."""
+        self.cell().misses += 1
+
+    def flush(self) -> None:
+        """Fold everything recorded since the last flush into the Prometheus collectors."""
+        histogram = self._histogram
+        if histogram is None:
+            return
+        with self._lock:
+            for cell in self._cells:
+                done = self._flushed[id(cell)]
+                # Copies first (one C-level step each under the GIL), then the differences.
+                counts = dict(cell.counts)
+                buckets = list(cell.buckets)
+                seconds, hits, misses = cell.seconds, cell.hits, cell.misses
+                for child, total in counts.items():
+                    grown = total - done.counts.get(child, 0)
+                    if grown:
+                        child.inc(grown)
+                for i, total in enumerate(buckets):
+                    grown = total - done.buckets[i]
+                    if grown:
+                        # prometheus_client has no public "add n observations"; a test pins these names.
+                        histogram._buckets[i].inc(grown)
+                if seconds != done.seconds:
+                    histogram._sum.inc(seconds - done.seconds)
+                if hits != done.hits:
+                    self._hits.inc(hits - done.hits)
+                if misses != done.misses:
+                    self._misses.inc(misses - done.misses)
+                done.counts, done.buckets = counts, buckets
+                done.seconds, done.hits, done.misses = seconds, hits, misses
+
+
+class _FlushingCounter(Counter):
+    """A Counter that runs `before_collect` (the recorder's flush) when collected."""
+
+    before_collect: Callable[[], None] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.before_collect is not None:
+            self.before_collect()
+        return super().collect()
+
+
+class _FlushingHistogram(Histogram):
+    """A Histogram that runs `before_collect` (the recorder's flush) when collected."""
+
+    before_collect: Callable[[], None] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.before_collect is not None:
+            self.before_collect()
+        return super().collect()
 
 
 class Metrics:
@@ -114,28 +235,42 @@ class Metrics:
         )
 
         # --- ext_authz
-        self.authz_decisions = Counter(
+        # The per-Check series are recorded through `authz_recorder` (lock-free, per thread) and folded into
+        # these collectors whenever one of them is collected; direct `.inc()`/`.observe()` still work.
+        self.authz_recorder = CheckRecorder()
+        flush = self.authz_recorder.flush
+        self.authz_decisions = _FlushingCounter(
             "svidgate_authz_decisions_total",
             "ext_authz Check decisions.",
             ["policy", "result", "reason", "dry_run"],
             registry=registry,
         )
-        self.authz_check_seconds = Histogram(
+        self.authz_check_seconds = _FlushingHistogram(
             "svidgate_authz_check_duration_seconds",
             "Time to decide one ext_authz Check, from request parsed to response built.",
             buckets=CHECK_BUCKETS,
             registry=registry,
         )
-        self.authz_token_cache_hits = Counter(
+        self.authz_token_cache_hits = _FlushingCounter(
             "svidgate_authz_token_cache_hits_total",
             "Validated-token cache hits (no signature work).",
             registry=registry,
         )
-        self.authz_token_cache_misses = Counter(
+        self.authz_token_cache_misses = _FlushingCounter(
             "svidgate_authz_token_cache_misses_total",
             "Validated-token cache misses.",
             registry=registry,
         )
+        self.authz_recorder.bind(
+            self.authz_check_seconds, self.authz_token_cache_hits, self.authz_token_cache_misses
+        )
+        for flushing in (
+            self.authz_decisions,
+            self.authz_check_seconds,
+            self.authz_token_cache_hits,
+            self.authz_token_cache_misses,
+        ):
+            flushing.before_collect = flush
         self.authz_token_cache_entries = Gauge(
             "svidgate_authz_token_cache_entries",
             "Entries in the validated-token cache.",

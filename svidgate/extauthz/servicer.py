@@ -13,6 +13,8 @@ exception inside `check` becomes a denial with reason ``internal_error`` (logged
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import random
@@ -24,13 +26,19 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 
 from svidgate.errors import JwtSvidError
 from svidgate.extauthz.cache import TokenCache
 from svidgate.extauthz.decision import Decision, decide, deny, inject_decision, internal_error
-from svidgate.extauthz.inject import NO_IDENTITY, InjectError, TokenInjector, caller_from_extensions
-from svidgate.extauthz.token import TokenError, extract_token, extract_token_raw
+from svidgate.extauthz.inject import InjectError, TokenInjector
+from svidgate.extauthz.token import (
+    MISSING_TOKEN,
+    TokenError,
+    candidate_token,
+    extract_token_raw,
+    require_compact,
+)
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.jwtsvid import JwtSvid
 
@@ -41,7 +49,6 @@ if TYPE_CHECKING:
     from svidgate.extauthz.reload import PolicyHolder
     from svidgate.identity.entitlement import CallerInfo
     from svidgate.identity.snapshot import SnapshotFeed
-    from svidgate.identity.spiffe_id import SpiffeId
     from svidgate.metrics import Metrics
 
 __all__ = [
@@ -63,6 +70,7 @@ _RPC_CODE_BY_STATUS: Final = {401: 16, 403: 7}  # UNAUTHENTICATED, PERMISSION_DE
 _INJECT_UNAVAILABLE: Final = "inject_unavailable"
 #: Memoised (policy, subject) decisions kept per configuration; a bound against unbounded subject sets.
 _MEMO_LIMIT: Final = 10_000
+_SERVICE: Final = "envoy.service.auth.v3.Authorization"
 
 
 def _static_internal_error() -> external_auth_pb2.CheckResponse:
@@ -75,6 +83,7 @@ def _static_internal_error() -> external_auth_pb2.CheckResponse:
 
 
 _LAST_RESORT: Final = _static_internal_error()
+_LAST_RESORT_BYTES: Final[bytes] = _LAST_RESORT.SerializeToString()
 
 
 #: Response header of a denial naming the decision, so that a client can quote it to an operator.
@@ -134,12 +143,55 @@ def _response_template(decision: Decision) -> external_auth_pb2.CheckResponse:
 
 
 def _stamp(response: external_auth_pb2.CheckResponse, decision: Decision, decision_id: str) -> None:
+    _stamp_id(response, decision.allowed, decision_id)
+
+
+def _stamp_id(response: external_auth_pb2.CheckResponse, allowed: bool, decision_id: str) -> None:
     response.dynamic_metadata.fields["decision_id"].string_value = decision_id
-    if not decision.allowed:
+    if not allowed:
         option = response.denied_response.headers.add()
         option.header.key = DECISION_ID_HEADER
         option.header.value = decision_id
         option.append_action = _OVERWRITE
+
+
+# The per-Check part of a response on the wire. Protobuf messages may be concatenated: a sub-message that
+# occurs twice is merged (map entries added, repeated fields appended), so `template + tail` parses to exactly
+# the message `to_check_response` builds, and the template -- the same for every Check with the same
+# (configuration, policy, subject or reason) -- is encoded once. The tail is derived from protobuf itself with
+# a placeholder of the decision ID's length (16 hex digits), never hand-encoded.
+_ID_PLACEHOLDER: Final = "svidgate-decided"
+
+
+def _tail_parts(allowed: bool) -> tuple[bytes, ...]:
+    response = external_auth_pb2.CheckResponse()
+    _stamp_id(response, allowed, _ID_PLACEHOLDER)
+    return tuple(response.SerializeToString().split(_ID_PLACEHOLDER.encode("ascii")))
+
+
+_ALLOW_TAIL: Final = _tail_parts(True)
+_DENY_TAIL: Final = _tail_parts(False)
+
+
+def _require_compact(header: str, token: str) -> None:
+    require_compact(token, header)
+
+
+class _Prepared:
+    """A decision with its response template encoded once, and its decisions counter once resolved."""
+
+    __slots__ = ("counter", "decision", "tail", "template")
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        self.template = _response_template(decision).SerializeToString()
+        self.tail = _ALLOW_TAIL if decision.allowed else _DENY_TAIL
+        self.counter: Any = None
+
+    def wire(self, decision_id: bytes) -> bytes:
+        """The response's bytes for one Check."""
+        wire: bytes = self.template + decision_id.join(self.tail)
+        return wire
 
 
 class DecisionLog:
@@ -224,8 +276,9 @@ class AuthorizationServicer:
         self.cache = TokenCache(policies.current.config.cache_size, metrics)
         self.decision_log = DecisionLog()
         self._errors_log = DecisionLog()
+        self._require_compact: dict[str, Callable[[str], object]] = {}
         self._decision_counters: dict[tuple[str, str, str, bool], Any] = {}
-        self._memo: tuple[CompiledAuthz | None, dict[tuple[str, SpiffeId], tuple[Decision, Any]]] = (None, {})
+        self._memo: tuple[CompiledAuthz | None, dict[tuple[object, ...], _Prepared]] = (None, {})
 
     # -- the core: plain and synchronous, served by both the aio and the threaded server ---------------------
 
@@ -241,83 +294,110 @@ class AuthorizationServicer:
         Returns:
             The CheckResponse (a denial on any internal fault).
         """
+        return external_auth_pb2.CheckResponse.FromString(self.check_wire(request, peer))
+
+    def check_wire(
+        self, request: external_auth_pb2.CheckRequest, peer: Callable[[], str] | None = None
+    ) -> bytes:
+        """`check`, answering the encoded CheckResponse (what the gRPC handlers send as is); never raises.
+
+        Everything, metrics and the decision log included, runs inside the fail-closed guard: an exception
+        anywhere becomes a denial (``internal_error``), never an RPC error that Envoy's ``failure_mode_allow``
+        would turn into an allow.
+
+        Args:
+            request: Envoy's CheckRequest.
+            peer: returns the gRPC peer string (``context.peer``); called only for inject-mode policies.
+
+        Returns:
+            The serialized CheckResponse.
+        """
         started = time.perf_counter()
         decision_id = os.urandom(8).hex()
         try:
-            authz = self._policies.current
-            attributes = request.attributes
-            http = attributes.request.http
-            extensions = attributes.context_extensions
-            policy = authz.select(http.host, http.path, http.method, extensions)
-            template = None
-            if policy is not None and policy.policy.mode == "inject":
-                decision = self._inject(authz, policy, extensions, peer)
-            elif policy is None or not policy.policy.require_token:
-                decision = decide(authz, policy, None)
-            else:
-                outcome = self._validate(authz, policy, http)
-                if isinstance(outcome, JwtSvid):
-                    decision, template = self._memoised(authz, policy, outcome)
-                else:
-                    decision = decide(authz, policy, outcome)
-            if template is None:
-                response = _response_template(decision)
-            else:
-                response = external_auth_pb2.CheckResponse()
-                response.CopyFrom(template)
-            _stamp(response, decision, decision_id)
+            prepared = self._decide(request, peer)
+            wire = prepared.wire(decision_id.encode("ascii"))
+            self._record(prepared, decision_id, request, started)
+            return wire
         except Exception as err:
-            decision = internal_error()
+            return self._fail_closed(err, decision_id, started)
+
+    def _decide(self, request: external_auth_pb2.CheckRequest, peer: Callable[[], str] | None) -> _Prepared:
+        authz = self._policies.current
+        owner, memo = self._memo
+        if owner is not authz:
+            # The memo belongs to one CompiledAuthz: a reload starts a new one, and a thread still deciding
+            # with the old configuration only ever writes into the old configuration's memo.
+            memo = {}
+            self._memo = (authz, memo)
+            # A reload may change authz.cache_size too; the cache shrinks on its next store.
+            self.cache.max_entries = authz.config.cache_size
+        attributes = request.attributes
+        http = attributes.request.http
+        extensions = attributes.context_extensions
+        policy = authz.select(http.host, http.path, http.method, extensions)
+        key: tuple[object, ...]
+        if policy is None or not policy.policy.require_token:
+            key = (None if policy is None else policy.name,)
+            outcome: JwtSvid | TokenError | JwtSvidError | None = None
+        elif policy.policy.mode == "inject":
+            # A fresh token per Check: nothing to share.
+            return _Prepared(self._inject(authz, policy, extensions, peer))
+        else:
+            outcome = self._validate(authz, policy, http)
+            if isinstance(outcome, JwtSvid):
+                # With a valid token the decision depends only on (configuration, policy, subject).
+                key = (policy.name, outcome.spiffe_id)
+            else:
+                key = (policy.name, "error", outcome.reason)
+        prepared = memo.get(key)
+        if prepared is None:
+            if len(memo) >= _MEMO_LIMIT:
+                memo.clear()
+            prepared = memo[key] = _Prepared(decide(authz, policy, outcome))
+        return prepared
+
+    def _fail_closed(self, err: Exception, decision_id: str, started: float) -> bytes:
+        try:
             if self._errors_log.admit(1.0, 10.0) is not None:
                 log.error(
                     "authz.internal_error",
                     extra={"fields": {"decision_id": decision_id, "error": type(err).__name__}},
                     exc_info=True,
                 )
-            try:
-                response = to_check_response(decision, decision_id)
-            except Exception:
-                response = _LAST_RESORT
-            self._record(decision, decision_id, None, started)
-            return response
-        self._record(decision, decision_id, request, started)
-        return response
-
-    def _memoised(
-        self, authz: CompiledAuthz, policy: CompiledPolicy, svid: JwtSvid
-    ) -> tuple[Decision, external_auth_pb2.CheckResponse]:
-        # With a valid token the decision depends only on (configuration, policy, subject), so it is built
-        # once with its response and copied per Check: building both cost more than the token cache lookup.
-        # The memo belongs to one CompiledAuthz: a reload starts a new one, and a thread still deciding with
-        # the old configuration only ever writes into the old configuration's memo.
-        owner, memo = self._memo
-        if owner is not authz:
-            memo = {}
-            self._memo = (authz, memo)
-            # A reload may change authz.cache_size too; the cache shrinks on its next store.
-            self.cache.max_entries = authz.config.cache_size
-        key = (policy.name, svid.spiffe_id)
-        entry = memo.get(key)
-        if entry is None:
-            if len(memo) >= _MEMO_LIMIT:
-                memo.clear()
-            decision = decide(authz, policy, svid)
-            entry = memo[key] = (decision, _response_template(decision))
-        return entry
+            prepared = _Prepared(internal_error())
+            wire = prepared.wire(decision_id.encode("ascii"))
+        except Exception:
+            return _LAST_RESORT_BYTES
+        # When recording is what failed, this Check is a denial already; a second failure changes nothing.
+        with contextlib.suppress(Exception):
+            self._record(prepared, decision_id, None, started)
+        return wire
 
     def _validate(
         self, authz: CompiledAuthz, policy: CompiledPolicy, http: Any
     ) -> JwtSvid | TokenError | JwtSvidError:
         try:
+            header = authz.token_header
             headers = http.headers
-            if headers or not http.header_map.headers:
-                token = extract_token(headers, authz.token_header, authz.token_prefix)
+            # One map lookup for the one header we need (reading the whole upb map costs far more).
+            value = headers.get(header)
+            if value is not None:
+                token = candidate_token(value, header, authz.token_prefix)
+                precheck: Callable[[str], object] | None = self._require_compact.get(header)
+                if precheck is None:
+                    precheck = self._require_compact[header] = functools.partial(_require_compact, header)
+            elif headers or not http.header_map.headers:
+                raise TokenError(MISSING_TOKEN, f"no {header!r} header")
             else:
                 # encode_raw_headers: true -- repeated headers arrive as separate entries.
                 raw = ((h.key, h.raw_value.decode("latin-1")) for h in http.header_map.headers)
-                token = extract_token_raw(raw, authz.token_header, authz.token_prefix)
+                token = extract_token_raw(raw, header, authz.token_prefix)
+                precheck = None
             bundles = self._feed.current().bundles
-            return self.cache.validate(token, bundles, policy.audiences, self._clock(), authz.config.leeway)
+            return self.cache.validate(
+                token, bundles, policy.audiences, self._clock(), authz.config.leeway, precheck
+            )
         except (TokenError, JwtSvidError) as err:
             return err
 
@@ -331,14 +411,9 @@ class AuthorizationServicer:
         hide = authz.config.hide_details
         if self._injector is None:
             return deny(403, _INJECT_UNAVAILABLE, policy=policy.name, hide_details=hide)
-        spiffe_id = policy.policy.inject_spiffe_id
         try:
-            if spiffe_id is None:
-                raise InjectError(NO_IDENTITY, f"policy {policy.name!r} names no inject_spiffe_id")
             verified = self._peers(peer()) if self._peers is not None and peer is not None else None
-            self._injector.check_entitled(spiffe_id, caller_from_extensions(verified, extensions))
-            audience = extensions.get("audience") or policy.policy.inject_audience or ""
-            svid = self._injector.token(spiffe_id, audience)
+            svid = self._injector.inject(policy.policy, verified, extensions)
         except InjectError as err:
             return deny(403, err.reason, policy=policy.name, hide_details=hide)
         if self._metrics is not None:
@@ -347,23 +422,30 @@ class AuthorizationServicer:
 
     def _record(
         self,
-        decision: Decision,
+        prepared: _Prepared,
         decision_id: str,
         request: external_auth_pb2.CheckRequest | None,
         started: float,
     ) -> None:
         elapsed = time.perf_counter() - started
+        decision = prepared.decision
         metrics = self._metrics
         if metrics is not None:
-            key = (decision.policy or "", decision.verdict, decision.reason, decision.dry_run)
-            counter = self._decision_counters.get(key)
+            counter = prepared.counter
             if counter is None:
-                counter = metrics.authz_decisions.labels(
-                    key[0], key[1], key[2], "true" if key[3] else "false"
-                )
-                self._decision_counters[key] = counter
-            counter.inc()
-            metrics.authz_check_seconds.observe(elapsed)
+                key = (decision.policy or "", decision.verdict, decision.reason, decision.dry_run)
+                counter = self._decision_counters.get(key)
+                if counter is None:
+                    counter = metrics.authz_decisions.labels(
+                        key[0], key[1], key[2], "true" if key[3] else "false"
+                    )
+                    self._decision_counters[key] = counter
+                prepared.counter = counter
+            metrics.authz_recorder.check(counter, elapsed)
+        if not log.isEnabledFor(logging.INFO):
+            # Decide about the line before anything is gathered for it: a logger that drops INFO would
+            # discard it after the rate limiter's lock, six request fields and the logging call.
+            return
         settings = self._policies.current.config.decision_log
         suppressed = self.decision_log.admit(settings.sample_rate, settings.max_per_second)
         if suppressed is None:
@@ -401,29 +483,37 @@ class AuthorizationServicer:
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> external_auth_pb2.CheckResponse:
-        """`Authorization/Check` on a ``grpc.aio`` server."""
-        return self.check(request, context.peer)
+    ) -> bytes:
+        """`Authorization/Check` on a ``grpc.aio`` server (answers the encoded response, see `_register`)."""
+        return self.check_wire(request, context.peer)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register Check on a ``grpc.aio`` server (``listen.grpc``)."""
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self, server)
+        _register(server, self.Check)
 
     def add_to_sync_server(self, server: grpc.Server) -> None:
         """Register Check on a threaded ``grpc.server`` (the optional ``listen.check`` listener)."""
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(_SyncAuthorization(self), server)
+        check_wire = self.check_wire
+
+        def check(request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext) -> bytes:
+            return check_wire(request, context.peer)
+
+        _register(server, check)
 
 
-class _SyncAuthorization:
-    """The threaded server's view of the same core."""
-
-    def __init__(self, core: AuthorizationServicer) -> None:
-        self._core = core
-
-    def Check(
-        self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
-    ) -> external_auth_pb2.CheckResponse:
-        return self._core.check(request, context.peer)
+def _register(server: grpc.Server | grpc.aio.Server, behavior: Callable[..., Any]) -> None:
+    # By hand rather than with the generated add_AuthorizationServicer_to_server: without a response
+    # serializer grpcio sends the handler's bytes as they are, and the handler answers pre-encoded bytes
+    # (`_Prepared.wire`), as the SDS servicer does.
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=external_auth_pb2.CheckRequest.FromString,
+            response_serializer=None,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)  # type: ignore[union-attr]
 
 
 def new_sync_check_server(servicer: AuthorizationServicer, max_workers: int = 4) -> grpc.Server:

@@ -21,8 +21,10 @@ __all__ = [
     "MALFORMED_TOKEN",
     "MISSING_TOKEN",
     "TokenError",
+    "candidate_token",
     "extract_token",
     "extract_token_raw",
+    "require_compact",
 ]
 
 MISSING_TOKEN: Final = "missing_token"  # noqa: S105 -- a reason code
@@ -34,6 +36,8 @@ MALFORMED_TOKEN: Final = "malformed_token"  # noqa: S105 -- a reason code
 _COMPACT_JWS: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # RFC 9110 5.6.3: optional whitespace around field values is space and horizontal tab.
 _OWS: Final = " \t"
+# Configured prefix -> its lower-cased scheme (a handful of entries: one per configured prefix).
+_SCHEMES: dict[str, str] = {}
 
 
 class TokenError(SvidgateError):
@@ -57,15 +61,47 @@ def _strip_prefix(value: str, header: str, prefix: str) -> str:
     if "," in value:
         raise TokenError(DUPLICATE_TOKEN, f"header {header!r} was sent more than once (or contains a comma)")
     if prefix:
-        scheme = prefix.strip(_OWS)
+        scheme = _SCHEMES.get(prefix)
+        if scheme is None:
+            scheme = _SCHEMES[prefix] = prefix.strip(_OWS).lower()
+        size = len(scheme)
         # RFC 9110 11.1: the auth-scheme is case-insensitive; one or more spaces separate it from the token.
-        head = value[: len(scheme)]
-        if head.lower() != scheme.lower() or len(value) == len(scheme) or value[len(scheme)] not in _OWS:
-            raise TokenError(MALFORMED_TOKEN, f"header {header!r} does not start with {scheme!r}")
-        value = value[len(scheme) :].lstrip(_OWS)
-    if _COMPACT_JWS.fullmatch(value) is None:
-        raise TokenError(MALFORMED_TOKEN, f"header {header!r} does not carry a compact JWS")
+        if len(value) <= size or value[size] not in _OWS or value[:size].lower() != scheme:
+            raise TokenError(MALFORMED_TOKEN, f"header {header!r} does not start with {prefix.strip(_OWS)!r}")
+        value = value[size:].lstrip(_OWS)
     return value
+
+
+def candidate_token(value: str, header: str, prefix: str) -> str:
+    """Every extraction rule except the compact-JWS shape check, which `require_compact` applies.
+
+    Split so that the Check hot path can look the candidate up in the validated-token cache first: an entry
+    exists only for a string that passed `require_compact` and the validator before, so on a hit the
+    (comparatively costly) pattern match would only repeat a result already known to be a pass.
+
+    Args:
+        value: the header's value as received.
+        header: the header name (for error details).
+        prefix: as for `extract_token`.
+
+    Returns:
+        The value without OWS and scheme prefix.
+
+    Raises:
+        TokenError: ``missing_token`` (empty), ``duplicate_token`` (a comma), ``malformed_token`` (scheme).
+    """
+    return _strip_prefix(value, header, prefix)
+
+
+def require_compact(token: str, header: str) -> str:
+    """`token` unchanged if it has the shape of a compact JWS (three base64url segments).
+
+    Raises:
+        TokenError: ``malformed_token``.
+    """
+    if _COMPACT_JWS.fullmatch(token) is None:
+        raise TokenError(MALFORMED_TOKEN, f"header {header!r} does not carry a compact JWS")
+    return token
 
 
 def extract_token(headers: Mapping[str, str], header: str, prefix: str) -> str:
@@ -86,7 +122,7 @@ def extract_token(headers: Mapping[str, str], header: str, prefix: str) -> str:
     value = headers.get(header)
     if value is None:
         raise TokenError(MISSING_TOKEN, f"no {header!r} header")
-    return _strip_prefix(value, header, prefix)
+    return require_compact(_strip_prefix(value, header, prefix), header)
 
 
 def extract_token_raw(headers: Iterable[tuple[str, str]], header: str, prefix: str) -> str:
@@ -108,4 +144,4 @@ def extract_token_raw(headers: Iterable[tuple[str, str]], header: str, prefix: s
         raise TokenError(MISSING_TOKEN, f"no {header!r} header")
     if len(values) > 1:
         raise TokenError(DUPLICATE_TOKEN, f"header {header!r} was sent {len(values)} times")
-    return _strip_prefix(values[0], header, prefix)
+    return require_compact(_strip_prefix(values[0], header, prefix), header)

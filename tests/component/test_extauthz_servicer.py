@@ -14,9 +14,16 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from svidgate.config import AuthzConfig, parse_config
+from svidgate.extauthz import decision as decide_module
+from svidgate.extauthz import servicer as servicer_module
 from svidgate.extauthz.inject import TokenInjector
 from svidgate.extauthz.reload import PolicyHolder
-from svidgate.extauthz.servicer import AuthorizationServicer, DecisionLog, new_sync_check_server
+from svidgate.extauthz.servicer import (
+    AuthorizationServicer,
+    DecisionLog,
+    new_sync_check_server,
+    to_check_response,
+)
 from svidgate.identity.entitlement import CallerInfo
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
@@ -40,6 +47,7 @@ authz:
     - name: egress
       mode: inject
       match: {context_extensions: {policy: egress}}
+      audiences: [backend, other]
       inject_audience: backend
     - name: shadow
       match: {path_prefix: /shadow/}
@@ -316,3 +324,77 @@ def test_decision_log_rate_limit_and_sampling() -> None:
     assert log.admit(0.4, 100) is None  # sampled out (rng 0.5 >= 0.4)
     now[0] = 10.0
     assert log.admit(0.6, 2) == 0  # sampled-out lines are intentional, not "suppressed"
+
+
+async def test_a_metrics_fault_denies_instead_of_failing_the_rpc(
+    stub: Any, ca: TestCA, metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Security review: recording used to run outside the fail-closed guard, so an exception there became an
+    # RPC error -- which Envoy with failure_mode_allow turns into an ALLOW.
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("metrics down")
+
+    monkeypatch.setattr(metrics.authz_recorder, "check", broken)
+    token = ca.create_jwt_svid("spiffe://example.org/web", ["api"])
+    response = await stub.Check(request(token))
+    assert response.status.code != 0
+    assert response.WhichOneof("http_response") == "denied_response"
+    assert response.denied_response.status.code == 403
+    assert metadata(response)["reason"] == "internal_error"
+
+
+def test_a_metrics_fault_denies_on_the_threaded_server(
+    sync_stub: Any, ca: TestCA, metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("metrics down")
+
+    monkeypatch.setattr(metrics.authz_recorder, "check", broken)
+    token = ca.create_jwt_svid("spiffe://example.org/web", ["api"])
+    response = sync_stub.Check(request(token))
+    assert response.status.code != 0
+    assert metadata(response)["reason"] == "internal_error"
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        decide_module.Decision(
+            allowed=True,
+            status=200,
+            reason="allowed",
+            policy="p",
+            spiffe_id="spiffe://example.org/web",
+            headers_to_set=(("x-spiffe-id", "spiffe://example.org/web"),),
+            headers_to_remove=("authorization",),
+        ),
+        decide_module.deny(401, "expired", policy="p"),
+        decide_module.deny(403, "subject_not_allowed", policy="p", spiffe_id="spiffe://example.org/x"),
+        decide_module.internal_error(),
+    ],
+)
+def test_pre_encoded_response_equals_the_built_one(decision: decide_module.Decision) -> None:
+    # The template is encoded once and the per-Check decision ID appended as bytes: the receiver must parse
+    # exactly the message `to_check_response` builds.
+    wire = servicer_module._Prepared(decision).wire(b"0123456789abcdef")
+    parsed = external_auth_pb2.CheckResponse.FromString(wire)
+    assert parsed == to_check_response(decision, "0123456789abcdef")
+    if not decision.allowed:
+        keys = [h.header.key for h in parsed.denied_response.headers]
+        assert keys[-1] == "x-svidgate-decision-id"
+
+
+async def test_repeated_checks_share_one_template_and_count_exactly(
+    stub: Any, ca: TestCA, metrics: Metrics
+) -> None:
+    token = ca.create_jwt_svid("spiffe://example.org/web", ["api"])
+    ids = set()
+    for _ in range(5):
+        response = await stub.Check(request(token))
+        assert response.status.code == 0
+        ids.add(metadata(response)["decision_id"])
+    assert len(ids) == 5
+    labels = {"policy": "api", "result": "allow", "reason": "allowed", "dry_run": "false"}
+    registry = metrics.registry
+    assert registry.get_sample_value("svidgate_authz_decisions_total", labels) == 5
+    assert registry.get_sample_value("svidgate_authz_check_duration_seconds_count") == 5

@@ -124,16 +124,6 @@ async def test_ambiguous_path_is_denied_despite_default_allow(server: tuple[Serv
     assert response.dynamic_metadata.fields["policy"].string_value == AMBIGUOUS_REQUEST
 
 
-# The two tests below need servicer.py's `_inject` to call `TokenInjector.inject(policy.policy, verified,
-# extensions)` (see svidgate/extauthz/inject.py): until then the servicer picks the audience itself and cannot
-# pass the policy's opt-in. strict=True: they fail loudly (XPASS) once the servicer is switched over, so the
-# marker gets removed.
-_NEEDS_SERVICER = pytest.mark.xfail(
-    strict=True, reason="servicer._inject must call TokenInjector.inject (audience list, opt-in)"
-)
-
-
-@_NEEDS_SERVICER
 async def test_requested_audience_must_be_listed(server: tuple[Server, Path]) -> None:
     _, directory = server
     target = f"unix:{directory / 'svidgate.sock'}"
@@ -142,7 +132,6 @@ async def test_requested_audience_must_be_listed(server: tuple[Server, Path]) ->
     assert reason(response) == "audience_not_allowed"
 
 
-@_NEEDS_SERVICER
 @pytest.mark.parametrize("server", ["      inject_allow_unverified_callers: true\n"], indirect=True)
 async def test_opt_in_allows_tcp(server: tuple[Server, Path]) -> None:
     running, _ = server
