@@ -39,32 +39,6 @@ from svidgate.identity.entitlement import CallerInfo
 
 log = logging.getLogger(__name__)
 
-import time as _time
-_DBG = os.environ.get("SVIDGATE_PEERCRED_DEBUG")
-_FT = {0:"DATA",1:"HEADERS",2:"PRIO",3:"RST",4:"SETTINGS",5:"PUSH",6:"PING",7:"GOAWAY",8:"WINUP",9:"CONT"}
-class _FrameLog:
-    def __init__(self, name, preface):
-        self.name=name; self.buf=b""; self.skip=24 if preface else 0; self.total=0
-    def feed(self, data):
-        self.total+=len(data)
-        self.buf+=data
-        out=[]
-        if self.skip:
-            n=min(self.skip,len(self.buf)); self.buf=self.buf[n:]; self.skip-=n
-        while len(self.buf)>=9:
-            ln=int.from_bytes(self.buf[:3],"big"); t=self.buf[3]; f=self.buf[4]; sid=int.from_bytes(self.buf[5:9],"big")&0x7fffffff
-            if len(self.buf)<9+ln: break
-            extra=""
-            if t in (3,7): extra=self.buf[9:9+ln].hex()
-            if t==8: extra=str(int.from_bytes(self.buf[9:13],"big"))
-            out.append(f"{_FT.get(t,t)}/f{f:#x}/s{sid}/l{ln}{'/'+extra if extra else ''}")
-            self.buf=self.buf[9+ln:]
-        return out
-def _dbg(msg):
-    if _DBG:
-        with open(_DBG,"a") as fh:
-            fh.write(f"{_time.monotonic():.4f} {os.getpid()} {msg}\n")
-
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;} (Linux)
 _UNIX_PREFIX = "unix:"
 
@@ -159,23 +133,16 @@ class _Pipe(asyncio.Protocol):
         self.other: _Pipe | None = None
         self.eof = False
         self._conn = on_lost
-        self.name = "?"
-        self.flog = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if _DBG:
-            if self.flog is None: self.flog=_FrameLog(self.name, self.name=="outer")
-            fr=self.flog.feed(data)
-            _dbg(f"c{id(self._conn)%10000} {self.name} recv {len(data)} total={self.flog.total} fwd={self.other is not None and self.other.transport is not None} otherclosing={self.other.transport.is_closing() if self.other and self.other.transport else None} {fr}")
         if self.other is not None and self.other.transport is not None:
             self.other.transport.write(data)
 
     def eof_received(self) -> bool:
-        _dbg(f"c{id(self._conn)%10000} {self.name} eof other.eof={self.other.eof if self.other else None}")
         self.eof = True
         if self.other is not None and self.other.eof:
             # Both directions are finished: release both sockets and the registry entry.
@@ -187,17 +154,14 @@ class _Pipe(asyncio.Protocol):
         return True  # keep our write side open (half-close): the other side may still send its last bytes
 
     def connection_lost(self, exc: Exception | None) -> None:
-        _dbg(f"c{id(self._conn)%10000} {self.name} lost {exc!r}")
         self._conn.close()
 
     # Back-pressure: when our write buffer fills, stop reading from the other side until it drains.
     def pause_writing(self) -> None:
-        _dbg(f"c{id(self._conn)%10000} {self.name} pause_writing")
         if self.other is not None and self.other.transport is not None:
             self.other.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        _dbg(f"c{id(self._conn)%10000} {self.name} resume_writing")
         if self.other is not None and self.other.transport is not None:
             self.other.transport.resume_reading()
 
@@ -210,7 +174,6 @@ class _Connection:
         self.outer = _Pipe(self)
         self.inner = _Pipe(self)
         self.outer.other, self.inner.other = self.inner, self.outer
-        self.outer.name, self.inner.name = "outer", "inner"
         #: The registered path of the inner connection (unregistered on close).
         self.address: str | None = None
         #: The socket file still to unlink (None once unlinked).
@@ -220,9 +183,6 @@ class _Connection:
     def close(self) -> None:
         if self.closed:
             return
-        if _DBG:
-            import traceback
-            _dbg(f"c{id(self)%10000} close from {''.join(traceback.format_stack(limit=4)[:-1])!r}")
         self.closed = True
         for pipe in (self.outer, self.inner):
             if pipe.transport is not None:
@@ -300,7 +260,6 @@ class _Connection:
         if self.closed:  # the caller went away while we connected
             self.close()
             return
-        _dbg(f"c{id(self)%10000} inner connected, resume outer")
         outer.resume_reading()
 
 
@@ -328,7 +287,6 @@ class _Outer(asyncio.Protocol):
         return self._conn.outer.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        _dbg(f"c{id(self._conn)%10000} outer lost {exc!r}")
         self._conn.close()
 
     def pause_writing(self) -> None:
@@ -482,7 +440,6 @@ class PeerCredFront:
 
     async def close(self) -> None:
         """Stop accepting, close every proxied connection and remove the socket file (if it is still ours)."""
-        _dbg(f"front.close {self.path} conns={len(self.connections)}")
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -267,12 +267,58 @@ def restrictive_umask(mode: int) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class _DrainContext:
+    """The servicer context a drained streaming handler sees: its writes complete even when the drain stops
+    the handler in the middle of one.
+
+    grpc.aio's `write()` (and `send_initial_metadata()`) record that the response headers went out only after
+    grpc-core reports the batch done. Cancelling the handler inside that await loses the record although the
+    headers did go out; the call's final status then asks grpc-core to send the headers again, grpc-core
+    refuses the batch (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), no status is sent, and the call hangs until
+    `server.stop()` cancels it: the client sees UNAVAILABLE after the whole grace instead of OK. So the writes
+    run shielded from the handler's cancellation, and `settle()` waits for them before the status is sent.
+    Everything else is the wrapped context's.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+        self._writes: set[asyncio.Future[None]] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        await self._shielded(self._context.write(message))
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        await self._shielded(self._context.send_initial_metadata(metadata))
+
+    async def _shielded(self, operation: Awaitable[None]) -> None:
+        write = asyncio.ensure_future(operation)
+        self._writes.add(write)
+        write.add_done_callback(self._write_done)
+        await asyncio.shield(write)
+
+    def _write_done(self, write: asyncio.Future[None]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled():
+            write.exception()  # retrieved: the handler saw it, or it was stopped and no longer cares
+
+    async def settle(self) -> None:
+        """Return once no write is in flight (a stopped handler's last write included)."""
+        while self._writes:
+            await asyncio.wait(set(self._writes))
+
+
 class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Ends every server-streaming RPC with status OK once `drain` is set.
 
     grpc.aio's `server.stop(grace)` waits for RPCs to finish and then cancels them; SDS and Workload API
     streams never finish by themselves, so without this they would all end CANCELLED at the end of the grace
     period. Unary calls (Check) are left alone: they are answered normally while the server stops.
+
+    A drained handler is stopped by cancelling it wherever it waits; its writes are shielded from that
+    (`_DrainContext`), because a cancelled grpc.aio write breaks the call's final status.
 
     Args:
         drain: set once when the process starts draining.
@@ -321,7 +367,8 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             ) -> AsyncIterator[Any]:
                 if drain.is_set():
                     return
-                responses = behavior(request, context)
+                shielded = _DrainContext(context)
+                responses = behavior(request, shielded)
                 drained = asyncio.ensure_future(drain.wait())
                 following: asyncio.Future[Any] | None = None
                 self._enter(context)
@@ -347,6 +394,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                             await following
                     with contextlib.suppress(Exception):
                         await responses.aclose()
+                    await shielded.settle()
 
             return generator
 
@@ -354,16 +402,22 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # A handler that writes with `await context.write()` and returns when done (grpc health Watch).
             if drain.is_set():
                 return None
-            task = asyncio.ensure_future(behavior(request, context))
+            shielded = _DrainContext(context)
+            task = asyncio.ensure_future(behavior(request, shielded))
             drained = asyncio.ensure_future(drain.wait())
             self._enter(context)
             try:
                 await asyncio.wait((task, drained), return_when=asyncio.FIRST_COMPLETED)
                 if task.done():
+                    # A helper task's write (SDS pushes from one) may still run when the handler returns.
+                    await shielded.settle()
                     return task.result()
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+                # A write the cancellation interrupted is still running: grpc.aio sends the status only after
+                # it, so that the status does not ask for the response headers a second time.
+                await shielded.settle()
                 return None
             finally:
                 drained.cancel()

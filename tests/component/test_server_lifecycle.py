@@ -170,3 +170,60 @@ async def test_drain_ends_streams_with_ok_and_answers_calls_in_flight() -> None:
         response = await asyncio.wait_for(in_flight, 5)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
         await asyncio.wait_for(stopping, 10)
+
+
+async def test_drain_while_a_write_is_in_flight_still_ends_the_stream_with_ok() -> None:
+    # The drain stops the handler while `await context.write()` has not completed yet: the bytes may be on the
+    # wire, but grpc-core's completion has not reached the event loop. Cancelling grpc.aio's write there left
+    # the call believing its headers were never sent, so its OK status failed in grpc-core
+    # (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) and the client got UNAVAILABLE once the grace ran out.
+    drain = asyncio.Event()
+    waiting = asyncio.Event()
+    go = asyncio.Event()
+    cancelled_in_write: list[bool] = []
+
+    async def stream(request_iterator: Any, context: Any) -> None:
+        waiting.set()
+        await go.wait()
+        try:
+            # The first write, the one that also sends the response headers.
+            await context.write(b"first")
+        except asyncio.CancelledError:
+            cancelled_in_write.append(True)
+            raise
+        await asyncio.Event().wait()  # an SDS stream never ends by itself
+
+    def ident(data: bytes) -> bytes:
+        return data
+
+    interceptor = DrainInterceptor(drain)
+    server = grpc.aio.server(interceptors=[interceptor])
+    handler = grpc.stream_stream_rpc_method_handler(
+        stream, request_deserializer=ident, response_serializer=ident
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Drain", {"Stream": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            requests: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def iterate() -> AsyncIterator[bytes]:
+                while True:
+                    yield await requests.get()
+
+            call = channel.stream_stream(
+                "/t.Drain/Stream", request_serializer=ident, response_deserializer=ident
+            )(iterate())
+            await asyncio.wait_for(waiting.wait(), 5)
+            # Both wake up in the same loop iteration: the handler starts its write, and the interceptor stops
+            # the handler before grpc-core's completion of that write reaches the loop.
+            drain.set()
+            go.set()
+            assert await asyncio.wait_for(call.read(), 5) == b"first"
+            assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            await asyncio.wait_for(interceptor.wait_idle(), 5)
+    finally:
+        await server.stop(0)
+    assert cancelled_in_write, "the drain did not stop the handler during its write (test precondition)"
