@@ -809,7 +809,9 @@ class Server:
             # The threaded server: measured faster than grpc.aio for unary calls (~136 vs ~309 us of server
             # CPU per empty RPC here), and Check is the per-request hot path.
             check_server = grpc.server(
-                ThreadPoolExecutor(max_workers=CHECK_WORKERS, thread_name_prefix="svidgate-check"),
+                ThreadPoolExecutor(
+                    max_workers=self.settings.check_workers, thread_name_prefix="svidgate-check"
+                ),
                 options=list(GRPC_SERVER_OPTIONS),
             )
             self._sync_servers.append(check_server)
@@ -1120,9 +1122,6 @@ class Server:
                 continue
             await self.reload("file_change")
 
-
-#: Threads of the optional threaded Check server (a cache hit < 1 us, an ES256 verification ~160 us).
-CHECK_WORKERS = 8
 
 #: Config sections a reload cannot change in a running process.
 _RESTART_ONLY = ("trust_domain", "state_dir", "listen", "ca", "source", "federation", "server")

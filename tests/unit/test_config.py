@@ -746,3 +746,10 @@ authz:
 """
     with pytest.raises(ConfigError, match=r"policies\[0\]\.match\.hosts\[0\]: .*not a host name"):
         parse_config(text, "test")
+
+
+def test_check_workers_default_and_bounds() -> None:
+    assert parse("trust_domain: example.org\n").server.check_workers == 2
+    assert parse("server: {check_workers: 6}\n").server.check_workers == 6
+    with pytest.raises(ConfigError, match=r"server\.check_workers"):
+        parse("server: {check_workers: 0}\n")
