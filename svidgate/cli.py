@@ -8,7 +8,6 @@ never a traceback. The config file is ``--config FILE``, else ``$SVIDGATE_CONFIG
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -25,8 +24,6 @@ from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import system_clock
 from svidgate.identity.sources.federation import parse_bundle_document
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
-
-_log = logging.getLogger(__name__)
 
 PROG = "svidgate"
 EXIT_OK = 0
@@ -218,11 +215,8 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     config, path = _config(args)
     # Imported here: the server pulls in gRPC, which the other commands do not need.
     from svidgate import server
-    from svidgate.logs import configure_logging
 
-    configure_logging(config.log.format, config.log.level)
-    for warning in config.warnings():
-        _log.warning("config.warning", extra={"fields": {"warning": warning}})
+    # server.run configures logging and reports the config's warnings when it starts.
     return server.run(config, path)
 
 
