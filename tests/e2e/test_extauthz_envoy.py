@@ -8,24 +8,23 @@ answers denials, it never fails the RPC).
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import grpc.aio
 import pytest
 
 from svidgate.config import AuthzConfig, parse_config
 from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer, new_sync_check_server
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+from tests.e2e.checkserver import Backend, aio_check_server, echo_backend
 from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
 from tests.support.ca import NOW, TestCA
 
@@ -50,28 +49,6 @@ authz:
 
 def authz(text: str = CONFIG) -> AuthzConfig:
     return parse_config(text, "e2e").authz
-
-
-class Backend(ThreadingHTTPServer):
-    received: list[dict[str, str]]
-
-
-class Echo(BaseHTTPRequestHandler):
-    server: Backend
-
-    def do_GET(self) -> None:
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        # Every copy, so that an appended (rather than overwritten) x-spiffe-id would show.
-        headers["x-spiffe-id-all"] = json.dumps(self.headers.get_all("x-spiffe-id") or [])
-        self.server.received.append(headers)
-        body = json.dumps(headers).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 class World:
@@ -102,22 +79,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     holder = PolicyHolder(authz())
     servicer = AuthorizationServicer(feed, holder, None, clock=lambda: NOW)
 
-    backend = Backend(("127.0.0.1", 0), Echo)
-    backend.received = []
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-
+    stack = contextlib.ExitStack()
+    backend = stack.enter_context(echo_backend())
     # listen.grpc flavour: grpc.aio on its own event loop thread.
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    async def start_aio() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        servicer.add_to_server(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    aio_server, aio_port = asyncio.run_coroutine_threadsafe(start_aio(), loop).result(10)
+    aio_port = stack.enter_context(aio_check_server(servicer))
     # listen.check flavour: the threaded server.
     sync_server = new_sync_check_server(servicer, max_workers=2)
     sync_port = sync_server.add_insecure_port("127.0.0.1:0")
@@ -146,9 +111,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for envoy in envoys:
             envoy.stop()
         sync_server.stop(None)
-        asyncio.run_coroutine_threadsafe(aio_server.stop(None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        backend.shutdown()
+        stack.close()
 
 
 FRONTEND = "spiffe://example.org/frontend"

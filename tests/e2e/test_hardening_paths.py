@@ -7,23 +7,21 @@ Envoy redirects to the unescaped path, which is checked in its turn).
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import contextlib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc.aio
 import pytest
 
 from svidgate.config import parse_config
 from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+from tests.e2e.checkserver import Backend, aio_check_server, echo_backend
 from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
-from tests.e2e.test_extauthz_envoy import Backend, Echo
 from tests.support.ca import NOW, TestCA
 
 pytestmark = pytest.mark.e2e
@@ -72,20 +70,9 @@ def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingress]:
     servicer = AuthorizationServicer(
         feed, PolicyHolder(parse_config(CONFIG, "e2e").authz), None, clock=lambda: NOW
     )
-    backend = Backend(("127.0.0.1", 0), Echo)
-    backend.received = []
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        servicer.add_to_server(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    stack = contextlib.ExitStack()
+    backend = stack.enter_context(echo_backend())
+    port = stack.enter_context(aio_check_server(servicer))
     config = render_template(
         EXAMPLES / "ext-authz" / "envoy.yaml",
         listen_port=0,
@@ -101,9 +88,7 @@ def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingress]:
         yield Ingress(envoy.listener_port("ingress"), backend)
     finally:
         envoy.stop()
-        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        backend.shutdown()
+        stack.close()
 
 
 def test_public_prefix_still_public(ingress: Ingress) -> None:
