@@ -120,6 +120,11 @@ class CheckRecorder:
         cell.buckets[bisect.bisect_left(CHECK_BUCKETS, seconds)] += 1
         cell.seconds += seconds
 
+    def count(self, counter_child: Any) -> None:
+        """Count one event on a counter child (``Counter.labels(...)``), folded in at the next flush."""
+        counts = self.cell().counts
+        counts[counter_child] = counts.get(counter_child, 0) + 1
+
     def cache_hit(self) -> None:
         """Count one validated-token cache hit."""
         self.cell().hits += 1
@@ -298,18 +303,20 @@ class Metrics:
         )
 
         # --- gRPC (every service, through `MetricsInterceptor`)
-        self.grpc_handled = Counter(
+        # Flushing: the threaded Check server counts its calls through `authz_recorder`.
+        self.grpc_handled = _FlushingCounter(
             "svidgate_grpc_server_handled_total",
             "gRPC calls completed on the server, by service, method and status code.",
             ["service", "method", "code"],
             registry=registry,
         )
-        self.grpc_started = Counter(
+        self.grpc_started = _FlushingCounter(
             "svidgate_grpc_server_started_total",
             "gRPC calls started on the server, by service and method.",
             ["service", "method"],
             registry=registry,
         )
+        self.grpc_handled.before_collect = self.grpc_started.before_collect = self.authz_recorder.flush
 
         # --- process lifecycle (server.py)
         self.config_reloads = Counter(

@@ -494,9 +494,24 @@ class AuthorizationServicer:
     def add_to_sync_server(self, server: grpc.Server) -> None:
         """Register Check on a threaded ``grpc.server`` (the optional ``listen.check`` listener)."""
         check_wire = self.check_wire
+        metrics = self._metrics
+        if metrics is None:
 
-        def check(request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext) -> bytes:
-            return check_wire(request, context.peer)
+            def check(request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext) -> bytes:
+                return check_wire(request, context.peer)
+
+        else:
+            # The grpc.aio interceptor counts calls on listen.grpc; the threaded server has none: count here.
+            # Check never fails the RPC (denials and internal errors are CheckResponses): the code is OK.
+            recorder = metrics.authz_recorder
+            started = metrics.grpc_started.labels(service=_SERVICE, method="Check")
+            handled = metrics.grpc_handled.labels(service=_SERVICE, method="Check", code="OK")
+
+            def check(request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext) -> bytes:
+                recorder.count(started)
+                wire = check_wire(request, context.peer)
+                recorder.count(handled)
+                return wire
 
         _register(server, check)
 
@@ -521,7 +536,8 @@ def new_sync_check_server(servicer: AuthorizationServicer, max_workers: int = 4)
 
     Args:
         servicer: the Check service (shared with the aio server: same cache, policies and metrics).
-        max_workers: worker threads; 4 measured best on 2 cores (more threads only contend for the GIL).
+        max_workers: worker threads (svidgate serve uses `server.check_workers`, default 2: more threads only
+            contend for the GIL).
 
     Returns:
         The server; the caller adds ports (``add_insecure_port``) and starts and stops it.

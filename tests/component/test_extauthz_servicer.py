@@ -315,6 +315,18 @@ def test_threaded_server_serves_the_same_core(sync_stub: Any, ca: TestCA) -> Non
     assert sync_stub.Check(request(None)).denied_response.status.code == 401
 
 
+def test_threaded_server_counts_calls_like_the_aio_interceptor(
+    sync_stub: Any, ca: TestCA, metrics: Metrics
+) -> None:
+    token = ca.create_jwt_svid("spiffe://example.org/web", ["api"])
+    sync_stub.Check(request(token))
+    sync_stub.Check(request(None))  # a denial is still an OK RPC
+    labels = {"service": "envoy.service.auth.v3.Authorization", "method": "Check"}
+    registry = metrics.registry
+    assert registry.get_sample_value("svidgate_grpc_server_started_total", labels) == 2
+    assert registry.get_sample_value("svidgate_grpc_server_handled_total", {**labels, "code": "OK"}) == 2
+
+
 def test_decision_log_rate_limit_and_sampling() -> None:
     now = [0.0]
     log = DecisionLog(clock=lambda: now[0], rng=lambda: 0.5)
