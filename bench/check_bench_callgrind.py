@@ -101,12 +101,10 @@ def main() -> None:
         ("svidgate threaded: unique ES256, log off", "svidgate-sync:4", es, 10000),
     ]
     only = sys.argv[1:]
+    if any(arg in ("-h", "--help") for arg in only):
+        print(__doc__ or "usage: check_bench_callgrind.py [CASE-SUBSTRING ...]")
+        return
     cases = [c for c in cases if not only or any(o in c[0] for o in only)]
-    # Diagnostics (run only when named): the adapter alone, and the core without Prometheus recording.
-    diagnostics = [
-        ("svidgate threaded: adapter only (constant)", "svidgate-const:4", cached, 10000),
-        ("svidgate threaded: cached, no metrics, log off", "svidgate-sync-nometrics:4", cached, 10000),
-    ]
     quiet = [c for c in quiet if not only or any(o in c[0] for o in only)]
     quiet += [c for c in diagnostics if any(o in c[0] for o in only)]
     rows = []
@@ -116,6 +114,8 @@ def main() -> None:
     for label, kind, requests, size in quiet:
         print(f"{label} ...", file=sys.stderr, flush=True)
         rows.append((label, count(kind, requests, state, size, log=False)))
+    if not rows:
+        sys.exit("no case matches " + ", ".join(repr(o) for o in only))
     base = rows[0][1]
     print(f"\nInstructions per Check (callgrind, whole server process, {N} sequential Checks)")
     print(f"| {'case':<44} | {'instructions':>12} | {'baseline/case':>13} |")
