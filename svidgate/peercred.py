@@ -419,7 +419,7 @@ class PeerCredFront:
             # Others could then reach the inner socket (no credentials, so no SVID) and bind paths in it.
             log.warning(
                 "peercred.inner_dir_not_private",
-                extra={"fields": {"dir": str(self.client_dir), "mode": oct(stat.S_IMODE(info.st_mode))}},
+                extra={"fields": {"dir": str(self.client_dir), "mode": f"{stat.S_IMODE(info.st_mode):04o}"}},
             )
 
     async def start(self) -> None:
@@ -435,7 +435,7 @@ class PeerCredFront:
         self._server = await asyncio.get_running_loop().create_unix_server(lambda: _Outer(self), sock=sock)
         log.info(
             "peercred.listening",
-            extra={"fields": {"path": str(self.path), "inner": self.inner_path, "mode": oct(self.mode)}},
+            extra={"fields": {"path": str(self.path), "inner": self.inner_path, "mode": f"{self.mode:04o}"}},
         )
 
     async def close(self) -> None:
