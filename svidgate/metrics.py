@@ -553,20 +553,8 @@ def _wrap_streaming(behavior: Callable[..., Any], started: Any, done: _Done) -> 
 
         return generator
 
-    # A coroutine handler that answers with `await context.write(...)`.
-    async def coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        started.inc()
-        try:
-            result = behavior(request, context)
-            if inspect.isawaitable(result):
-                result = await result
-        except BaseException as raised:
-            done(context, raised)
-            raise
-        done(context, None)
-        return result
-
-    return coroutine
+    # A coroutine handler that answers with `await context.write(...)`: counted like a unary call.
+    return _wrap_unary(behavior, started, done)
 
 
 def _as_iter(produced: Any) -> Iterator[Any]:
