@@ -14,12 +14,14 @@ happened. Needs root (the CI and development machines run as root).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "envoy-examples"
@@ -105,3 +107,14 @@ def output_matches(expected: str, actual: str) -> bool:
 
 def log_tail(text: str, lines: int = 80) -> str:
     return "\n".join(text.splitlines()[-lines:])
+
+
+def load_backend() -> ModuleType:
+    """envoy-examples/backend.py as a module (its directory is not a package): `make_server(...)`."""
+    path = EXAMPLES / "backend.py"
+    spec = importlib.util.spec_from_file_location("envoy_examples_backend", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
