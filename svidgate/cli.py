@@ -22,6 +22,7 @@ from svidgate.errors import ConfigError, SourceError, SpiffeIdError, SvidgateErr
 from svidgate.identity.bundle import Bundle, pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import system_clock
+from svidgate.identity.sources import load_upstream
 from svidgate.identity.sources.federation import parse_bundle_document
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 
@@ -215,7 +216,12 @@ def _builtin_ca(config: Config) -> BuiltinCa:
             "(mint with the upstream issuer instead)"
         )
     return BuiltinCa.load_or_create(
-        config.state_dir, config.trust_domain, config.ca.key_type, system_clock, ca_ttl=config.ca.ca_ttl
+        config.state_dir,
+        config.trust_domain,
+        config.ca.key_type,
+        system_clock,
+        ca_ttl=config.ca.ca_ttl,
+        upstream=load_upstream(config, system_clock),
     )
 
 
