@@ -74,16 +74,27 @@ def readme_session(readme: Path, section: str = "Run it") -> Session:
     return Session(script.group(1), expected.group(1))
 
 
-def run_in_namespaces(script: str, timeout: float = 120.0) -> Run:
-    """Run `script` with bash from a scratch repository root in fresh net/mount/PID namespaces."""
+def run_in_namespaces(
+    script: str, timeout: float = 120.0, *, prelude: str = _PRELUDE, env: dict[str, str] | None = None
+) -> Run:
+    """Run `script` with bash in fresh net/mount/PID namespaces.
+
+    Args:
+        script: the commands; the default `prelude` runs them from a scratch repository root.
+        timeout: seconds before the whole namespace is killed.
+        prelude: bash run first as the namespace's init; it gets the script in ``$EXAMPLE_SCRIPT``, the venv
+            in ``$EXAMPLE_VENV`` and envoy-examples/ in ``$EXAMPLE_DIR``.
+        env: more environment variables.
+    """
     env = {
         **os.environ,
+        **(env or {}),
         "EXAMPLE_VENV": sys.prefix,
         "EXAMPLE_DIR": str(EXAMPLES),
         "EXAMPLE_SCRIPT": script,
     }
     proc = subprocess.run(
-        ["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", _PRELUDE],
+        ["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", prelude],
         env=env,
         capture_output=True,
         text=True,
