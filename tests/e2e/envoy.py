@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import signal
+import string
 import subprocess
 import time
 import urllib.error
@@ -52,6 +53,15 @@ _ADMIN_OVERRIDE = "admin: {address: {socket_address: {address: 127.0.0.1, port_v
 
 class EnvoyError(RuntimeError):
     """Envoy failed to start, to become ready, or exited unexpectedly; the message carries its log tail."""
+
+
+def render_template(path: Path, **values: object) -> str:
+    """Fill a ``${name}`` template (bench/envoy/ only: envoy-examples/ ships no templates, see `shipped_config`).
+
+    Raises:
+        KeyError: a placeholder has no value.
+    """
+    return string.Template(path.read_text()).substitute({k: str(v) for k, v in values.items()})
 
 
 def shipped_config(
