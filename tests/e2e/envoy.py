@@ -56,7 +56,7 @@ class EnvoyError(RuntimeError):
 
 
 def render_template(path: Path, **values: object) -> str:
-    """Fill a ``${name}`` template (bench/envoy/ only: envoy-examples/ ships no templates, see `shipped_config`).
+    """Fill a ``${name}`` template (bench/envoy/ only; envoy-examples/ has none: see `shipped_config`).
 
     Raises:
         KeyError: a placeholder has no value.
