@@ -150,8 +150,8 @@ class TokenCache:
         Args:
             token: the compact JWS.
             bundles: the current trust bundles.
-            audiences: the token must carry at least one of these (never empty here: policies that require a
-                token must name an audience, see `policy.compile_policy`).
+            audiences: the token must carry at least one of these (never empty here: the configuration
+                refuses a policy that requires a token and names no audience).
             now: the current time.
             leeway: the validator's clock-skew leeway.
             precheck: called with `token` on a miss only, before validation (it raises to refuse): checks
