@@ -475,7 +475,8 @@ class BuiltinCa:
             True when the bundle or the signing authority changed (callers re-publish and re-mint).
 
         Raises:
-            CaError: the new state cannot be persisted (the in-memory state is then left unchanged).
+            CaError: the new state cannot be persisted, or no new intermediate can be issued because the
+                upstream root is about to expire (the in-memory state is then left unchanged).
         """
         with self._lock:
             now = self._clock()
