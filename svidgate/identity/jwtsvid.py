@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from svidgate.errors import JwtSvidError, SpiffeIdError
-from svidgate.identity.bundle import Bundle
+from svidgate.identity.bundle import MIN_RSA_BITS, Bundle
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 
 # Stable reason codes (contract: ext_authz deny reasons and metric labels).
@@ -81,8 +81,6 @@ REASONS: Final = (
 
 DEFAULT_MAX_TOKEN_BYTES: Final = 8192
 DEFAULT_LEEWAY: Final = 30.0
-# RSA below 2048 bits is not acceptable (NIST SP 800-131A); go-spiffe's test CA refuses it too.
-MIN_RSA_BITS: Final = 2048
 
 _HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
     "256": hashes.SHA256,
