@@ -320,7 +320,9 @@ def parse_jwt_jwks(trust_domain: TrustDomain, data: bytes) -> Bundle:
 
     Lenient where the Workload API is: SPIRE and go-spiffe write plain RFC 7517 keys without `use`, so a key
     without `use` is a JWT authority; a key with another `use` (an X.509 entry) is skipped. Every JWT
-    authority needs a `kid` that no other key has, as JWT-SVID validation selects keys by it.
+    authority needs a `kid` that no other key has, as JWT-SVID validation selects keys by it. A key below the
+    floor of `svidgate.identity.bundle` (RSA < 2048 bits, other curves, OKP) is left out and named in
+    `rejected_authorities`.
 
     Raises:
         BundleError: not a JSON JWK Set, a key without `kid`, a duplicate `kid`, or a key that does not parse.
