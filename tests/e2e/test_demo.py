@@ -21,7 +21,8 @@ pytestmark = pytest.mark.e2e
 def assert_demo_story(text: str) -> None:
     assert '"backend_saw_x_spiffe_id": "spiffe://example.org/frontend"' in text
     assert '"backend_saw_a_token": false' in text
-    assert "\n401\n" in text
+    assert '{"error":"unauthorized","reason":"missing_token"}\n401\n' in text
+    assert '{"error":"forbidden","reason":"subject_not_allowed"}\n403\n' in text
 
 
 async def test_demo_reaches_the_backend_with_the_callers_spiffe_id() -> None:
