@@ -10,6 +10,11 @@ FetchJWTBundles (JWT authorities per trust domain). When the agent goes away (re
 reconnects with capped exponential backoff and jitter, on a fresh channel so that gRPC's own reconnect
 backoff (up to two minutes) never adds to ours; the last snapshot stays in force meanwhile, as
 SPIFFE_Workload_API.md 4.2 expects of a client.
+
+Health (`statuses()`): the source is up while both streams are delivering; its last success is "now" while
+they are, and the moment one was lost once it is not. A lost agent therefore shows in
+`svidgate_source_up{source="spire"}` at once, and in `/readyz` once the SVIDs it left behind run low (see
+`svidgate.server`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from svidgate.identity.bundle import Bundle
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+from svidgate.identity.sources.base import SourceStatus
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
 from svidgate.workloadapi import SECURITY_HEADER, SERVICE_NAME
@@ -103,6 +109,7 @@ class SpireSource:
         backoff_initial: first reconnect delay, seconds (doubles per failure, jittered).
         backoff_max: longest reconnect delay, seconds.
         timeout: deadline of each FetchJWTSVID call to the agent, seconds.
+        trust_domain: the own trust domain, for the health label (None: taken from the agent's first SVID).
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class SpireSource:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         timeout: float = 5.0,
+        trust_domain: TrustDomain | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._target = grpc_target(endpoint)
@@ -130,6 +138,9 @@ class SpireSource:
         self._last_error = "not tried"
         #: Whether each upstream stream is currently delivering (for readiness checks and logs).
         self.connected = {"FetchX509SVID": False, "FetchJWTBundles": False}
+        self._trust_domain = trust_domain
+        self._last_success: float | None = None
+        self._streams_lost = 0
 
     @classmethod
     async def connect(
@@ -141,6 +152,7 @@ class SpireSource:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         timeout: float = 5.0,
+        trust_domain: TrustDomain | None = None,
     ) -> SpireSource:
         """Create a source and wait (retrying with backoff) until the agent has given it its X.509-SVIDs.
 
@@ -149,7 +161,7 @@ class SpireSource:
         Args:
             endpoint: as for the constructor.
             ready_timeout: give up after this many seconds.
-            clock, backoff_initial, backoff_max, timeout: as for the constructor.
+            clock, backoff_initial, backoff_max, timeout, trust_domain: as for the constructor.
 
         Returns:
             The source, its first snapshot published.
@@ -158,7 +170,12 @@ class SpireSource:
             SourceError: no X.509-SVID from the agent within `ready_timeout` (the message has the last error).
         """
         source = cls(
-            endpoint, clock=clock, backoff_initial=backoff_initial, backoff_max=backoff_max, timeout=timeout
+            endpoint,
+            clock=clock,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+            timeout=timeout,
+            trust_domain=trust_domain,
         )
         try:
             await asyncio.wait_for(source._first_snapshot(), ready_timeout)
@@ -174,6 +191,7 @@ class SpireSource:
             try:
                 async with WorkloadApiClient(self.endpoint) as client:
                     self._on_x509(await client.fetch_x509_context())
+                    self._last_success = self._clock()
                     try:
                         self._on_jwt_bundles(await client.fetch_jwt_bundles())
                     except SvidgateError as exc:
@@ -208,6 +226,24 @@ class SpireSource:
     def refresh(self) -> bool:
         """Nothing to poll: the agent pushes every change on the streams `run()` follows. Always False."""
         return False
+
+    def statuses(self) -> list[SourceStatus]:
+        """The agent's health: up while both streams deliver. (The agent brings federated bundles itself.)"""
+        up = all(self.connected.values())
+        trust_domain = self._trust_domain
+        if trust_domain is None and self._x509 is not None and self._x509.svids:
+            trust_domain = self._x509.svids[0].spiffe_id.trust_domain
+        return [
+            SourceStatus(
+                "spire",
+                trust_domain.name if trust_domain is not None else "",
+                up,
+                # A connected stream is the agent saying "nothing changed": it is fresh now.
+                self._clock() if up else self._last_success,
+                "" if up else self._last_error,
+                {"stream_lost": self._streams_lost} if self._streams_lost else {},
+            )
+        ]
 
     def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
         """A JWT-SVID from the agent (FetchJWTSVID), re-used until half its lifetime has passed.
@@ -286,7 +322,11 @@ class SpireSource:
                         delay(True)
             except SvidgateError as exc:
                 error = str(exc)
+            if self.connected[method]:
+                self._streams_lost += 1
+                self._last_success = self._clock()  # it was delivering until now
             self.connected[method] = False
+            self._last_error = f"{method}: {error}"
             pause = delay(False)
             log.warning(
                 "spire_source.stream_lost",
