@@ -62,56 +62,56 @@ def file_federation(path: Path, clock: FakeClock) -> FederatedBundles:
     return FederatedBundles({OTHER: FederationConfig(bundle_file=path)}, clock, poll_interval=5)
 
 
-def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, other_ca: TestCA) -> None:
+async def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, other_ca: TestCA) -> None:
     path = tmp_path / "other.json"
     replace_file(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 1)))
     federation = file_federation(path, clock)
     assert federation.bundles() == {}
-    assert federation.refresh({}) is True
+    assert await federation.refresh({}) is True
     assert federation.bundles()[OTHER].sequence == 1
     assert federation.next_due() == clock() + 5
-    assert federation.refresh({}) is False  # not due
+    assert await federation.refresh({}) is False  # not due
     clock.advance(5)
-    assert federation.refresh({}) is False  # due, unchanged
+    assert await federation.refresh({}) is False  # due, unchanged
     replace_file(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 2)))
     clock.advance(5)
-    assert federation.refresh({}) is True
+    assert await federation.refresh({}) is True
     assert federation.bundles()[OTHER].sequence == 2
 
 
-def test_bad_bundle_file_keeps_the_last_bundle(
+async def test_bad_bundle_file_keeps_the_last_bundle(
     tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "other.pem"
     replace_file(path, pem_bundle(other_ca.bundle()))
     federation = file_federation(path, clock)
-    federation.refresh({})
+    await federation.refresh({})
     good = federation.bundles()[OTHER]
     replace_file(path, b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             clock.advance(5)
-            assert federation.refresh({}) is False
+            assert await federation.refresh({}) is False
         path.unlink()
         clock.advance(5)
-        assert federation.refresh({}) is False
+        assert await federation.refresh({}) is False
     assert federation.bundles()[OTHER] is good
     assert caplog.messages.count("federation.bundle_file_invalid") == 1
     assert "federation.bundle_file_unreadable" in caplog.messages
 
 
-def test_lower_sequence_is_ignored(
+async def test_lower_sequence_is_ignored(
     tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "other.json"
     replace_file(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 7)))
     federation = file_federation(path, clock)
-    federation.refresh({})
+    await federation.refresh({})
     rotated = TestCA(OTHER)
     replace_file(path, spiffe_bundle_json(with_sequence(rotated.bundle(), 6)))
     clock.advance(5)
     with caplog.at_level(logging.WARNING):
-        assert federation.refresh({}) is False
+        assert await federation.refresh({}) is False
     assert federation.bundles()[OTHER].sequence == 7
     assert federation.bundles()[OTHER].x509_authorities == other_ca.bundle().x509_authorities
     assert "federation.sequence_regressed" in caplog.messages
@@ -125,7 +125,7 @@ class FakeFetcher:
         self.responses: list[bytes | Exception] = []
         self.calls = 0
 
-    def __call__(self, endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
+    async def __call__(self, endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
         self.calls += 1
         response = self.responses.pop(0)
         if isinstance(response, Exception):
@@ -138,7 +138,7 @@ def endpoint_federation(clock: FakeClock, fetch: FakeFetcher, refresh: float = 3
     return FederatedBundles({OTHER: FederationConfig(bundle_endpoint=endpoint)}, clock, fetch=fetch)
 
 
-def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: TestCA) -> None:
+async def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: TestCA) -> None:
     fetch = FakeFetcher()
     fetch.responses = [
         spiffe_bundle_json(with_sequence(other_ca.bundle(), 1, refresh_hint=60)),
@@ -146,40 +146,40 @@ def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: T
         spiffe_bundle_json(with_sequence(other_ca.bundle(), 2)),
     ]
     federation = endpoint_federation(clock, fetch)
-    assert federation.refresh({}) is True
+    assert await federation.refresh({}) is True
     assert federation.next_due() == clock() + 60  # the hint, not the configured 300 s
     clock.advance(59)
-    assert federation.refresh({}) is False
+    assert await federation.refresh({}) is False
     assert fetch.calls == 1
     clock.advance(1)
-    assert federation.refresh({}) is True  # same keys, new hint: a new Bundle value
+    assert await federation.refresh({}) is True  # same keys, new hint: a new Bundle value
     assert federation.next_due() == clock() + MIN_REFRESH  # a hint of 1 s is clamped
     clock.advance(MIN_REFRESH)
-    assert federation.refresh({}) is True
+    assert await federation.refresh({}) is True
     assert federation.next_due() == clock() + 300  # no hint: the configured refresh
     assert federation.bundles()[OTHER].sequence == 2
 
 
-def test_endpoint_failure_keeps_the_last_bundle_and_backs_off(
+async def test_endpoint_failure_keeps_the_last_bundle_and_backs_off(
     clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     fetch = FakeFetcher()
     good = spiffe_bundle_json(with_sequence(other_ca.bundle(), 3))
     fetch.responses = [good, SourceError("connection refused"), b"{not json", good]
     federation = endpoint_federation(clock, fetch, refresh=100)
-    federation.refresh({})
+    await federation.refresh({})
     kept = federation.bundles()[OTHER]
     clock.advance(100)
     with caplog.at_level(logging.WARNING):
-        assert federation.refresh({}) is False
+        assert await federation.refresh({}) is False
         assert federation.next_due() == clock() + FIRST_RETRY
         clock.advance(FIRST_RETRY)
-        assert federation.refresh({}) is False
+        assert await federation.refresh({}) is False
         assert federation.next_due() == clock() + 2 * FIRST_RETRY
     assert federation.bundles()[OTHER] is kept
     assert caplog.messages.count("federation.fetch_failed") == 2
     clock.advance(2 * FIRST_RETRY)
-    assert federation.refresh({}) is False  # the same bundle again: nothing to publish
+    assert await federation.refresh({}) is False  # the same bundle again: nothing to publish
     assert federation.next_due() == clock() + 100
 
 
@@ -254,62 +254,62 @@ def spiffe_endpoint(port: int, endpoint_id: SpiffeId = ENDPOINT_ID) -> BundleEnd
     return BundleEndpoint(f"https://127.0.0.1:{port}/bundle", "https_spiffe", endpoint_id)
 
 
-def test_https_spiffe_fetch_authenticates_the_endpoint_id(
+async def test_https_spiffe_fetch_authenticates_the_endpoint_id(
     server: BundleServer, own_ca: TestCA, other_ca: TestCA
 ) -> None:
     server.body = spiffe_bundle_json(other_ca.bundle())
-    data = fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+    data = await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
     assert parse_bundle_document(OTHER, data).x509_authorities == other_ca.bundle().x509_authorities
 
 
-def test_https_spiffe_rejects_another_spiffe_id(server: BundleServer, own_ca: TestCA) -> None:
+async def test_https_spiffe_rejects_another_spiffe_id(server: BundleServer, own_ca: TestCA) -> None:
     server.body = b"{}"
     wrong = SpiffeId.parse("spiffe://example.org/somebody-else")
     with pytest.raises(SourceError, match=r"presented spiffe://example\.org/bundle-endpoint, expected"):
-        fetch_bundle(spiffe_endpoint(server.port, wrong), {OWN: own_ca.bundle()})
+        await fetch_bundle(spiffe_endpoint(server.port, wrong), {OWN: own_ca.bundle()})
 
 
-def test_https_spiffe_rejects_a_server_the_bundle_does_not_vouch_for(server: BundleServer) -> None:
+async def test_https_spiffe_rejects_a_server_the_bundle_does_not_vouch_for(server: BundleServer) -> None:
     now = time.time()
     stranger = TestCA(OWN, not_before=now - 3600, not_after=now + 86400)
     with pytest.raises(SourceError, match="TLS failed"):
-        fetch_bundle(spiffe_endpoint(server.port), {OWN: stranger.bundle()})
+        await fetch_bundle(spiffe_endpoint(server.port), {OWN: stranger.bundle()})
 
 
-def test_https_spiffe_needs_a_bundle_for_the_endpoint_trust_domain(server: BundleServer) -> None:
+async def test_https_spiffe_needs_a_bundle_for_the_endpoint_trust_domain(server: BundleServer) -> None:
     with pytest.raises(SourceError, match=r"no X\.509 authorities for example\.org"):
-        fetch_bundle(spiffe_endpoint(server.port), {})
+        await fetch_bundle(spiffe_endpoint(server.port), {})
 
 
-def test_https_web_with_ca_file(
+async def test_https_web_with_ca_file(
     server: BundleServer, own_ca: TestCA, other_ca: TestCA, tmp_path: Path
 ) -> None:
     roots = tmp_path / "roots.pem"
     roots.write_bytes(pem_bundle(own_ca.bundle()))
     server.body = pem_bundle(other_ca.bundle())
     endpoint = BundleEndpoint(f"https://localhost:{server.port}/b", "https_web", ca_file=roots)
-    assert fetch_bundle(endpoint, {}) == server.body
+    assert await fetch_bundle(endpoint, {}) == server.body
     # Without the private root, Web PKI (the system store) does not trust the server.
     with pytest.raises(SourceError, match="TLS failed"):
-        fetch_bundle(replace(endpoint, ca_file=None), {})
+        await fetch_bundle(replace(endpoint, ca_file=None), {})
 
 
-def test_https_http_error_status(server: BundleServer, own_ca: TestCA) -> None:
+async def test_https_http_error_status(server: BundleServer, own_ca: TestCA) -> None:
     server.status = 404
     with pytest.raises(SourceError, match="HTTP 404"):
-        fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+        await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
 
 
-def test_federation_over_https_end_to_end(server: BundleServer, own_ca: TestCA, other_ca: TestCA) -> None:
+async def test_federation_over_https_end_to_end(server: BundleServer, own_ca: TestCA, other_ca: TestCA) -> None:
     server.body = spiffe_bundle_json(with_sequence(other_ca.bundle(), 5, refresh_hint=120))
     clock = FakeClock(system_clock())
     federation = FederatedBundles(
         {OTHER: FederationConfig(bundle_endpoint=spiffe_endpoint(server.port))}, clock, poll_interval=5
     )
-    assert federation.refresh({OWN: own_ca.bundle()}) is True
+    assert await federation.refresh({OWN: own_ca.bundle()}) is True
     assert federation.bundles()[OTHER].sequence == 5
     assert federation.next_due() == clock() + 120
     server.body = spiffe_bundle_json(with_sequence(other_ca.bundle(), 4))  # a stale replica
     clock.advance(120)
-    assert federation.refresh({OWN: own_ca.bundle()}) is False
+    assert await federation.refresh({OWN: own_ca.bundle()}) is False
     assert federation.bundles()[OTHER].sequence == 5

@@ -183,9 +183,11 @@ class BuiltinSource:
 
     async def run(self) -> None:
         """Mint and rotate when due, and keep federated bundles current (their own tasks), until cancelled."""
+        if self._federation is None:
+            await self._keep_minting()
+            return
         async with asyncio.TaskGroup() as group:
-            if self._federation is not None:
-                group.create_task(self._federation.run(self._own_bundles, self._publish))
+            group.create_task(self._federation.run(self._own_bundles, self._publish))
             group.create_task(self._keep_minting())
 
     async def _keep_minting(self) -> None:

@@ -110,9 +110,11 @@ class FileSource:
 
     async def run(self) -> None:
         """Poll the files, and keep federated bundles current (their own tasks), until cancelled."""
+        if self._federation is None:
+            await self._poll_files()
+            return
         async with asyncio.TaskGroup() as group:
-            if self._federation is not None:
-                group.create_task(self._federation.run(self._own_bundles, self._publish))
+            group.create_task(self._federation.run(self._own_bundles, self._publish))
             group.create_task(self._poll_files())
 
     async def _poll_files(self) -> None:
