@@ -300,7 +300,9 @@ async def test_https_http_error_status(server: BundleServer, own_ca: TestCA) -> 
         await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
 
 
-async def test_federation_over_https_end_to_end(server: BundleServer, own_ca: TestCA, other_ca: TestCA) -> None:
+async def test_federation_over_https_end_to_end(
+    server: BundleServer, own_ca: TestCA, other_ca: TestCA
+) -> None:
     server.body = spiffe_bundle_json(with_sequence(other_ca.bundle(), 5, refresh_hint=120))
     clock = FakeClock(system_clock())
     federation = FederatedBundles(
