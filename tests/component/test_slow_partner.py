@@ -47,7 +47,7 @@ federation:
 
 
 class ServerThread:
-    """A whole `Server` on an event loop in another thread; `call()` runs a coroutine there, with a timeout."""
+    """A whole `Server` on an event loop in another thread; `call()` runs a coroutine there, or times out."""
 
     def __init__(self, config: Path, clock: FakeClock) -> None:
         self._config = config

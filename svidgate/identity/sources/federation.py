@@ -10,9 +10,9 @@ task to fetch at once; adding or removing a trust domain is starting or cancelli
 Each step has two halves: getting the document (`fetch_bundle`, or reading the file) and applying it
 (`_install`, which decides whether a parsed bundle replaces the one held). Fetching is asyncio all the way, so
 it never blocks the event loop, and it runs under a **total deadline** (`bundle_endpoint.timeout`, default
-10 s) covering connect, TLS, request, headers and body: a per-read timeout would let an endpoint that sends one
-byte every few seconds hold the fetch for as long as it likes. Cancelling the task (SIGTERM) ends a fetch at
-once. File reads and document parsing run in a worker thread.
+10 s) covering connect, TLS, request, headers and body: a per-read timeout would let an endpoint that sends
+one byte every few seconds hold the fetch for as long as it likes. Cancelling the task (SIGTERM) ends a fetch
+at once. File reads and document parsing run in a worker thread.
 
 Rules (SPIFFE_Federation.md):
 
