@@ -258,7 +258,8 @@ class ServeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, wait_for: str | None = "server.started") -> None:
+        """Start the process; wait for the log event `wait_for` (None: return at once)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "svidgate", "serve", "--config", str(self.config)],
@@ -267,7 +268,8 @@ class ServeProcess:
             env=env,
         )
         self._reader = asyncio.ensure_future(self._read())
-        await self.wait_for_event("server.started", timeout=30)
+        if wait_for is not None:
+            await self.wait_for_event(wait_for, timeout=30)
 
     async def _read(self) -> None:
         assert self.proc is not None
