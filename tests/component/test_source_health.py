@@ -88,6 +88,7 @@ async def test_a_lost_spire_agent_shows_in_metrics_and_then_in_readiness(layout:
                 agent.clock.now = clock()
                 agent.source.refresh()  # re-minted on the agent's (advanced) clock
                 await _eventually(lambda: server.readiness()[0], "ready again")
+                await _eventually(lambda: all(source.connected.values()), "both streams back")
                 assert await _up(server) == 1
         finally:
             await server.stop("test")
