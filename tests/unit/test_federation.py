@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import ssl
 import threading
 import time
@@ -210,10 +212,15 @@ class BundleServer:
         context.load_cert_chain(cert_file, key_file)
         self.body = b""
         self.status = 200
+        #: When set, sent as the whole response (status line, headers and body) instead of `body`.
+        self.raw: bytes | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if server.raw is not None:
+                    self.wfile.write(server.raw)
+                    return
                 self.send_response(server.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(server.body)))
@@ -315,3 +322,96 @@ async def test_federation_over_https_end_to_end(
     clock.advance(120)
     assert await federation.refresh({OWN: own_ca.bundle()}) is False
     assert federation.bundles()[OTHER].sequence == 5
+
+
+# -- response framing (a real TLS server sends the bytes) ----------------------------------------------
+
+
+def _chunked(data: bytes, size: int) -> bytes:
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\nX-Trailer: t\r\n\r\n"
+
+
+async def test_fetch_reads_chunked_and_close_delimited_bodies(
+    server: BundleServer, own_ca: TestCA, other_ca: TestCA
+) -> None:
+    document = spiffe_bundle_json(other_ca.bundle())
+    # Go's net/http (SPIRE's bundle endpoint) sends bodies over 2 KiB chunked.
+    server.raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(document, 700)
+    assert await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()}) == document
+    server.raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + document
+    assert await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()}) == document
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"SSH-2.0-OpenSSH\r\n", "not an HTTP/1.1 response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n", "bundle larger than 1048576 bytes"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}", "closed before the response was complete"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "conflicting"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "malformed Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "unsupported Transfer-Encoding"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed chunked body"),
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", "longer than 65536 bytes"),
+        (b"HTTP/1.1 302 Found\r\nLocation: https://elsewhere/\r\n\r\n", "HTTP 302 Found"),
+    ],
+)
+async def test_fetch_refuses_bad_responses_with_one_precise_error(
+    server: BundleServer, own_ca: TestCA, raw: bytes, error: str
+) -> None:
+    server.raw = raw
+    with pytest.raises(SourceError, match=re.escape(error)):
+        await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+
+
+# -- one task per trust domain, each fetch under a total deadline --------------------------------------
+
+
+async def test_a_hanging_partner_delays_nobody_else_and_fails_at_its_deadline(
+    clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    slow, fast = TrustDomain("slow.org"), OTHER
+    released = asyncio.Event()
+    fetched: list[str] = []
+
+    async def fetch(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
+        fetched.append(endpoint.url)
+        if "slow" in endpoint.url:
+            await released.wait()  # never, within its deadline
+        return spiffe_bundle_json(other_ca.bundle())
+
+    federation = FederatedBundles(
+        {
+            slow: FederationConfig(
+                bundle_endpoint=BundleEndpoint("https://slow.org/b", "https_web", timeout=0.2)
+            ),
+            fast: FederationConfig(bundle_endpoint=BundleEndpoint("https://other.org/b", "https_web")),
+        },
+        clock,
+        fetch=fetch,
+    )
+    changed = asyncio.Event()
+    with caplog.at_level(logging.WARNING):
+        task = asyncio.create_task(federation.run(dict, changed.set))
+        try:
+            await asyncio.wait_for(changed.wait(), 10)
+            # The fast partner's bundle arrived while the slow one's fetch still hangs.
+            assert set(federation.bundles()) == {fast}
+            while "federation.fetch_failed" not in caplog.messages:
+                await asyncio.sleep(0.01)
+            statuses = {s.trust_domain: s for s in federation.statuses()}
+            assert statuses["slow.org"].up is False
+            assert "no complete response within the 0.2s deadline" in statuses["slow.org"].error
+            assert dict(statuses["slow.org"].failures) == {"fetch": 1}
+            assert statuses["other.org"].up is True
+            # "Fetch this trust domain now" wakes only that trust domain's task.
+            calls = len(fetched)
+            federation.fetch_now(fast)
+            while len(fetched) == calls:
+                await asyncio.sleep(0.01)
+            assert fetched[calls:] == ["https://other.org/b"]
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
