@@ -1432,8 +1432,15 @@ def _arm_stop_watchdog(seconds: float) -> None:
     _watchdog_armed.set()
 
     def overrun() -> None:
-        log.error("server.stop_overrun", extra={"fields": {"bound_seconds": seconds}})
-        logging.shutdown()
+        # The log line gets a second of its own: a handler lock held by a stuck thread must not keep us alive.
+        reported = threading.Event()
+
+        def report() -> None:
+            log.error("server.stop_overrun", extra={"fields": {"bound_seconds": seconds}})
+            reported.set()
+
+        threading.Thread(target=report, daemon=True).start()
+        reported.wait(1.0)
         os._exit(1)
 
     timer = threading.Timer(seconds, overrun)

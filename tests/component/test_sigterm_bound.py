@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +66,19 @@ async def test_sigterm_while_the_spire_agent_is_absent(layout: Layout) -> None:
     (stopped,) = process.events("server.stopped")
     assert (stopped["reason"], stopped["during"]) == ("SIGTERM", "start-up")
     assert not layout.sds_socket.exists()
+
+
+def test_the_watchdog_ends_a_process_whose_stop_overruns() -> None:
+    # The backstop behind the bound: a process still alive `bound` seconds after the stop signal (here: one
+    # that sleeps in the main thread) is ended with exit 1 and one log line.
+    script = (
+        "import logging, sys, time\n"
+        "from svidgate.logs import configure_logging\n"
+        "from svidgate.server import _arm_stop_watchdog\n"
+        "configure_logging('json', 'info')\n"
+        "_arm_stop_watchdog(0.2)\n"
+        "time.sleep(60)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30, check=False)
+    assert done.returncode == 1
+    assert '"event":"server.stop_overrun"' in done.stderr.decode()
