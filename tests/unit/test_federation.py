@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from svidgate.config import BundleEndpoint, FederationConfig
-from svidgate.errors import BundleError, SourceError
+from svidgate.config import BundleEndpoint, FederationConfig, parse_config
+from svidgate.errors import BundleError, ConfigError, SourceError
 from svidgate.identity.bundle import Bundle, pem_bundle, spiffe_bundle_json
 from svidgate.identity.clock import FakeClock, system_clock
 from svidgate.identity.sources.federation import (
@@ -415,3 +415,31 @@ async def test_a_hanging_partner_delays_nobody_else_and_fails_at_its_deadline(
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+
+# -- bundle_endpoint.timeout ---------------------------------------------------------------------------
+
+
+def _endpoint_config(extra: str) -> str:
+    return (
+        "trust_domain: example.org\nfederation:\n  other.org:\n    bundle_endpoint:\n"
+        f"      url: https://other.org/bundle\n      profile: https_web\n{extra}"
+    )
+
+
+def test_the_fetch_deadline_defaults_to_10s_and_is_configurable() -> None:
+    (default,) = parse_config(_endpoint_config("")).federation.values()
+    assert default.bundle_endpoint is not None
+    assert default.bundle_endpoint.timeout == 10.0
+    (short,) = parse_config(_endpoint_config("      timeout: 500ms\n")).federation.values()
+    assert short.bundle_endpoint is not None
+    assert short.bundle_endpoint.timeout == 0.5
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("0s", "federation.other.org.bundle_endpoint.timeout"), ("6m", "timeout: at most 300s")],
+)
+def test_the_fetch_deadline_is_validated(value: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        parse_config(_endpoint_config(f"      timeout: {value}\n"))
