@@ -81,23 +81,26 @@ class DrippingBundleEndpoint:
     def _serve(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError), conn:
             conn.settimeout(5)
-            tls = self._context.wrap_socket(conn, server_side=True)
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = tls.recv(4096)
-                if not chunk:
-                    return
-                request += chunk
-            self.requests += 1
-            tls.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {self._length}\r\n\r\n".encode()
-            )
-            for _ in range(self._length):
-                if self._stop.wait(self._interval):
-                    return
-                tls.sendall(b" ")
-                self.dripping.set()
+            with self._context.wrap_socket(conn, server_side=True) as tls:
+                self._drip(tls)
+
+    def _drip(self, tls: ssl.SSLSocket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = tls.recv(4096)
+            if not chunk:
+                return
+            request += chunk
+        self.requests += 1
+        tls.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {self._length}\r\n\r\n".encode()
+        )
+        for _ in range(self._length):
+            if self._stop.wait(self._interval):
+                return
+            tls.sendall(b" ")
+            self.dripping.set()
 
     def stop(self) -> None:
         self._stop.set()
