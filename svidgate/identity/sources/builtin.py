@@ -258,7 +258,8 @@ class BuiltinSource:
             (whether the bundle or the signing authority changed, whether the CA state is persisted).
         """
         now = self._clock()
-        if now < self._ca_retry_at:
+        # Once the current authority has expired nothing can be minted without the rotation: no backoff then.
+        if now < self._ca_retry_at and now < self._ca.current.not_after:
             return False, False
         try:
             changed = self._ca.rotate_if_due()
