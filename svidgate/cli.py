@@ -265,8 +265,8 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
 
 
 def _bundles(config: Config) -> dict[TrustDomain, Bundle]:
-    """Own and federated bundles, as the server would hold them right after start (files read, endpoints
-    fetched once)."""
+    """Own and federated bundles, as the server holds them once its first fetches are done (files read,
+    endpoints fetched once, each under its deadline)."""
     from svidgate.identity.sources import federated_bundles
 
     own: dict[TrustDomain, Bundle] = {}
