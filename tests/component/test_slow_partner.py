@@ -14,11 +14,20 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.spiffe_id import SpiffeId
-from tests.component.runtime_support import WEB, Layout, http_get, write_config
+from tests.component.runtime_support import (
+    WEB,
+    Layout,
+    check_request,
+    http_get,
+    tcp_grpc_target,
+    write_config,
+)
 from tests.support.bundle_endpoint import DrippingBundleEndpoint
 from tests.support.server import ServerThread
 
@@ -101,6 +110,10 @@ def test_a_dripping_partner_stops_nothing_but_its_own_bundle(layout: Layout, eve
         partner = next(s for s in readyz["sources"] if s["source"] == "federation")
         assert (partner["trust_domain"], partner["up"]) == ("partner.test", False)
         assert http_get(server.http_port, "/healthz")[:2] == (200, "ok\n")
+        # Check answers (the policy for /healthz needs no token).
+        with grpc.insecure_channel(tcp_grpc_target(server)) as channel:
+            check = external_auth_pb2_grpc.AuthorizationStub(channel).Check
+            assert check(check_request("/healthz"), timeout=STUCK).status.code == 0
 
         # Minting proceeds on the injected clock while the drip goes on.
         source = server.source
