@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from cryptography import x509
 
 from svidgate.config import BundleEndpoint, FederationConfig, Selector, Workload, parse_config
 from svidgate.errors import SourceError
-from svidgate.identity.bundle import Bundle, pem_bundle, spiffe_bundle_json
+from svidgate.identity.bundle import MAX_BUNDLE_BYTES, Bundle, pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.jwtsvid import validate_jwt_svid
@@ -142,7 +142,7 @@ def test_builtin_mint_jwt_svid_refuses_unknown_ids(ca: BuiltinCa, clock: FakeClo
         source.mint_jwt_svid(FRONTEND, [])
 
 
-def test_builtin_refresh_failure_keeps_the_last_snapshot(
+async def test_builtin_refresh_failure_keeps_the_last_snapshot(
     ca: BuiltinCa, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = builtin(ca, clock)
@@ -297,6 +297,50 @@ def test_files_bad_combination_keeps_last_good_and_logs_once(
     assert source.feed.current().svids[FRONTEND].leaf == other.leaf
 
 
+class Rejections(list[tuple[TrustDomain, str]]):
+    def __call__(self, trust_domain: TrustDomain, reason: str) -> None:
+        self.append((trust_domain, reason))
+
+
+@pytest.mark.parametrize(
+    ("bundle", "reason"),
+    [
+        # A leaf where the CA should be: it can never be a trust anchor, and nothing else is left.
+        (lambda f: f.ca.mint_x509_svid(BACKEND, HOUR).cert_chain_pem(), "no_usable_authority"),
+        (lambda f: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "malformed"),
+        (lambda f: b"#" * (MAX_BUNDLE_BYTES + 1), "too_large"),
+    ],
+    ids=["leaf-as-ca", "malformed", "over-1MiB"],
+)
+def test_files_rejected_own_bundle_keeps_last_good(
+    files: Files,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    bundle: Callable[[Files], bytes],
+    reason: str,
+) -> None:
+    sink = Rejections()
+    source = FileSource(
+        files.cert, files.key, files.bundle, TD, None, clock, poll_interval=5, on_bundle_rejected=sink
+    )
+    good = source.feed.current()
+    replace_file(files.bundle, bundle(files))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            clock.advance(5)
+            assert source.refresh() is False
+    assert source.feed.current() is good
+    assert sink == [(TD, reason)]
+    (line,) = [r.fields for r in caplog.records if r.getMessage() == "bundle.update_rejected"]  # type: ignore[attr-defined]
+    assert (line["trust_domain"], line["reason"], line["kept_last"]) == ("example.org", reason, True)
+
+
+def test_files_start_refuses_a_bundle_without_a_usable_authority(files: Files, clock: FakeClock) -> None:
+    replace_file(files.bundle, files.ca.mint_x509_svid(BACKEND, HOUR).cert_chain_pem())
+    with pytest.raises(SourceError, match=r"no usable authority .*basicConstraints cA is false"):
+        files.source(clock)
+
+
 def test_files_accepts_a_spiffe_bundle_document(files: Files, clock: FakeClock) -> None:
     replace_file(files.bundle, spiffe_bundle_json(files.ca.bundle()))
     source = files.source(clock)
@@ -338,7 +382,7 @@ def test_create_source_files(files: Files, clock: FakeClock) -> None:
     assert list(source.feed.current().svids) == [FRONTEND]
 
 
-def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> None:
+async def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> None:
     root = TestCA(TD)
     svid = root.child_ca().create_x509_svid(FRONTEND)
     cert, key, bundle = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "b.pem"

@@ -113,6 +113,11 @@ class BuiltinSource:
     def trust_domain(self) -> TrustDomain:
         return self._ca.trust_domain
 
+    @property
+    def federation(self) -> FederatedBundles | None:
+        """The federated trust domains' watcher (e.g. to `fetch_now()` one of them), None without any."""
+        return self._federation
+
     def statuses(self) -> list[SourceStatus]:
         """The built-in CA's health (down while a CA rotation cannot be persisted), then federation's."""
         federated = self._federation.statuses() if self._federation is not None else []
