@@ -61,6 +61,7 @@ async def test_a_lost_spire_agent_shows_in_metrics_and_then_in_readiness(layout:
             while await _up(server) != 0:
                 assert time.monotonic() < deadline, "svidgate_source_up never went to 0"
                 await asyncio.sleep(0.02)
+            await _eventually(lambda: not any(source.connected.values()), "both streams lost")
             clock.advance(60)
             samples = await scrape(server.http_port)
             assert value(samples, "svidgate_source_last_success_timestamp_seconds", **SPIRE) == lost_at
