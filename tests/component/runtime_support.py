@@ -77,7 +77,8 @@ def config_text(
     log_level: str = "info",
     extra: str = "",
 ) -> str:
-    """A complete config: SDS on a unix socket and TCP, the Workload API, HTTP, one validate policy."""
+    """A complete config: SDS on a unix socket and TCP, Check's own listener, the Workload API, HTTP, one
+    validate policy."""
     uid = os.getuid()
     allow_yaml = json.dumps(list(allow))
     return f"""\
@@ -85,6 +86,7 @@ trust_domain: {TRUST_DOMAIN}
 state_dir: {layout.state}
 listen:
   grpc: [unix://{layout.sds_socket}, tcp://127.0.0.1:0]
+  check: tcp://127.0.0.1:0
   workload_api: unix://{layout.workload_socket}
   http: 127.0.0.1:{http_port}
 workloads:
@@ -307,7 +309,11 @@ class ServeProcess:
 
     def grpc_tcp_target(self) -> str:
         started = self.events("grpc.listening")
-        (address,) = [e["address"] for e in started if str(e["address"]).startswith("tcp://")]
+        (address,) = [
+            e["address"]
+            for e in started
+            if e["listener"] == "grpc" and str(e["address"]).startswith("tcp://")
+        ]
         return str(address).removeprefix("tcp://")
 
     def http_port(self) -> int:
