@@ -76,6 +76,7 @@ def config_text(
     poll: str = "0s",
     log_level: str = "info",
     extra: str = "",
+    check: str = "tcp://127.0.0.1:0",
 ) -> str:
     """A complete config: SDS on a unix socket and TCP, Check's own listener, the Workload API, HTTP, one
     validate policy."""
@@ -86,7 +87,7 @@ trust_domain: {TRUST_DOMAIN}
 state_dir: {layout.state}
 listen:
   grpc: [unix://{layout.sds_socket}, tcp://127.0.0.1:0]
-  check: tcp://127.0.0.1:0
+  check: {check}
   workload_api: unix://{layout.workload_socket}
   http: 127.0.0.1:{http_port}
 workloads:
