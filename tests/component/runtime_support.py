@@ -254,17 +254,27 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 class ServeProcess:
     """`svidgate serve --config FILE` as a child process, its JSON log lines collected from stderr."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(
+        self, config: Path | None, *, prefix: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> None:
+        """Args:
+        config: the config file (None: the embedded default).
+        prefix: a command that runs svidgate (e.g. ``unshare --net``).
+        env: the environment (default: this process's).
+        """
         self.config = config
+        self.prefix = tuple(prefix)
+        self.env = env
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ if self.env is None else self.env, PYTHONUNBUFFERED="1")
+        config = () if self.config is None else ("--config", str(self.config))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "svidgate", "serve", "--config", str(self.config)],
+            [*self.prefix, sys.executable, "-m", "svidgate", "serve", *config],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
