@@ -70,15 +70,16 @@ for listener in json.loads(sys.argv[1]):
             node=base_pb2.Node(id="intruder", cluster="intruder"), resource_names=["default"], type_url=SECRET
         )
         try:
-            stream = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets(iter([request]), timeout=5)
-            response = next(stream)
-            outcome.append("sds: SVID" if any(b"PRIVATE KEY" in r.value for r in response.resources) else "sds: no key")
+            sds = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+            response = next(sds.StreamSecrets(iter([request]), timeout=5))
+            keys = any(b"PRIVATE KEY" in r.value for r in response.resources)
+            outcome.append("sds: SVID" if keys else "sds: no key")
         except grpc.RpcError as err:
             outcome.append(f"sds: {err.code().name}")
         try:
             stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
-            call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=[("workload.spiffe.io", "true")], timeout=5)
-            response = next(call)
+            header = [("workload.spiffe.io", "true")]
+            response = next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=header, timeout=5))
             outcome.append("workload_api: SVID" if response.svids else "workload_api: none")
         except grpc.RpcError as err:
             outcome.append(f"workload_api: {err.code().name}")

@@ -25,7 +25,6 @@ import grpc.aio
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-MISSING_SECURITY_HEADER = "missing_security_header"  # svidgate.extauthz.servicer.MISSING_SECURITY_HEADER
 from svidgate.server import Server
 from tests.component.runtime_support import (
     AUDIENCE,
@@ -41,6 +40,9 @@ from tests.component.runtime_support import (
 )
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir
+
+#: svidgate.extauthz.servicer.MISSING_SECURITY_HEADER (spelled out: the test also runs against older code).
+MISSING_SECURITY_HEADER = "missing_security_header"
 
 
 def _target(bound: str) -> str:
@@ -114,7 +116,7 @@ async def test_tcp_listeners_are_exclusive(server: Server) -> None:
         host, port = bound.removeprefix("tcp://").rsplit(":", 1)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as intruder:
             intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            with pytest.raises(OSError) as err:
+            with pytest.raises(OSError, match="in use") as err:
                 intruder.bind((host, int(port)))
             assert err.value.errno == errno.EADDRINUSE, bound
 
@@ -145,7 +147,8 @@ def _plain_lines(stderr: str) -> list[str]:
 
 
 async def _still_serves(first: ServeProcess, port: int) -> None:
-    assert first.proc is not None and first.proc.poll() is None
+    assert first.proc is not None
+    assert first.proc.poll() is None
     response = await _check(f"127.0.0.1:{port}", "/healthz", None)
     assert response.status.code == 0
 

@@ -2,8 +2,9 @@
 
 One `svidgate serve` (in-process) with every gRPC listener the contract has: ``listen.check`` (TCP, the
 threaded server), ``listen.grpc`` on a unix socket and on TCP, and ``listen.workload_api``. One Envoy per
-listener, each from envoy-examples/ext-authz/envoy.yaml with ``failure_mode_allow: true`` -- the setting under
-which an UNIMPLEMENTED (what ``listen.grpc`` answered for Check while ``listen.check`` was set) becomes an allow.
+listener, each from envoy-examples/ext-authz/envoy.yaml with ``failure_mode_allow: true`` -- the setting
+under which an UNIMPLEMENTED (what ``listen.grpc`` answered for Check while ``listen.check`` was set) becomes
+an allow.
 Every Envoy must answer: no token 401, a bad token 401, a valid JWT-SVID 200.
 
 The Envoy in front of the Workload API socket sends the Workload Endpoint's ``workload.spiffe.io: true`` with
@@ -60,7 +61,7 @@ def envoy_config(bound: str, backend_port: int, *, workload_api: bool) -> str:
 
 
 def http_get(port: int, token: str | None) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/orders")  # noqa: S310 -- loopback test
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/orders")
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
