@@ -746,7 +746,8 @@ def grpc_server_options(*, share_port: bool = False) -> list[tuple[str, int]]:
     grpcio sets SO_REUSEPORT on TCP listeners by default: a second process binding the same address would
     silently receive part of the connections (measured: two `svidgate serve` on one port split them 6/14).
     svidgate's listeners are exclusive; this is the one place to opt in, for Check worker processes of one
-    svidgate that share its port on purpose.
+    svidgate that share its port on purpose (`ensure_tcp_address_free` would then probe with SO_REUSEPORT
+    too, so that a sibling worker does not count as another process).
 
     Args:
         share_port: let processes bind the same TCP port (SO_REUSEPORT).
