@@ -25,7 +25,7 @@ import grpc.aio
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from svidgate.server import Server
+from svidgate.server import Server, StateDirLock, StateDirLockedError
 from tests.component.runtime_support import (
     AUDIENCE,
     WORKLOAD_HEADER,
@@ -194,5 +194,20 @@ async def test_a_second_serve_on_the_same_state_dir_exits_with_one_line(layout: 
             f"(pid {first.proc.pid}); stop it first or give this one another state_dir"
         ]
         await _still_serves(first, port)
+        # The lock dies with its holder, kill -9 included: the next instance may start.
+        first.kill()
+        lock = StateDirLock(layout.state)
+        lock.acquire()
+        lock.release()
     finally:
         first.kill()
+
+
+def test_state_dir_lock_refuses_a_symlink_planted_at_its_path(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / StateDirLock.FILE_NAME).symlink_to(target)
+    with pytest.raises(StateDirLockedError, match="cannot open the lock file"):
+        StateDirLock(state).acquire()
