@@ -8,6 +8,7 @@ uid/gid 10001 with the ConfigMap's configuration, unchanged.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -100,7 +101,7 @@ wait %1
     run = run_in_namespaces(script, prelude=_NODE, env=node_env())
     assert run.returncode == 0, run.stdout + log_tail(run.stderr)
     lines = run.stdout.splitlines()
-    assert lines[0] == '{"ready": true, "reason": "ok"}', run.stdout
+    assert json.loads(lines[0])["ready"] is True, run.stdout
     assert lines[1:] == [
         "/run/svidgate/svidgate.sock 10001:10001 660",
         "/var/lib/svidgate/ca/ca.json 10001:10001 600",
