@@ -90,14 +90,10 @@ def served_chain(envoy: EnvoyProcess) -> list[x509.Certificate]:
     raise AssertionError("no 'default' secret in the config dump")
 
 
-def trusted(envoy: EnvoyProcess) -> list[str]:
-    """Serial numbers of the CA certificates Envoy validates peers with (admin /certs)."""
+def trusted(envoy: EnvoyProcess) -> list[int]:
+    """Serial numbers of the CA certificates Envoy validates peers with (admin /certs prints them in hex)."""
     entries = envoy.admin_json("/certs").get("certificates", [])
-    return sorted({c["serial_number"] for e in entries for c in e.get("ca_cert", [])})
-
-
-def serial(cert: x509.Certificate) -> str:
-    return format(cert.serial_number, "x")
+    return sorted({int(c["serial_number"], 16) for e in entries for c in e.get("ca_cert", [])})
 
 
 async def test_envoys_fed_by_two_svidgates_under_one_root_do_mtls(tmp_path: Path) -> None:
@@ -133,7 +129,7 @@ async def test_envoys_fed_by_two_svidgates_under_one_root_do_mtls(tmp_path: Path
         assert len(chain) == 2
         chain[0].verify_directly_issued_by(chain[1])
         chain[1].verify_directly_issued_by(root.certificate)
-        assert trust == [serial(root.certificate)]
+        assert trust == [root.certificate.serial_number]
     assert client_chain[1] != server_chain[1]  # two intermediates, one per node
     # The Workload API serves the same shape: x509_svid = leaf + intermediate, the bundle = the root.
     svid = context.default_svid
@@ -141,4 +137,4 @@ async def test_envoys_fed_by_two_svidgates_under_one_root_do_mtls(tmp_path: Path
     assert len(svid.cert_chain) == 2
     assert svid.cert_chain[1] == client_chain[1]
     bundle = context.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
-    assert [serial(c) for c in bundle.x509_authorities] == [serial(root.certificate)]
+    assert [c.serial_number for c in bundle.x509_authorities] == [root.certificate.serial_number]
