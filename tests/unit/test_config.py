@@ -138,8 +138,15 @@ def test_config_is_frozen() -> None:
         config.federation[TrustDomain("x.org")] = config.federation[TrustDomain("web.org")]  # type: ignore[index]
 
 
-def test_empty_file_gives_defaults_without_workloads() -> None:
-    config = parse("")
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_an_empty_document_is_refused(text: str) -> None:
+    # A truncated write or a failed mount would otherwise drop every workload and policy.
+    with pytest.raises(ConfigError, match=r"^f: the file holds no YAML document .*write \{\} to run on"):
+        parse_config(text, "f")
+
+
+def test_an_empty_mapping_gives_defaults_without_workloads() -> None:
+    config = parse("{}")
     assert config.trust_domain == TrustDomain("svidgate.local")
     assert config.state_dir == Path("/home/u/.local/state/svidgate")
     assert config.listen.grpc == (
