@@ -1200,8 +1200,9 @@ class Server:
 
     async def _watch_config_file(self, path: Path) -> None:
         # Polling, not inotify: it works on every filesystem and with Kubernetes ConfigMap symlink swaps, and
-        # a stat every few seconds costs nothing.
-        last = _stat_key(path)
+        # a stat every few seconds costs nothing. The first look compares contents with what was loaded: the
+        # file may have changed between the start and this task's first step.
+        last: tuple[int, int, int, int] | None = None
         while True:
             await asyncio.sleep(self.settings.config_poll_interval)
             try:
