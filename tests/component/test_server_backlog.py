@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from svidgate.peercred import LISTEN_BACKLOG, effective_backlog
-from tests.component.runtime_support import Layout
+from tests.component.runtime_support import Layout, config_text
 from tests.support.server import running_server
 
 BURST = 1000
@@ -56,8 +56,13 @@ async def _server_settings(sock: socket.socket) -> int:
 async def test_a_burst_of_1000_connects_is_never_refused(layout: Layout) -> None:
     assert effective_backlog() >= BURST, "net.core.somaxconn is below the burst this test opens"
     assert LISTEN_BACKLOG >= BURST
+    # Every unix listener: SDS (grpc.aio), the Workload API, and Check on the threaded server.
+    check_socket = layout.run / "check.sock"
+    layout.config.write_text(
+        config_text(layout).replace("  http:", f"  check: unix://{check_socket}\n  http:", 1)
+    )
     async with running_server(layout.config):
-        for path in (layout.sds_socket, layout.workload_socket):
+        for path in (layout.sds_socket, layout.workload_socket, check_socket):
             connected, refused = _connect_burst(path, BURST)
             try:
                 assert refused == [], f"{path.name}: {len(refused)} of {BURST} connects refused"
