@@ -114,7 +114,7 @@ def ensure_tcp_port_free(name: str, address: Address) -> None:
     not count) and not SO_REUSEPORT, so a port another process listens on is always refused.
 
     Raises:
-        ListenerError: the port is taken or the address cannot be bound (`bind_error`'s line).
+        ListenerError: the port is taken or not ours to bind (`bind_error`'s line).
     """
     if address.kind != "tcp" or address.port == 0:
         return
@@ -132,7 +132,10 @@ def ensure_tcp_port_free(name: str, address: Address) -> None:
             try:
                 probe.bind(sockaddr)
             except OSError as exc:
-                raise bind_error(name, address.grpc_target(), exc) from None
+                # Only what certainly stops gRPC too: "localhost" also resolves to ::1, which a host without
+                # IPv6 cannot bind while gRPC happily serves on 127.0.0.1.
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise bind_error(name, address.grpc_target(), exc) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
