@@ -55,7 +55,7 @@ def root() -> Iterator[Path]:
 
 def config(root: Path, extra: str = "", *, state: str = "state", listen: str = "") -> Path:
     path = root / "svidgate.yaml"
-    listen = listen or f"grpc: 'unix://{root}/run/sds.sock', workload_api: null, http: null"
+    listen = listen or f"grpc: 'unix://{root}/run/sds.sock', check: null, workload_api: null, http: null"
     path.write_text(
         f"""\
 trust_domain: example.org
@@ -198,11 +198,14 @@ def test_an_address_in_use_is_reported_as_that(root: Path, taken_port: int, list
     sds = f"unix://{root}/run/sds.sock"
     listen = {
         "check": f"grpc: '{sds}', check: 'tcp://{address}', workload_api: null, http: null",
-        "grpc": f"grpc: ['{sds}', 'tcp://{address}'], workload_api: null, http: null",
-        "http": f"grpc: '{sds}', workload_api: null, http: '{address}'",
+        "grpc": f"grpc: ['{sds}', 'tcp://{address}'], check: null, workload_api: null, http: null",
+        "http": f"grpc: '{sds}', check: null, workload_api: null, http: '{address}'",
     }[listener]
     proc = svidgate("serve", "--config", str(config(root, listen=listen)), home=root)
     line = assert_one_error_line(proc, f"listen.{listener}: {address}: address already in use")
-    assert line == f"svidgate: error: listen.{listener}: {address}: address already in use"
+    assert line == (
+        f"svidgate: error: listen.{listener}: {address}: address already in use "
+        "(another process listens there: a second svidgate?); stop it or choose another address"
+    )
     assert "add_port" not in proc.stderr
     assert not (root / "run" / "sds.sock").exists(), "what was bound before the failure is released"

@@ -58,9 +58,7 @@ async def test_a_burst_of_1000_connects_is_never_refused(layout: Layout) -> None
     assert LISTEN_BACKLOG >= BURST
     # Every unix listener: SDS (grpc.aio), the Workload API, and Check on the threaded server.
     check_socket = layout.run / "check.sock"
-    layout.config.write_text(
-        config_text(layout).replace("  http:", f"  check: unix://{check_socket}\n  http:", 1)
-    )
+    layout.config.write_text(config_text(layout, check=f"unix://{check_socket}"))
     async with running_server(layout.config):
         for path in (layout.sds_socket, layout.workload_socket, check_socket):
             connected, refused = _connect_burst(path, BURST)

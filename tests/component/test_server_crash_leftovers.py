@@ -66,7 +66,10 @@ async def test_a_live_instances_inner_directory_is_never_touched(layout: Layout)
         inner = live._inner
         assert inner is not None
         before = sorted(os.listdir(inner))
-        second = Server(load_config(layout.config), layout.config, registry=CollectorRegistry())
+        # Another state_dir (its lock is free), the same sockets: the socket lock is what refuses it.
+        other = layout.root / "other.yaml"
+        other.write_text(layout.config.read_text().replace(str(layout.state), str(layout.root / "state2")))
+        second = Server(load_config(other), other, registry=CollectorRegistry())
         with pytest.raises(ListenerError, match="another svidgate instance"):
             await second.start()
         assert sorted(os.listdir(inner)) == before
