@@ -21,9 +21,10 @@ from pathlib import Path
 
 from svidgate.config import Config
 from svidgate.errors import BundleError, CaError, ConfigError, X509SvidError
+from svidgate.identity.bundle import bundle_update_rejection
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.sources.federation import parse_bundle_document
+from svidgate.identity.sources.federation import FileTooLargeError, WatchedFile, parse_bundle_document
 from svidgate.identity.x509svid import parse_x509_svid, verify_x509_svid
 
 __all__ = ["preflight"]
@@ -89,17 +90,31 @@ def _check_ca_state(config: Config, clock: Clock) -> None:
 
 
 def _check_source_files(config: Config, clock: Clock) -> None:
-    """The files source's certificate, key and bundle must form an SVID of the trust domain, valid now."""
+    """The files source's certificate, key and bundle must form an SVID of the trust domain, valid now.
+
+    The same steps, with the same functions, as `FileSource` takes at its start: each file read up to its cap
+    (`WatchedFile`), the bundle parsed and passed through the bundle acceptance rules, the SVID parsed and
+    verified against it.
+    """
     source = config.source
     files = {"cert_file": source.cert_file, "key_file": source.key_file, "bundle_file": source.bundle_file}
     contents: dict[str, bytes] = {}
     for key, path in files.items():
         assert path is not None  # load_config requires all three with kind: files
-        contents[key] = _read(path, f"source.{key}")
+        try:
+            data = WatchedFile(path).poll()
+        except FileTooLargeError as exc:
+            raise ConfigError(f"source.{key}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"source.{key}: cannot read {path}: {exc.strerror or exc}") from None
+        contents[key] = data or b""
     try:
         bundle = parse_bundle_document(config.trust_domain, contents["bundle_file"])
     except BundleError as exc:
         raise ConfigError(f"source.bundle_file: {source.bundle_file}: {exc}") from None
+    rejection = bundle_update_rejection(None, bundle)
+    if rejection is not None:
+        raise ConfigError(f"source.bundle_file: {source.bundle_file}: {rejection.detail}")
     try:
         svid = parse_x509_svid(contents["cert_file"], contents["key_file"])
         if not svid.spiffe_id.member_of(config.trust_domain):
