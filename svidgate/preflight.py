@@ -77,9 +77,11 @@ def _check_ca_state(config: Config, clock: Clock) -> None:
         break
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"state_dir: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        # serve creates the directory, locks it (serve.lock) and keeps the CA state in it.
+        what = "" if existing == state_dir else f"cannot create {state_dir}: "
+        raise ConfigError(f"state_dir: {what}{existing} is not writable")
     if existing != state_dir:
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"state_dir: cannot create {state_dir}: {existing} is not writable")
         return  # serve creates the directory and a new CA in it
     try:
         BuiltinCa.load_existing(
