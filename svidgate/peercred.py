@@ -296,6 +296,38 @@ class _Outer(asyncio.Protocol):
         self._conn.outer.resume_writing()
 
 
+def socket_dir_problem(directory: Path) -> str | None:
+    """Why `directory` is not safe for svidgate's sockets, or None when it is.
+
+    Whoever can write to the directory can replace svidgate's socket with their own and hand Envoy their
+    certificates, or receive Workload API callers. The default path (``/tmp/svidgate-<uid>``) is predictable,
+    so another user could create it first. The directory (and a symlink to it) must belong to svidgate's
+    user or root, and must not be writable by others unless the sticky bit protects entries (as in /tmp).
+    Shared by `serve` (before it binds) and `check-config` (`svidgate.preflight`).
+    """
+    trusted = {os.geteuid(), 0}
+    try:
+        link = os.lstat(directory)
+        st = os.stat(directory)
+    except OSError as exc:
+        return f"{directory}: cannot inspect the socket directory: {exc.strerror}"
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+        return f"{directory}: is a symlink owned by uid {link.st_uid}; refusing to use it"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{directory}: is not a directory"
+    if st.st_uid not in trusted:
+        return (
+            f"{directory}: is owned by uid {st.st_uid}, not by svidgate's user ({os.geteuid()}) or root; "
+            "another user could replace the sockets in it"
+        )
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        return (
+            f"{directory}: is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "another user could replace the sockets in it"
+        )
+    return None
+
+
 def check_stale_socket(path: Path) -> None:
     """Make `path` free for a new listening socket, or refuse.
 

@@ -2,9 +2,10 @@
 
 `load_config` validates the file itself (types, unknown keys, cross-references, TTL relations) for every
 command and for every reload. `preflight` adds what needs the files and directories a configuration names --
-the built-in CA's state, the files source's certificate, key and bundle, a bundle endpoint's ``ca_file`` --
-so that a configuration `check-config` accepts is one `serve` starts with, and `serve` fails on such a
-problem with the same one line. It only reads: no CA is created, no directory made.
+the built-in CA's state, the files source's certificate, key and bundle, a bundle endpoint's ``ca_file``, the
+unix sockets' directories and paths -- so that a configuration `check-config` accepts is one `serve` starts
+with, and `serve` fails on such a problem with the same one line. It only reads: no CA is created, no
+directory made.
 
 What stays a run-time matter: binding listeners (an address in use, a second instance) and reaching a SPIRE
 agent or a bundle endpoint.
@@ -19,13 +20,14 @@ import ssl
 import stat
 from pathlib import Path
 
-from svidgate.config import Config
+from svidgate.config import Address, Config
 from svidgate.errors import BundleError, CaError, ConfigError, X509SvidError
 from svidgate.identity.bundle import bundle_update_rejection
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.sources.federation import FileTooLargeError, WatchedFile, parse_bundle_document
 from svidgate.identity.x509svid import parse_x509_svid, verify_x509_svid
+from svidgate.peercred import socket_dir_problem
 
 __all__ = ["preflight"]
 
@@ -54,28 +56,61 @@ def _preflight(config: Config, clock: Clock) -> None:
         _check_ca_state(config, clock)
     elif config.source.kind == "files":
         _check_source_files(config, clock)
+    _check_listen_sockets(config)
     for trust_domain, federation in config.federation.items():
         endpoint = federation.bundle_endpoint
         if endpoint is not None and endpoint.ca_file is not None:
             _check_ca_file(endpoint.ca_file, f"federation.{trust_domain}.bundle_endpoint.ca_file")
 
 
+def _check_listen_sockets(config: Config) -> None:
+    """Each unix socket's directory must be safe for sockets (or creatable), and its path free of anything
+    that is not a socket (serve never replaces such a file)."""
+    listen = config.listen
+    named: list[tuple[str, Address | None]] = [(f"listen.grpc[{i}]", a) for i, a in enumerate(listen.grpc)]
+    named += [("listen.workload_api", listen.workload_api), ("listen.check", listen.check)]
+    for where, address in named:
+        if address is None or address.kind != "unix":
+            continue
+        path = Path(address.path)
+        existing = _nearest_existing(path.parent, where)
+        if existing != path.parent:
+            if not stat.S_ISDIR(os.stat(existing).st_mode) or not os.access(existing, os.W_OK | os.X_OK):
+                raise ConfigError(f"{where}: cannot create the socket directory {path.parent} in {existing}")
+            continue  # serve creates it, mode 0700
+        problem = socket_dir_problem(path.parent)
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}")
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"{where}: {path}: {exc.strerror or exc}") from None
+        if not stat.S_ISSOCK(mode):
+            raise ConfigError(f"{where}: {path} exists and is not a socket; serve never replaces it")
+
+
+def _nearest_existing(path: Path, where: str) -> Path:
+    """`path` or its nearest ancestor that exists."""
+    while True:
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            if path.parent == path:
+                raise ConfigError(f"{where}: no part of {path} exists") from None
+            path = path.parent
+            continue
+        except OSError as exc:
+            raise ConfigError(f"{where}: {path}: {exc.strerror or exc}") from None
+        return path
+
+
 def _check_ca_state(config: Config, clock: Clock) -> None:
     """The CA state must load for this trust domain, or its directory must be creatable."""
     state_dir = config.state_dir
-    existing = state_dir
-    while True:
-        try:
-            info = os.stat(existing)
-        except FileNotFoundError:
-            if existing.parent == existing:
-                raise ConfigError(f"state_dir: {state_dir}: no part of the path exists") from None
-            existing = existing.parent
-            continue
-        except OSError as exc:
-            raise ConfigError(f"state_dir: {existing}: {exc.strerror or exc}") from None
-        break
-    if not stat.S_ISDIR(info.st_mode):
+    existing = _nearest_existing(state_dir, "state_dir")
+    if not stat.S_ISDIR(os.stat(existing).st_mode):
         raise ConfigError(f"state_dir: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         # serve creates the directory, locks it (serve.lock) and keeps the CA state in it.

@@ -83,7 +83,13 @@ from svidgate.identity.sources import create_source
 from svidgate.identity.sources.base import IdentitySource
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
-from svidgate.peercred import PeerCredFront, PeerRegistry, make_inner_dir, remove_stale_inner_dir
+from svidgate.peercred import (
+    PeerCredFront,
+    PeerRegistry,
+    make_inner_dir,
+    remove_stale_inner_dir,
+    socket_dir_problem,
+)
 from svidgate.preflight import preflight
 from svidgate.sds.servicer import SERVER_OPTIONS as SDS_SERVER_OPTIONS
 from svidgate.sds.servicer import SecretDiscoveryServicer
@@ -241,36 +247,14 @@ def ensure_tcp_address_free(name: str, address: Address) -> None:
 
 
 def check_socket_dir(directory: Path) -> None:
-    """Refuse a socket directory that another user controls.
-
-    Whoever can write to the directory can replace svidgate's socket with their own and hand Envoy their
-    certificates, or receive Workload API callers. The default path (``/tmp/svidgate-<uid>``) is predictable,
-    so another user could create it first. The directory (and a symlink to it) must belong to svidgate's
-    user or root, and must not be writable by others unless the sticky bit protects entries (as in /tmp).
+    """Refuse a socket directory that another user controls (`socket_dir_problem`).
 
     Raises:
         ListenerError: the directory is not safe to put sockets in.
     """
-    trusted = {os.geteuid(), 0}
-    try:
-        link = os.lstat(directory)
-        st = os.stat(directory)
-    except OSError as exc:
-        raise ListenerError(f"{directory}: cannot inspect the socket directory: {exc.strerror}") from None
-    if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
-        raise ListenerError(f"{directory}: is a symlink owned by uid {link.st_uid}; refusing to use it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise ListenerError(f"{directory}: is not a directory")
-    if st.st_uid not in trusted:
-        raise ListenerError(
-            f"{directory}: is owned by uid {st.st_uid}, not by svidgate's user ({os.geteuid()}) or root; "
-            "another user could replace the sockets in it"
-        )
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise ListenerError(
-            f"{directory}: is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}); "
-            "another user could replace the sockets in it"
-        )
+    problem = socket_dir_problem(directory)
+    if problem is not None:
+        raise ListenerError(problem)
 
 
 class UnixSocketClaim:

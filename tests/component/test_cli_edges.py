@@ -116,7 +116,29 @@ def _expired_svid_files(root: Path) -> str:
     return "source: {kind: files, cert_file: svid.pem, key_file: key.pem, bundle_file: bundle.pem}\n"
 
 
+def _regular_file_at_the_socket(root: Path) -> str:
+    (root / "run").mkdir(mode=0o700)
+    (root / "run" / "sds.sock").write_text("not a socket")
+    return ""
+
+
+def _world_writable_socket_dir(root: Path) -> str:
+    (root / "run").mkdir()
+    (root / "run").chmod(0o777)  # the point of the test: anyone could swap the socket
+    return ""
+
+
 CASES = {
+    "socket-path-is-a-regular-file": (
+        _regular_file_at_the_socket,
+        "state",
+        "listen.grpc[0]: {root}/run/sds.sock exists and is not a socket",
+    ),
+    "socket-dir-writable-by-everyone": (
+        _world_writable_socket_dir,
+        "state",
+        "listen.grpc[0]: {root}/run: is writable by every user (mode 0777)",
+    ),
     "ca-ttl-the-ca-refuses": (
         lambda root: "ca: {ca_ttl: 120s, x509_svid_ttl: 60s, jwt_svid_ttl: 10s}\n",
         "state",
@@ -140,6 +162,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_check_config_refuses_what_serve_refuses_with_the_same_line(root: Path, case: str) -> None:
     extra, state, message = CASES[case]
+    message = message.format(root=root)
     path = config(root, extra(root), state=state)
     checked = svidgate("check-config", str(path), home=root)
     line = assert_one_error_line(checked, message)
