@@ -205,7 +205,10 @@ def bind_error(name: str, address: str, exc: OSError) -> ListenerError:
         address: the address as the operator wrote it (``host:port`` or a path).
         exc: what `bind()` raised.
     """
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if isinstance(exc, socket.gaierror) or not exc.errno:  # resolver errors carry negative EAI_* codes
+        reason = exc.strerror or str(exc)
+    else:
+        reason = os.strerror(exc.errno)
     line = f"listen.{name}: {address}: {reason[:1].lower()}{reason[1:]}"
     if exc.errno == errno.EADDRINUSE:
         line += " (another process listens there: a second svidgate?); stop it or choose another address"
@@ -230,8 +233,11 @@ def ensure_tcp_address_free(name: str, address: Address) -> None:
         candidates = socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-    except socket.gaierror:
-        return  # gRPC resolves it itself and reports what it finds
+    except socket.gaierror as exc:
+        # gRPC could not bind it either, and would say so only in its own log lines.
+        raise ListenerError(
+            f"listen.{name}: {address.grpc_target()}: cannot resolve {address.host}: {exc.strerror}"
+        ) from None
     for family, kind, proto, _, sockaddr in candidates:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
