@@ -28,8 +28,15 @@ TD = TrustDomain("example.org")
 
 def svidgate(*argv: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    # cwd: a relative path in argv (mint x509 --out out) must land in the test's directory, never the repo.
     return subprocess.run(
-        [str(SVIDGATE), *argv], capture_output=True, text=True, env=env, timeout=timeout, check=False
+        [str(SVIDGATE), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=home,
+        timeout=timeout,
+        check=False,
     )
 
 
