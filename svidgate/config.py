@@ -1168,12 +1168,12 @@ class _Parser:
         )
         jwt_ttl = parse_duration(section.get("jwt_svid_ttl", defaults.jwt_svid_ttl), f"{path}.jwt_svid_ttl")
         ca_ttl = parse_duration(section.get("ca_ttl", defaults.ca_ttl), f"{path}.ca_ttl")
-        # An SVID must not outlive its CA, and the CA rotates ahead of expiry: keep room for a whole SVID
-        # lifetime on both sides of the switch.
         if ca_ttl <= MIN_CA_TTL_EXCLUSIVE:
             # The CA refuses it too (`BuiltinCa.load_or_create`); checked here so that check-config, a reload
             # and serve agree.
             raise ConfigError(f"{path}.ca_ttl: must be more than {MIN_CA_TTL_EXCLUSIVE:.0f}s")
+        # An SVID must not outlive its CA, and the CA rotates ahead of expiry: keep room for a whole SVID
+        # lifetime on both sides of the switch.
         if ca_ttl < 2 * max(x509_ttl, jwt_ttl):
             raise ConfigError(f"{path}.ca_ttl: must be at least twice the longest SVID TTL")
         if x509_ttl < 60:
