@@ -323,7 +323,7 @@ def _cmd_bundle(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_check_config(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     path: Path | None = args.file or config_path_from_env()
     config = load_config(path)
-    # The same checks `serve` makes before it starts (CA state, source files, CA files).
+    # The same checks `serve` makes before it starts (CA state, source files, CA files, socket directories).
     preflight(config, str(path) if path is not None else None)
     out.write(f"OK: {path if path is not None else '<embedded default>'}: {config.summary()}\n")
     for warning in config.warnings():

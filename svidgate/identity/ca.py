@@ -212,7 +212,8 @@ class BuiltinCa:
         clock: Clock,
         ca_ttl: float = DEFAULT_CA_TTL,
     ) -> BuiltinCa | None:
-        """The CA `svidgate serve` persisted in `state_dir`, read only: never created, rotated or written.
+        """The CA `svidgate serve` persisted in `state_dir`, read only: never created, rotated or written (a
+        state file readable by others is still restricted to 0600, as on every load).
 
         For commands that run beside a server (`svidgate mint`, `bundle`, `explain`, `check-config`): a CA
         they created would sign what the running server's peers reject, and a rotation they persisted would
