@@ -217,10 +217,11 @@ async def test_drain_while_a_write_is_in_flight_still_ends_the_stream_with_ok() 
                 "/t.Drain/Stream", request_serializer=ident, response_deserializer=ident
             )(iterate())
             await asyncio.wait_for(waiting.wait(), 5)
-            # Both wake up in the same loop iteration: the handler starts its write, and the interceptor stops
-            # the handler before grpc-core's completion of that write reaches the loop.
-            drain.set()
+            # Both wake up in the same loop iteration, the handler first: it starts its write, and the
+            # interceptor's drain (which cancels handlers directly, no task per stream in between) stops it
+            # before grpc-core's completion of that write reaches the loop.
             go.set()
+            drain.set()
             assert await asyncio.wait_for(call.read(), 5) == b"first"
             assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
             assert await call.code() == grpc.StatusCode.OK
