@@ -437,10 +437,11 @@ class ServerConfig:
     reflection: bool = False
     config_poll_interval: float = 2.0
     socket_mode: int = 0o660
-    # Check is CPU-bound under the GIL, so extra threads add contention: bench/check_bench.py measured cached
-    # Checks at 90% of the fastest no-op baseline's throughput with 2 workers and 83% with 4. Raise it only
-    # when inject mode mints through a SPIRE agent, where a cache miss blocks a worker on the agent.
-    check_workers: int = 2
+    # Measured as users run it (bench/check_serve.py: `svidgate serve` pinned to one core, 64 Checks in
+    # flight on one channel): cached tokens at 0.83 of the no-op baseline with 2 threads, 0.87 with 4, 0.89
+    # with 8; issue 11 measured 4 ahead of 2 too. More threads keep grpc-core's completion queue drained while
+    # one thread holds the GIL (and the ES256 verify releases it); past 4 the gain is within the noise.
+    check_workers: int = 4
 
 
 @dataclass(frozen=True, slots=True)

@@ -666,8 +666,8 @@ def new_sync_check_server(servicer: AuthorizationServicer, max_workers: int = 4)
 
     Args:
         servicer: the Check service (shared with the aio server: same cache, policies and metrics).
-        max_workers: worker threads (svidgate serve uses `server.check_workers`, default 2: more threads only
-            contend for the GIL).
+        max_workers: worker threads (svidgate serve uses `server.check_workers`, default 4, measured ahead
+            of 2 with 64 Checks in flight).
 
     Returns:
         The server; the caller adds ports (``add_insecure_port``) and starts and stops it.

@@ -786,7 +786,7 @@ authz:
 
 
 def test_check_workers_default_and_bounds() -> None:
-    assert parse("trust_domain: example.org\n").server.check_workers == 2
+    assert parse("trust_domain: example.org\n").server.check_workers == 4
     assert parse("server: {check_workers: 6}\n").server.check_workers == 6
     with pytest.raises(ConfigError, match=r"server\.check_workers"):
         parse("server: {check_workers: 0}\n")
