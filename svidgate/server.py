@@ -63,6 +63,7 @@ from svidgate.grpcutil import wrap_handler
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.sources import create_source
 from svidgate.identity.sources.base import IdentitySource
+from svidgate.identity.sources.bundle_server import BundleEndpointServer, BundleSequence
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
 from svidgate.peercred import PeerCredFront, PeerRegistry
@@ -663,6 +664,7 @@ class Server:
         self._sync_health: list[health_sync.HealthServicer] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._http: HttpEndpoint | None = None
+        self._bundle_endpoint: BundleEndpointServer | None = None
         self._inner: Path | None = None
         self._listening = False
         self._reload_lock = asyncio.Lock()
@@ -684,6 +686,10 @@ class Server:
     @property
     def http_port(self) -> int | None:
         return self._http.port if self._http is not None else None
+
+    @property
+    def bundle_endpoint_port(self) -> int | None:
+        return self._bundle_endpoint.port if self._bundle_endpoint is not None else None
 
     def readiness(self) -> tuple[bool, str]:
         """``/readyz``: ready when identity and bundles are loaded and every listener is bound.
@@ -741,6 +747,7 @@ class Server:
             self.services = build_services(self.config, self.source, self.metrics, self._clock)
             await self._start_grpc()
             await self._start_http()
+            await self._start_bundle_endpoint()
         except BaseException:
             await self._shutdown(grace=0.0)
             raise
@@ -928,6 +935,34 @@ class Server:
         self._listeners.append(_Listener("http", f"{_bracket_host(host)}:{port}", address))
         log.info("http.listening", extra={"fields": {"address": address, "port": bound}})
 
+    async def _start_bundle_endpoint(self) -> None:
+        listen = self.config.listen.bundle_endpoint
+        if listen is None:
+            return
+        assert self.source is not None
+        host, port = listen
+        self._bundle_endpoint = BundleEndpointServer(
+            host,
+            port,
+            self.config.bundle_endpoint,
+            self.config.trust_domain,
+            self.source.feed,
+            BundleSequence.in_state_dir(self.config.state_dir),
+            poll_interval=self.config.source.poll_interval,
+        )
+        try:
+            bound = await self._bundle_endpoint.start()
+        except OSError as exc:
+            raise ListenerError(
+                f"listen.bundle_endpoint {_bracket_host(host)}:{port}: cannot bind: {exc.strerror or exc}"
+            ) from None
+        address = f"{_bracket_host(host)}:{bound}"
+        self._listeners.append(_Listener("bundle_endpoint", f"{_bracket_host(host)}:{port}", address))
+        log.info(
+            "bundle_endpoint.listening",
+            extra={"fields": {"address": address, "profile": self.config.bundle_endpoint.profile}},
+        )
+
     # -- drain and stop -------------------------------------------------------------------------------------
 
     def request_stop(self, reason: str = "requested") -> None:
@@ -1011,6 +1046,9 @@ class Server:
         if self._http is not None:
             self._http.alive = False
             await self._http.stop()
+        if self._bundle_endpoint is not None:
+            await self._bundle_endpoint.stop()
+            self._bundle_endpoint = None
         for listener in self._listeners:
             if listener.claim is not None:
                 listener.claim.release()
@@ -1124,7 +1162,16 @@ class Server:
 
 
 #: Config sections a reload cannot change in a running process.
-_RESTART_ONLY = ("trust_domain", "state_dir", "listen", "ca", "source", "federation", "server")
+_RESTART_ONLY = (
+    "trust_domain",
+    "state_dir",
+    "listen",
+    "ca",
+    "source",
+    "federation",
+    "bundle_endpoint",
+    "server",
+)
 
 
 def _wait_sync_stop(server: grpc.Server, grace: float) -> None:

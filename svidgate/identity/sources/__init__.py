@@ -16,6 +16,7 @@ from svidgate.identity.sources.base import IdentitySource
 from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.identity.sources.federation import FederatedBundles, fetch_bundle
 from svidgate.identity.sources.files import FileSource
+from svidgate.identity.spiffe_id import SpiffeId
 
 
 def federated_bundles(config: Config, clock: Clock = system_clock) -> FederatedBundles | None:
@@ -23,6 +24,14 @@ def federated_bundles(config: Config, clock: Clock = system_clock) -> FederatedB
     if not config.federation:
         return None
     return FederatedBundles(config.federation, clock, poll_interval=config.source.poll_interval)
+
+
+def internal_ids(config: Config) -> tuple[SpiffeId, ...]:
+    """SPIFFE IDs svidgate presents itself: the bundle endpoint's with ``https_spiffe``."""
+    endpoint = config.bundle_endpoint
+    if config.listen.bundle_endpoint is None or endpoint.spiffe_id is None:
+        return ()
+    return (endpoint.spiffe_id,)
 
 
 def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource | FileSource:
@@ -55,6 +64,7 @@ def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource 
             clock,
             x509_svid_ttl=config.ca.x509_svid_ttl,
             jwt_svid_ttl=config.ca.jwt_svid_ttl,
+            internal_ids=internal_ids(config),
         )
     if config.source.kind == "files":
         src = config.source

@@ -49,6 +49,8 @@ class BuiltinSource:
         clock: the time source.
         x509_svid_ttl: requested lifetime of X.509-SVIDs, seconds.
         jwt_svid_ttl: lifetime of JWT-SVIDs, seconds.
+        internal_ids: SPIFFE IDs svidgate itself presents (the bundle endpoint's); they get X.509-SVIDs like
+            workloads, but no caller is entitled to them and no JWT-SVID is minted for them.
         sleep: how `run()` waits (tests pass a fake).
 
     Raises:
@@ -64,6 +66,7 @@ class BuiltinSource:
         *,
         x509_svid_ttl: float = 3600.0,
         jwt_svid_ttl: float = 300.0,
+        internal_ids: Sequence[SpiffeId] = (),
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._ca = ca
@@ -72,10 +75,9 @@ class BuiltinSource:
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
         self._sleep = sleep
+        self._internal = tuple(internal_ids)
         # One SVID per SPIFFE ID; config guarantees that duplicate entries agree on DNS names and hint.
-        self._workloads: dict[SpiffeId, Workload] = {}
-        for workload in workloads:
-            self._workloads.setdefault(workload.spiffe_id, workload)
+        self._workloads = self._by_id(workloads)
         self._svids: dict[SpiffeId, X509Svid] = {}
         self._due: dict[SpiffeId, float] = {}
         self._signing_cert = ca.current.certificate
@@ -116,9 +118,7 @@ class BuiltinSource:
         Returns:
             True when a new snapshot was published.
         """
-        updated: dict[SpiffeId, Workload] = {}
-        for workload in workloads:
-            updated.setdefault(workload.spiffe_id, workload)
+        updated = self._by_id(workloads)
         with self._step_lock:
             previous, self._workloads = self._workloads, updated
             removed = [spiffe_id for spiffe_id in self._svids if spiffe_id not in updated]
@@ -137,6 +137,16 @@ class BuiltinSource:
             self._publish()
             return True
         return False
+
+    def _by_id(self, workloads: Sequence[Workload]) -> dict[SpiffeId, Workload]:
+        by_id: dict[SpiffeId, Workload] = {}
+        for workload in workloads:
+            by_id.setdefault(workload.spiffe_id, workload)
+        for spiffe_id in self._internal:
+            # No selectors: `Workload.matches` is False for every caller, so SDS and the Workload API never
+            # hand this SVID out.
+            by_id.setdefault(spiffe_id, Workload(spiffe_id, ()))
+        return by_id
 
     def _publish(self) -> None:
         snapshot = self._snapshot(self.feed.current().version + 1)
@@ -180,7 +190,7 @@ class BuiltinSource:
         Raises:
             SourceError: the ID is not a configured workload, the audience is empty, or minting fails.
         """
-        if spiffe_id not in self._workloads:
+        if spiffe_id not in self._workloads or not self._workloads[spiffe_id].selectors:
             raise SourceError(f"{spiffe_id} is not a configured workload of the built-in source")
         if not audience:
             raise SourceError("a JWT-SVID needs at least one audience")
