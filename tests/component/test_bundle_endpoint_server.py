@@ -255,8 +255,8 @@ async def test_idle_and_slow_clients_cannot_hold_the_endpoint(tmp_path: Path) ->
             assert await asyncio.wait_for(loop.sock_recv(extra, 16), 2.0) == b""
         finally:
             extra.close()
-        # The hogs are cut off (handshake timeout), their slots come back within the connection lifetime, and a
-        # real fetch succeeds again.
+        # The hogs are cut off (handshake timeout), their slots come back within the connection lifetime,
+        # and a real fetch succeeds again.
         for hog in hogs:
             assert await asyncio.wait_for(loop.sock_recv(hog, 16), 2.0) == b""
         for _ in range(50):

@@ -785,7 +785,7 @@ def test_bundle_endpoint_server_keys() -> None:
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
-        ("bundle_endpoint: {spiffe_id: spiffe://example.org/b}", "bundle_endpoint: set listen.bundle_endpoint"),
+        ("bundle_endpoint: {spiffe_id: spiffe://example.org/b}", "set listen.bundle_endpoint"),
         ("listen: {bundle_endpoint: '127.0.0.1:1'}", "bundle_endpoint.spiffe_id: required with profile"),
         (
             "listen: {bundle_endpoint: '127.0.0.1:1'}\nbundle_endpoint: {spiffe_id: spiffe://other.org/b}",
