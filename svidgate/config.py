@@ -386,6 +386,9 @@ class AuthzConfig:
     hide_details: bool = False
     cache_size: int = 10000
     decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
+    # How long a Check waits for the bundle fetch an unknown JWT-SVID key triggers before its deny is final.
+    # Half of Envoy's default ext_authz timeout (200 ms), so the answer still reaches Envoy in time.
+    unknown_key_wait: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -1291,6 +1294,7 @@ class _Parser:
                 "hide_details",
                 "cache_size",
                 "decision_log",
+                "unknown_key_wait",
             ),
         )
         d = AuthzConfig()
@@ -1327,6 +1331,11 @@ class _Parser:
             hide_details=_bool(section.get("hide_details", d.hide_details), f"{path}.hide_details"),
             cache_size=_int(section.get("cache_size", d.cache_size), f"{path}.cache_size"),
             decision_log=decision_log,
+            unknown_key_wait=parse_duration(
+                section.get("unknown_key_wait", d.unknown_key_wait),
+                f"{path}.unknown_key_wait",
+                allow_zero=True,
+            ),
         )
 
     def policy(

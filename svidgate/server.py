@@ -1071,8 +1071,9 @@ class Server:
         """Re-read, validate and apply the config file; keep the configuration in force on any error.
 
         What can change live: ``authz`` (policies swapped atomically), ``workloads`` (entitlements of SDS,
-        Workload API and token injection), ``log``. Listeners, trust domain, state directory, source and CA
-        settings need a restart; a change there is reported and ignored.
+        Workload API and token injection), ``federation`` (a removed trust domain leaves the snapshot at
+        once, a new one is fetched at once), ``log``. Listeners, trust domain, state directory, source, CA and
+        bundle endpoint settings need a restart; a change there is reported and ignored.
 
         Args:
             trigger: ``SIGHUP``, ``file_change`` or ``requested`` (for the log line).
@@ -1168,7 +1169,6 @@ _RESTART_ONLY = (
     "listen",
     "ca",
     "source",
-    "federation",
     "bundle_endpoint",
     "server",
 )
@@ -1226,7 +1226,13 @@ class Services:
         self.policies = PolicyHolder(config.authz)
         self.injector = TokenInjector(source.mint_jwt_svid, config.workloads, clock)
         self.authz = AuthorizationServicer(
-            source.feed, self.policies, metrics, clock, injector=self.injector, peers=self.peers.lookup
+            source.feed,
+            self.policies,
+            metrics,
+            clock,
+            injector=self.injector,
+            peers=self.peers.lookup,
+            refresh_bundle=getattr(source, "request_bundle_refresh", None),
         )
         self.sds = build_sds(config, source, self.peers, metrics, clock)
         # The SPIRE source mints over gRPC: the Workload API servicer awaits its async variant so that a cache
@@ -1275,11 +1281,15 @@ class Services:
         """
         compile_authz(new.authz)  # raises ConfigError: nothing swapped yet
         workloads = new.workloads
+        federation = new.federation
 
         def apply() -> None:
             set_source_workloads = getattr(self.source, "set_workloads", None)
             if set_source_workloads is not None:  # the built-in CA mints for new IDs; SPIRE decides itself
                 set_source_workloads(workloads)
+            set_federation = getattr(self.source, "set_federation", None)
+            if set_federation is not None:  # a SPIRE agent delivers federated bundles itself
+                set_federation(federation)
             self.policies.swap(new.authz)
             self.injector.swap_workloads(workloads)
             self.workload_api.set_workloads(workloads)

@@ -13,7 +13,9 @@ exception inside `check` becomes a denial with reason ``internal_error`` (logged
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import os
@@ -40,7 +42,7 @@ from svidgate.extauthz.token import (
     require_compact,
 )
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.jwtsvid import JwtSvid
+from svidgate.identity.jwtsvid import UNKNOWN_KEY, JwtSvid, parse_jwt_svid_insecure
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from svidgate.extauthz.reload import PolicyHolder
     from svidgate.identity.entitlement import CallerInfo
     from svidgate.identity.snapshot import SnapshotFeed
+    from svidgate.identity.sources.federation import BundleRefresher
     from svidgate.metrics import Metrics
 
 __all__ = [
@@ -60,6 +63,24 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class UnknownKey(enum.Enum):
+    """What `AuthorizationServicer.check_wire` does when a token's ``kid`` is not in its bundle."""
+
+    WAIT = "wait"
+    RAISE = "raise"
+    IGNORE = "ignore"
+
+
+class RefreshPending(Exception):
+    """A bundle fetch for an unknown key is running; the grpc.aio handler awaits it and decides again."""
+
+    def __init__(self, fetch: futures.Future[bool], wait: float) -> None:
+        super().__init__("bundle fetch pending")
+        self.fetch = fetch
+        self.wait = wait
+
 
 #: Maps a gRPC peer string (``context.peer()``) to what the peer-credential front verified about it.
 PeerResolver = Callable[[str], "CallerInfo | None"]
@@ -256,6 +277,8 @@ class AuthorizationServicer:
             (``inject_unavailable``).
         peers: maps ``context.peer()`` to kernel-verified credentials (the peer-credential front's registry)
             for the inject-mode entitlement check; None when Check is served over TCP only.
+        refresh_bundle: asks for an out-of-schedule fetch of a federated trust domain's bundle when a token
+            names a key its bundle lacks (`LiveFederation.request_fetch`); None: never.
     """
 
     def __init__(
@@ -266,6 +289,7 @@ class AuthorizationServicer:
         clock: Clock = system_clock,
         injector: TokenInjector | None = None,
         peers: PeerResolver | None = None,
+        refresh_bundle: BundleRefresher | None = None,
     ) -> None:
         self._feed = feed
         self._policies = policies
@@ -273,6 +297,7 @@ class AuthorizationServicer:
         self._clock = clock
         self._injector = injector
         self._peers = peers
+        self._refresh_bundle = refresh_bundle
         self.cache = TokenCache(policies.current.config.cache_size, metrics)
         self.decision_log = DecisionLog()
         self._errors_log = DecisionLog()
@@ -297,7 +322,11 @@ class AuthorizationServicer:
         return external_auth_pb2.CheckResponse.FromString(self.check_wire(request, peer))
 
     def check_wire(
-        self, request: external_auth_pb2.CheckRequest, peer: Callable[[], str] | None = None
+        self,
+        request: external_auth_pb2.CheckRequest,
+        peer: Callable[[], str] | None = None,
+        *,
+        unknown_key: UnknownKey = UnknownKey.WAIT,
     ) -> bytes:
         """`check`, answering the encoded CheckResponse (what the gRPC handlers send as is); never raises.
 
@@ -305,24 +334,41 @@ class AuthorizationServicer:
         anywhere becomes a denial (``internal_error``), never an RPC error that Envoy's ``failure_mode_allow``
         would turn into an allow.
 
+        A token whose ``kid`` its federated trust domain's bundle lacks asks for one fetch of that bundle
+        (rate-limited per trust domain by the source) and is validated again against the result before the
+        deny is final: `unknown_key` says how to wait for it.
+
         Args:
             request: Envoy's CheckRequest.
             peer: returns the gRPC peer string (``context.peer``); called only for inject-mode policies.
+            unknown_key: ``WAIT`` blocks this thread for at most ``authz.unknown_key_wait`` (the threaded
+                server); ``RAISE`` raises `RefreshPending` for the caller to await (grpc.aio: the fetch
+                publishes on the event loop, which must not block); ``IGNORE`` denies at once.
 
         Returns:
             The serialized CheckResponse.
+
+        Raises:
+            RefreshPending: only with ``unknown_key=RAISE``.
         """
         started = time.perf_counter()
         decision_id = os.urandom(8).hex()
         try:
-            prepared = self._decide(request, peer)
+            prepared = self._decide(request, peer, unknown_key)
             wire = prepared.wire(decision_id.encode("ascii"))
             self._record(prepared, decision_id, request, started)
             return wire
+        except RefreshPending:
+            raise
         except Exception as err:
             return self._fail_closed(err, decision_id, started)
 
-    def _decide(self, request: external_auth_pb2.CheckRequest, peer: Callable[[], str] | None) -> _Prepared:
+    def _decide(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        peer: Callable[[], str] | None,
+        unknown_key: UnknownKey = UnknownKey.WAIT,
+    ) -> _Prepared:
         authz = self._policies.current
         owner, memo = self._memo
         if owner is not authz:
@@ -344,7 +390,7 @@ class AuthorizationServicer:
             # A fresh token per Check: nothing to share.
             return _Prepared(self._inject(authz, policy, extensions, peer))
         else:
-            outcome = self._validate(authz, policy, http)
+            outcome = self._validate(authz, policy, http, unknown_key)
             if isinstance(outcome, JwtSvid):
                 # With a valid token the decision depends only on (configuration, policy, subject).
                 key = (policy.name, outcome.spiffe_id)
@@ -375,7 +421,7 @@ class AuthorizationServicer:
         return wire
 
     def _validate(
-        self, authz: CompiledAuthz, policy: CompiledPolicy, http: Any
+        self, authz: CompiledAuthz, policy: CompiledPolicy, http: Any, unknown_key: UnknownKey
     ) -> JwtSvid | TokenError | JwtSvidError:
         try:
             header = authz.token_header
@@ -395,11 +441,34 @@ class AuthorizationServicer:
                 token = extract_token_raw(raw, header, authz.token_prefix)
                 precheck = None
             bundles = self._feed.current().bundles
-            return self.cache.validate(
-                token, bundles, policy.audiences, self._clock(), authz.config.leeway, precheck
-            )
+            try:
+                return self.cache.validate(
+                    token, bundles, policy.audiences, self._clock(), authz.config.leeway, precheck
+                )
+            except JwtSvidError as err:
+                if err.reason != UNKNOWN_KEY or not self._await_bundle(token, authz, unknown_key):
+                    raise
+            # The fetch changed the bundle: validate once more against what it published.
+            bundles = self._feed.current().bundles
+            return self.cache.validate(token, bundles, policy.audiences, self._clock(), authz.config.leeway)
         except (TokenError, JwtSvidError) as err:
             return err
+
+    def _await_bundle(self, token: str, authz: CompiledAuthz, unknown_key: UnknownKey) -> bool:
+        """Ask for a fetch of the token's trust domain's bundle; True when a changed one was published."""
+        if self._refresh_bundle is None or unknown_key is UnknownKey.IGNORE:
+            return False
+        # The token already parsed (the key lookup is what failed), so this cannot raise for it.
+        trust_domain = parse_jwt_svid_insecure(token).spiffe_id.trust_domain
+        fetch = self._refresh_bundle(trust_domain)
+        if fetch is None:
+            return False  # no endpoint, or fetched for an unknown key moments ago
+        if unknown_key is UnknownKey.RAISE:
+            raise RefreshPending(fetch, authz.config.unknown_key_wait)
+        try:
+            return fetch.result(timeout=authz.config.unknown_key_wait)
+        except futures.TimeoutError:
+            return False
 
     def _inject(
         self,
@@ -484,8 +553,18 @@ class AuthorizationServicer:
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        """`Authorization/Check` on a ``grpc.aio`` server (answers the encoded response, see `_register`)."""
-        return self.check_wire(request, context.peer)
+        """`Authorization/Check` on a ``grpc.aio`` server (answers the encoded response, see `_register`).
+
+        An unknown key's bundle fetch publishes on this event loop, so it is awaited here, not blocked on.
+        """
+        try:
+            return self.check_wire(request, context.peer, unknown_key=UnknownKey.RAISE)
+        except RefreshPending as pending:
+            fetched = asyncio.wrap_future(pending.fetch)
+            # shield: a timeout here must not cancel the fetch other Checks share.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(fetched), pending.wait)
+            return self.check_wire(request, context.peer, unknown_key=UnknownKey.IGNORE)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register Check on a ``grpc.aio`` server (``listen.grpc``)."""

@@ -52,7 +52,8 @@ def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource 
             gRPC) or the source cannot produce its first snapshot.
         CaError: the built-in CA state cannot be loaded or created.
     """
-    federation = federated_bundles(config, clock)
+    # Always a watcher, empty when nothing is federated yet, so that a reload can add trust domains.
+    federation = FederatedBundles(config.federation, clock, poll_interval=config.source.poll_interval)
     if config.source.kind == "builtin":
         ca = BuiltinCa.load_or_create(
             config.state_dir, config.trust_domain, config.ca.key_type, clock, ca_ttl=config.ca.ca_ttl

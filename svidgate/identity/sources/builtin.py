@@ -10,19 +10,20 @@ actually changed, so subscribers are never woken for nothing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
-from svidgate.config import Workload
+from svidgate.config import FederationConfig, Workload
 from svidgate.errors import CaError, JwtSvidError, SourceError, SvidgateError
 from svidgate.identity.bundle import Bundle
 from svidgate.identity.ca import ACTIVATE_AT, PREPARE_AT, BuiltinCa
 from svidgate.identity.clock import Clock
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources.federation import FederatedBundles
+from svidgate.identity.sources.federation import FederatedBundles, LiveFederation
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
 
@@ -71,7 +72,9 @@ class BuiltinSource:
     ) -> None:
         self._ca = ca
         self._clock = clock
-        self._federation = federation
+        # Always present, possibly empty, so that a reload can add the first federated trust domain.
+        self._federation = federation if federation is not None else FederatedBundles({}, clock)
+        self._live = LiveFederation(self._federation, self._own_bundles, self._publish)
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
         self._sleep = sleep
@@ -171,6 +174,7 @@ class BuiltinSource:
         Federated bundle fetches block on the network, so each step runs in a worker thread; the snapshot is
         published from the event loop (the feed is not thread-safe).
         """
+        self._live.bind(asyncio.get_running_loop())
         while True:
             try:
                 changed = await asyncio.to_thread(self._step_safely)
@@ -183,6 +187,18 @@ class BuiltinSource:
                     self._publish()
                 delay = min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP)
             await self._sleep(delay)
+
+    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
+        """Apply a reloaded ``federation`` section (`LiveFederation.reconfigure`); call on the loop."""
+        self._live.reconfigure(federation)
+
+    def request_bundle_refresh(self, trust_domain: TrustDomain) -> concurrent.futures.Future[bool] | None:
+        """Fetch a federated trust domain's bundle now, for a JWT-SVID with an unknown ``kid``; thread-safe.
+
+        Returns:
+            The shared fetch (True once a changed bundle is published), or None when no fetch is allowed.
+        """
+        return self._live.request_fetch(trust_domain)
 
     def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
         """A JWT-SVID for one of the configured workload IDs, reused until half its lifetime.

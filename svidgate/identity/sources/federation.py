@@ -13,6 +13,11 @@ Rules (SPIFFE_Federation.md):
   endpoint's configured `refresh` when the bundle has no hint.
 - A failed fetch or a bad file keeps the last good bundle; failures are retried with a backoff that starts at
   10 s and never exceeds the refresh interval.
+- A JWT-SVID whose ``kid`` is not in a federated bundle may trigger one extra fetch of that trust domain's
+  endpoint (`fetch_for_unknown_key`), at most once per `UNKNOWN_KEY_FETCH_INTERVAL` per trust domain, never
+  for a trust domain without an endpoint; `LiveFederation` shares one fetch among concurrent callers.
+- `set_federation` applies a reloaded ``federation`` section: a removed trust domain's bundle is gone from
+  `bundles()` at once; a new or changed one starts over and is due at once.
 
 Blocking I/O (file reads, HTTPS) happens inside `refresh()`; an asyncio owner runs it in a worker thread.
 Never imports gRPC.
@@ -20,16 +25,20 @@ Never imports gRPC.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import http.client
 import logging
 import os
 import ssl
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -49,6 +58,9 @@ FIRST_RETRY = 10.0
 MAX_BUNDLE_BYTES = 1 << 20
 FETCH_TIMEOUT = 10.0
 RACY_SECONDS = 2.0
+#: An unknown JWT-SVID ``kid`` fetches a trust domain's endpoint at most this often (seconds): tokens with
+#: made-up key IDs must not turn into a flood of fetches at the partner.
+UNKNOWN_KEY_FETCH_INTERVAL = 10.0
 
 #: Fetches a bundle endpoint: (endpoint, trust bundles to authenticate https_spiffe with) -> document bytes.
 Fetcher = Callable[[BundleEndpoint, Mapping[TrustDomain, Bundle]], bytes]
@@ -206,6 +218,10 @@ class _FederatedTrustDomain:
     next_file_check: float = 0.0
     next_fetch: float = 0.0
     failures: int = 0
+    #: clock time of the last fetch for an unknown key (rate limit), -inf when none yet
+    last_unknown_key_fetch: float = float("-inf")
+    #: a scheduled and an on-demand fetch of the same trust domain never run at once
+    fetch_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class FederatedBundles:
@@ -228,18 +244,87 @@ class FederatedBundles:
         self._clock = clock
         self._poll_interval = poll_interval
         self._fetch = fetch
-        self._domains = [
-            _FederatedTrustDomain(
-                trust_domain=td,
-                config=cfg,
-                file=WatchedFile(cfg.bundle_file) if cfg.bundle_file is not None else None,
-            )
-            for td, cfg in federation.items()
-        ]
+        # Replaced whole (one reference assignment) by `set_federation` on the event loop while `refresh` may
+        # run in a worker thread: readers take the list once and never see a half-applied reload.
+        self._domains = [_new_domain(td, cfg) for td, cfg in federation.items()]
+        self._reserve = threading.Lock()
+        # The owner's schedule and a reload's immediate refresh run in different threads: one at a time.
+        self._refreshing = threading.Lock()
+
+    @property
+    def trust_domains(self) -> tuple[TrustDomain, ...]:
+        """The federated trust domains configured now."""
+        return tuple(d.trust_domain for d in self._domains)
 
     def bundles(self) -> dict[TrustDomain, Bundle]:
         """The current bundle of every federated trust domain that has one yet."""
         return {d.trust_domain: d.bundle for d in self._domains if d.bundle is not None}
+
+    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> bool:
+        """Apply a reloaded ``federation`` section.
+
+        An unchanged trust domain keeps its bundle and schedule. A removed one is dropped (its bundle leaves
+        `bundles()` now). A new or changed one starts from nothing and is due at once: a changed source of a
+        bundle is not vouched for by the bundle the old source delivered, so that bundle is not kept.
+
+        Returns:
+            True when `bundles()` changed (a bundle was dropped); new ones arrive with the next `refresh()`.
+        """
+        current = {d.trust_domain: d for d in self._domains}
+        domains: list[_FederatedTrustDomain] = []
+        for td, cfg in federation.items():
+            old = current.get(td)
+            domains.append(old if old is not None and old.config == cfg else _new_domain(td, cfg))
+        kept = {id(d) for d in domains}
+        dropped = [d for d in current.values() if id(d) not in kept]
+        self._domains = domains
+        for domain in dropped:
+            log.info(
+                "federation.trust_domain_removed"
+                if domain.trust_domain not in federation
+                else "federation.trust_domain_changed",
+                extra={"fields": _fields(domain, had_bundle=domain.bundle is not None)},
+            )
+        for domain in domains:
+            if domain.trust_domain not in current:
+                log.info("federation.trust_domain_added", extra={"fields": _fields(domain)})
+        return any(d.bundle is not None for d in dropped)
+
+    def reserve_unknown_key_fetch(self, trust_domain: TrustDomain) -> bool:
+        """Whether a fetch for an unknown ``kid`` of `trust_domain` may start now; if so, it is counted.
+
+        False for a trust domain that is not federated or has no endpoint, and within
+        `UNKNOWN_KEY_FETCH_INTERVAL` of the previous such fetch. Thread-safe.
+        """
+        domain = self._domain(trust_domain)
+        if domain is None or domain.config.bundle_endpoint is None:
+            return False
+        with self._reserve:
+            now = self._clock()
+            if now < domain.last_unknown_key_fetch + UNKNOWN_KEY_FETCH_INTERVAL:
+                return False
+            domain.last_unknown_key_fetch = now
+            return True
+
+    def fetch_for_unknown_key(
+        self, trust_domain: TrustDomain, local_bundles: Mapping[TrustDomain, Bundle]
+    ) -> bool:
+        """Fetch `trust_domain`'s endpoint now (once `reserve_unknown_key_fetch` said yes); blocks on I/O.
+
+        Returns:
+            True when its bundle changed.
+        """
+        domain = self._domain(trust_domain)
+        endpoint = domain.config.bundle_endpoint if domain is not None else None
+        if domain is None or endpoint is None:
+            return False
+        anchors = {**local_bundles, **self.bundles()}
+        log.info("federation.unknown_key_fetch", extra={"fields": _fields(domain, url=endpoint.url)})
+        with domain.fetch_lock:
+            return self._fetch_endpoint(domain, endpoint, anchors, self._clock())
+
+    def _domain(self, trust_domain: TrustDomain) -> _FederatedTrustDomain | None:
+        return next((d for d in self._domains if d.trust_domain == trust_domain), None)
 
     def next_due(self) -> float:
         """The earliest clock time at which `refresh()` has something to do (inf when never)."""
@@ -257,6 +342,10 @@ class FederatedBundles:
         Returns:
             True when any federated bundle changed.
         """
+        with self._refreshing:
+            return self._refresh_locked(local_bundles)
+
+    def _refresh_locked(self, local_bundles: Mapping[TrustDomain, Bundle]) -> bool:
         changed = False
         for domain in self._domains:
             now = self._clock()
@@ -266,7 +355,8 @@ class FederatedBundles:
             endpoint = domain.config.bundle_endpoint
             if endpoint is not None and now >= domain.next_fetch:
                 anchors = {**local_bundles, **self.bundles()}
-                changed |= self._fetch_endpoint(domain, endpoint, anchors, now)
+                with domain.fetch_lock:
+                    changed |= self._fetch_endpoint(domain, endpoint, anchors, now)
         return changed
 
     def _check_file(self, domain: _FederatedTrustDomain) -> bool:
@@ -372,3 +462,103 @@ class FederatedBundles:
 
 def _fields(domain: _FederatedTrustDomain, **fields: object) -> dict[str, object]:
     return {"trust_domain": str(domain.trust_domain), **fields}
+
+
+def _new_domain(trust_domain: TrustDomain, config: FederationConfig) -> _FederatedTrustDomain:
+    file = WatchedFile(config.bundle_file) if config.bundle_file is not None else None
+    return _FederatedTrustDomain(trust_domain=trust_domain, config=config, file=file)
+
+
+#: Asks for a fetch of a trust domain's bundle because a JWT-SVID named a key it does not hold; returns the
+#: future of that fetch (True: the bundle changed and was published), or None when no fetch is allowed.
+BundleRefresher = Callable[[TrustDomain], "concurrent.futures.Future[bool] | None"]
+
+
+class LiveFederation:
+    """What changes federation outside the owner's schedule: a reload (`reconfigure`) and a JWT-SVID with an
+    unknown ``kid`` (`request_fetch`).
+
+    `request_fetch` may be called from any thread (Check runs on grpcio's threaded server and on grpc.aio):
+    the fetch runs in a worker thread started from the event loop, and the new snapshot is published on the
+    loop (the feed is not thread-safe). Callers asking for the same trust domain while a fetch runs share that
+    fetch; `FederatedBundles.reserve_unknown_key_fetch` rate-limits new ones.
+
+    Args:
+        federation: the federated bundles.
+        local_bundles: returns the owner's own bundles (to authenticate https_spiffe endpoints).
+        publish: publishes a new snapshot; called on the event loop when the bundle changed.
+    """
+
+    def __init__(
+        self,
+        federation: FederatedBundles,
+        local_bundles: Callable[[], Mapping[TrustDomain, Bundle]],
+        publish: Callable[[], None],
+    ) -> None:
+        self._federation = federation
+        self._local_bundles = local_bundles
+        self._publish = publish
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._in_flight: dict[TrustDomain, concurrent.futures.Future[bool]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: fetches started, for tests and metrics
+        self.started = 0
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop snapshots are published on (the owner's `run()` calls this)."""
+        self._loop = loop
+
+    def reconfigure(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
+        """Apply a reloaded ``federation`` section; call on the event loop.
+
+        A removed trust domain leaves the published snapshot before this returns (SDS validation contexts,
+        Check and the Workload API follow the snapshot); new and changed ones are read or fetched at once in a
+        worker thread and published when they arrive.
+        """
+        if self._federation.set_federation(federation):
+            self._publish()
+        if self._loop is not None:
+            self._spawn(self._refresh_now())
+
+    async def _refresh_now(self) -> None:
+        if await asyncio.to_thread(self._federation.refresh, self._local_bundles()):
+            self._publish()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def request_fetch(self, trust_domain: TrustDomain) -> concurrent.futures.Future[bool] | None:
+        """The fetch of `trust_domain` in flight, a new one, or None (no endpoint, rate-limited, no loop)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return None
+        with self._lock:
+            future = self._in_flight.get(trust_domain)
+            if future is not None:
+                return future
+            if not self._federation.reserve_unknown_key_fetch(trust_domain):
+                return None
+            future = concurrent.futures.Future()
+            self._in_flight[trust_domain] = future
+            self.started += 1
+        loop.call_soon_threadsafe(self._start, trust_domain, future)
+        return future
+
+    def _start(self, trust_domain: TrustDomain, future: concurrent.futures.Future[bool]) -> None:
+        self._spawn(self._run(trust_domain, future))
+
+    async def _run(self, trust_domain: TrustDomain, future: concurrent.futures.Future[bool]) -> None:
+        changed = False
+        try:
+            local = self._local_bundles()
+            changed = await asyncio.to_thread(self._federation.fetch_for_unknown_key, trust_domain, local)
+            if changed:
+                self._publish()
+        finally:
+            with self._lock:
+                self._in_flight.pop(trust_domain, None)
+            if not future.done():
+                future.set_result(changed)

@@ -11,17 +11,24 @@ combination. This source holds no JWT signing key, so it cannot mint JWT-SVIDs.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
+from svidgate.config import FederationConfig
 from svidgate.errors import BundleError, SourceError, X509SvidError
 from svidgate.identity.bundle import Bundle
 from svidgate.identity.clock import Clock
 from svidgate.identity.jwtsvid import JwtSvid
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources.federation import FederatedBundles, WatchedFile, parse_bundle_document
+from svidgate.identity.sources.federation import (
+    FederatedBundles,
+    LiveFederation,
+    WatchedFile,
+    parse_bundle_document,
+)
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid, parse_x509_svid, verify_x509_svid
 
@@ -64,7 +71,11 @@ class FileSource:
         self._files = (WatchedFile(cert_file), WatchedFile(key_file), WatchedFile(bundle_file))
         self._contents: list[bytes | None] = [None, None, None]
         self._trust_domain = trust_domain
-        self._federation = federation
+        # Always present, possibly empty, so that a reload can add the first federated trust domain.
+        self._federation = (
+            federation if federation is not None else FederatedBundles({}, clock, poll_interval)
+        )
+        self._live = LiveFederation(self._federation, self._own_bundles, self._publish)
         self._clock = clock
         self._poll_interval = poll_interval
         self._sleep = sleep
@@ -101,10 +112,23 @@ class FileSource:
 
     async def run(self) -> None:
         """Poll the files until cancelled (reads run in a worker thread; publishing on the loop)."""
+        self._live.bind(asyncio.get_running_loop())
         while True:
             if await asyncio.to_thread(self._step):
                 self._publish()
             await self._sleep(min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP))
+
+    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
+        """Apply a reloaded ``federation`` section (`LiveFederation.reconfigure`); call on the loop."""
+        self._live.reconfigure(federation)
+
+    def request_bundle_refresh(self, trust_domain: TrustDomain) -> concurrent.futures.Future[bool] | None:
+        """Fetch a federated trust domain's bundle now, for a JWT-SVID with an unknown ``kid``; thread-safe.
+
+        Returns:
+            The shared fetch (True once a changed bundle is published), or None when no fetch is allowed.
+        """
+        return self._live.request_fetch(trust_domain)
 
     def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
         """Always fails: files provide no JWT signing key.
