@@ -949,6 +949,7 @@ class Server:
             self.source.feed,
             BundleSequence.in_state_dir(self.config.state_dir),
             poll_interval=self.config.source.poll_interval,
+            on_request=self._count_bundle_endpoint_request,
         )
         try:
             bound = await self._bundle_endpoint.start()
@@ -962,6 +963,9 @@ class Server:
             "bundle_endpoint.listening",
             extra={"fields": {"address": address, "profile": self.config.bundle_endpoint.profile}},
         )
+
+    def _count_bundle_endpoint_request(self, document: str, status: int) -> None:
+        self.metrics.bundle_endpoint_requests.labels(document=document, code=str(status)).inc()
 
     # -- drain and stop -------------------------------------------------------------------------------------
 

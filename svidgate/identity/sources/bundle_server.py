@@ -42,7 +42,7 @@ import os
 import ssl
 import tempfile
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -353,6 +353,7 @@ class _Documents:
 
     routes: Mapping[str, bytes]
     sequence: int
+    names: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 class BundleEndpointServer:
@@ -368,6 +369,8 @@ class BundleEndpointServer:
         poll_interval: seconds between checks of https_web's certificate files.
         max_connections / connection_lifetime / handshake_timeout: the client bounds (module constants by
             default; tests shrink them).
+        on_request: called with ``(document, status)`` for every answered request; `document` is
+            ``bundle``, ``openid_configuration``, ``jwks`` or ``other`` (a bounded metric label).
     """
 
     def __init__(
@@ -383,6 +386,7 @@ class BundleEndpointServer:
         max_connections: int = MAX_CONNECTIONS,
         connection_lifetime: float = CONNECTION_LIFETIME,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        on_request: Callable[[str, int], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -394,8 +398,9 @@ class BundleEndpointServer:
         self._max_connections = max_connections
         self._connection_lifetime = connection_lifetime
         self._handshake_timeout = handshake_timeout
+        self._on_request = on_request
         self._context = server_tls_context()
-        self._documents = _Documents({}, 0)
+        self._documents = _Documents({}, 0, {})
         self._served_bundle: Bundle | None = None
         self._served_svid: X509Svid | None = None
         self._cert_files_key: tuple[tuple[int, int, int], ...] | None = None
@@ -479,13 +484,18 @@ class BundleEndpointServer:
         return _Guarded(self._web(), self._slots, self._connection_lifetime)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        documents = self._documents
+        name = documents.names.get(request.path, "other")
         if request.method != "GET":
-            return web.Response(status=405, text="only GET\n", headers={"Allow": "GET"})
-        body = self._documents.routes.get(request.path)
-        if body is None:
-            return web.Response(status=404, text="not found\n")
-        # Partners must see a new bundle as soon as it is published: no HTTP caching in between.
-        return web.Response(body=body, content_type=_JSON, headers={"Cache-Control": "no-store"})
+            response = web.Response(status=405, text="only GET\n", headers={"Allow": "GET"})
+        elif (body := documents.routes.get(request.path)) is None:
+            response = web.Response(status=404, text="not found\n")
+        else:
+            # Partners must see a new bundle as soon as it is published: no HTTP caching in between.
+            response = web.Response(body=body, content_type=_JSON, headers={"Cache-Control": "no-store"})
+        if self._on_request is not None:
+            self._on_request(name, response.status)
+        return response
 
     # -- following the identity source --------------------------------------------------------------------
 
@@ -517,13 +527,15 @@ class BundleEndpointServer:
         hint = self._settings.refresh_hint
         refresh_hint = int(hint) if hint is not None else (bundle.refresh_hint or DEFAULT_REFRESH_HINT)
         routes = {"/": bundle_document(bundle, sequence, max(1, refresh_hint))}
+        names = {"/": "bundle"}
         issuer = self._settings.oidc_issuer
         if issuer is not None:
             discovery, keys = oidc_paths(issuer)
             routes[discovery] = openid_configuration(issuer, bundle)
             routes[keys] = jwks_document(bundle)
+            names.update({discovery: "openid_configuration", keys: "jwks"})
         changed = sequence != self._documents.sequence
-        self._documents = _Documents(routes, sequence)
+        self._documents = _Documents(routes, sequence, names)
         self._served_bundle = bundle
         if changed:
             log.info(
