@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from svidgate.config import Selector, Workload, parse_config
+from svidgate.config import FederationConfig, Selector, Workload, parse_config
 from svidgate.errors import SourceError
 from svidgate.identity.bundle import pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa
@@ -346,3 +346,38 @@ def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> N
     replace_file(bundle, pem_bundle(root.bundle()))
     source = FileSource(cert, key, bundle, TD, None, clock)
     assert len(source.feed.current().svids[FRONTEND].cert_chain) == 2
+
+
+async def test_a_reload_of_federation_wakes_the_loop_for_the_new_schedule(
+    ca: BuiltinCa, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The loop sleeps until its next due time; a reload that adds a trust domain changes that time, so the
+    loop wakes at once and recomputes (else the new partner's next fetch would wait up to a minute)."""
+    sleeps: list[float] = []
+    slept_again = asyncio.Event()
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) > 1:
+            slept_again.set()
+        await asyncio.Event().wait()  # never ends by itself
+
+    other_td = TrustDomain("other.org")
+    bundle_file = tmp_path / "other.json"
+    replace_file(
+        bundle_file, spiffe_bundle_json(BuiltinCa.in_memory(other_td, KeyType.EC_P256, clock).bundle())
+    )
+    source = builtin(ca, clock, sleep=fake_sleep)
+    task = asyncio.create_task(source.run())
+    try:
+        while not sleeps:
+            await asyncio.sleep(0)
+        source.set_federation({other_td: FederationConfig(bundle_file=bundle_file)})
+        await asyncio.wait_for(slept_again.wait(), 10)
+        assert other_td in source.feed.current().bundles
+        source.set_federation({})
+        assert other_td not in source.feed.current().bundles  # removed at once, before any await
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -186,7 +186,7 @@ class BuiltinSource:
                 if changed:
                     self._publish()
                 delay = min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP)
-            await self._sleep(delay)
+            await self._live.sleep(delay, self._sleep)
 
     def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
         """Apply a reloaded ``federation`` section (`LiveFederation.reconfigure`); call on the loop."""

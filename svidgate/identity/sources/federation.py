@@ -35,7 +35,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,12 +502,37 @@ class LiveFederation:
         self._lock = threading.Lock()
         self._in_flight: dict[TrustDomain, concurrent.futures.Future[bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rescheduled: asyncio.Event | None = None
         #: fetches started, for tests and metrics
         self.started = 0
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop snapshots are published on (the owner's `run()` calls this)."""
         self._loop = loop
+        self._rescheduled = asyncio.Event()
+
+    async def sleep(self, delay: float, sleep: Callable[[float], Awaitable[None]]) -> None:
+        """The owner's pause between steps: `sleep(delay)`, cut short when federation was reconfigured (its
+        schedule, and so the owner's next due time, changed)."""
+        rescheduled = self._rescheduled
+        if rescheduled is None:
+            await sleep(delay)
+            return
+        pause = asyncio.ensure_future(sleep(delay))
+        woken = asyncio.ensure_future(rescheduled.wait())
+        try:
+            await asyncio.wait((pause, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            slept = pause.done()
+            if not slept:
+                pause.cancel()
+        rescheduled.clear()
+        if slept:
+            # Whatever the injected sleep raised (tests stop the loop that way) reaches the owner.
+            if pause.cancelled():
+                raise asyncio.CancelledError
+            pause.result()
 
     def reconfigure(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
         """Apply a reloaded ``federation`` section; call on the event loop.
@@ -522,8 +547,13 @@ class LiveFederation:
             self._spawn(self._refresh_now())
 
     async def _refresh_now(self) -> None:
-        if await asyncio.to_thread(self._federation.refresh, self._local_bundles()):
-            self._publish()
+        try:
+            if await asyncio.to_thread(self._federation.refresh, self._local_bundles()):
+                self._publish()
+        finally:
+            # New trust domains have their next fetch scheduled now: the owner must wake for it.
+            if self._rescheduled is not None:
+                self._rescheduled.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -116,7 +116,7 @@ class FileSource:
         while True:
             if await asyncio.to_thread(self._step):
                 self._publish()
-            await self._sleep(min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP))
+            await self._live.sleep(min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP), self._sleep)
 
     def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
         """Apply a reloaded ``federation`` section (`LiveFederation.reconfigure`); call on the loop."""
