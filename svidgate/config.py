@@ -31,6 +31,8 @@ from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 
 #: Environment variable naming the config file when `--config` is not given.
 CONFIG_ENV = "SVIDGATE_CONFIG"
+#: Upper bound of `authz.unknown_key_wait`, seconds.
+MAX_UNKNOWN_KEY_WAIT = 10.0
 #: The trust domain of the embedded default configuration (and of any file that does not name one).
 DEFAULT_TRUST_DOMAIN = "svidgate.local"
 
@@ -1331,12 +1333,15 @@ class _Parser:
             hide_details=_bool(section.get("hide_details", d.hide_details), f"{path}.hide_details"),
             cache_size=_int(section.get("cache_size", d.cache_size), f"{path}.cache_size"),
             decision_log=decision_log,
-            unknown_key_wait=parse_duration(
-                section.get("unknown_key_wait", d.unknown_key_wait),
-                f"{path}.unknown_key_wait",
-                allow_zero=True,
-            ),
+            unknown_key_wait=self.unknown_key_wait(section.get("unknown_key_wait", d.unknown_key_wait), path),
         )
+
+    def unknown_key_wait(self, value: object, path: str) -> float:
+        wait = parse_duration(value, f"{path}.unknown_key_wait", allow_zero=True)
+        # A Check thread blocks this long at most: keep it bounded whatever the file says.
+        if wait > MAX_UNKNOWN_KEY_WAIT:
+            raise ConfigError(f"{path}.unknown_key_wait: must be at most {MAX_UNKNOWN_KEY_WAIT:g}s")
+        return wait
 
     def policy(
         self,

@@ -789,6 +789,7 @@ def test_bundle_endpoint_server_keys() -> None:
             "bundle_endpoint.oidc_issuer: must be an https:// URL",
         ),
         ("listen: {http: '127.0.0.1:9', bundle_endpoint: '127.0.0.1:9'}", "is already used by listen.http"),
+        ("authz: {unknown_key_wait: 11s}", "authz.unknown_key_wait: must be at most 10s"),
     ],
 )
 def test_bundle_endpoint_server_errors(yaml_text: str, message: str) -> None:
