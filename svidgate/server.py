@@ -1,21 +1,34 @@
 """The svidgate process: the one place that owns the lifecycle.
 
-`run(config, config_path)` (what `svidgate serve` calls) loads the identity source, starts its background
-loop, serves SDS, ext_authz Check, gRPC health and (behind a switch) reflection on every `listen.grpc`
-address, the SPIFFE Workload API on `listen.workload_api`, and `/metrics`, `/healthz`, `/readyz`
-on `listen.http`. Then it waits for a signal:
+`run(config, config_path)` (what `svidgate serve` calls) locks `state_dir`, loads the identity source, starts
+its background loop, and opens the listeners (the listener contract, docs/configuration.md):
+
+- ``listen.check``: ext_authz Check on grpcio's threaded server (the fast path);
+- ``listen.grpc``: SDS on grpc.aio;
+- ``listen.workload_api``: the SPIFFE Workload API on grpc.aio;
+- ``listen.http``: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Every gRPC listener answers Check with the same decision (`Services.register` is the only place services
+are put on a server, and it puts Check on each), because an Envoy with ``failure_mode_allow: true`` pointed at
+a listener without Check would turn UNIMPLEMENTED into an allow; each also serves gRPC health and (behind a
+switch) reflection. TCP listeners are exclusive (no SO_REUSEPORT: `grpc_server_options`). Then it waits for a
+signal:
 
 - SIGTERM / SIGINT drain: readiness and gRPC health go NOT_SERVING, unix listeners stop accepting, every
   long-lived stream (SDS, Workload API, health Watch) is ended with status OK -- Envoy treats that as a normal
   end and reconnects elsewhere, where a cancelled stream would be logged as an error -- and in-flight Check
-  calls are answered, all within `drain_grace`; then the process exits 0.
+  calls are answered, all within `drain_grace`; then the process exits 0. In every state -- while the source
+  still waits for a SPIRE agent at start-up, while a federation fetch is in progress -- the process is gone
+  within `drain_grace` + `STOP_MARGIN`: start-up is cancelled by a stop request, nothing waits on the network
+  without a deadline, and a watchdog ends the process (exit 1, `server.stop_overrun`) if a step ever overruns.
 - SIGHUP (and a change of the config file's content, polled): the file is re-read and validated; the authz
   policies and the workloads are swapped atomically. An invalid file is rejected with one clear log line and
   the last good configuration stays in force.
 
 Unix sockets are created with mode 0660 (parent directory 0700 when svidgate creates it) and removed on exit.
 A stale socket left by a crash is detected by a connect test and replaced; a socket some live process answers
-on, or a lock held by a second svidgate, makes the start fail with a clear error.
+on, a TCP address in use, or a lock held by a second svidgate (on a socket or on `state_dir`) makes the start
+fail with one clear line on stderr.
 
 Import direction: this module imports everything (sources, services, metrics, logs); nothing imports it.
 """
@@ -37,7 +50,9 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,15 +75,18 @@ from svidgate.extauthz.policy import compile_authz
 from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer
 from svidgate.grpcutil import wrap_handler
+from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.clock import Clock, system_clock
+from svidgate.identity.snapshot import IdentitySnapshot
 from svidgate.identity.sources import create_source
-from svidgate.identity.sources.base import IdentitySource
+from svidgate.identity.sources.base import IdentitySource, SourceStatus
 from svidgate.identity.sources.bundle_server import BundleEndpointServer, BundleSequence
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
 from svidgate.peercred import PeerCredFront, PeerRegistry
 from svidgate.sds.servicer import SERVER_OPTIONS as SDS_SERVER_OPTIONS
 from svidgate.sds.servicer import SecretDiscoveryServicer
+from svidgate.workloadapi import SECURITY_HEADER
 from svidgate.workloadapi.server import MintJwtSvid, WorkloadApiServicer
 from svidgate.workloadapi.spire_source import SpireSource
 
@@ -78,12 +96,127 @@ __all__ = [
     "DrainInterceptor",
     "HttpEndpoint",
     "ListenerError",
+    "StateDirLock",
+    "StateDirLockedError",
     "UnixSocketClaim",
+    "grpc_server_options",
 ]
 
 
 class ListenerError(SvidgateError):
     """A listener cannot be bound: the address is in use, a second instance runs, a path is not a socket."""
+
+
+class StateDirLockedError(SvidgateError):
+    """`state_dir` cannot be locked: another svidgate serves from it, or the lock file cannot be opened."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One instance per state directory and per TCP port
+# ----------------------------------------------------------------------------------------------------------
+
+
+class StateDirLock:
+    """An exclusive `flock` on ``<state_dir>/serve.lock``, held for the life of the serving process.
+
+    Two processes on one state directory would both rotate the CA and overwrite each other's state; the lock
+    makes the second one exit at start instead. The lock dies with the process (kill -9 included), so a
+    leftover lock file is harmless and stays: unlinking it would let a starting instance lock a file that is
+    no longer the one at the path. The file holds the holder's pid, for the error message.
+
+    Args:
+        state_dir: the configured ``state_dir`` (created 0700 when missing, as the CA would).
+    """
+
+    FILE_NAME = "serve.lock"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / self.FILE_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            StateDirLockedError: another process holds it, or the directory or file cannot be used.
+        """
+        try:
+            # Only created private here; an existing state_dir is the operator's and keeps its mode.
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # O_NOFOLLOW: a symlink planted at the lock path must not make svidgate lock another file.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StateDirLockedError(
+                f"state_dir {self.state_dir}: cannot open the lock file {self.path}: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                by = f" (pid {holder})" if holder else ""
+                raise StateDirLockedError(
+                    f"state_dir {self.state_dir} is locked by another svidgate instance{by}; "
+                    "stop it first or give this one another state_dir"
+                ) from None
+            raise StateDirLockedError(
+                f"state_dir {self.state_dir}: cannot lock {self.path}: {exc.strerror}"
+            ) from None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock. Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
+
+
+def ensure_tcp_address_free(name: str, address: Address) -> None:
+    """Fail with a clear line when another process listens on `address` already.
+
+    gRPC reports a failed bind only as ``RuntimeError`` plus its internal ``add_port.cc`` log line; binding a
+    plain socket first, with the options grpcio uses (SO_REUSEADDR, and no SO_REUSEPORT, see
+    `grpc_server_options`), gives the errno. A race with another process between this test and gRPC's own
+    bind still fails the start, only with gRPC's words.
+
+    Raises:
+        ListenerError: the address is in use or cannot be bound.
+    """
+    if address.port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenerError(
+            f"listen.{name} {address}: cannot resolve {address.host}: {exc.strerror}"
+        ) from None
+    for family, type_, proto, _, sockaddr in infos:
+        with socket.socket(family, type_, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ListenerError(
+                        f"listen.{name} {address}: address already in use (another process listens there: "
+                        "a second svidgate?); stop it or choose another address"
+                    ) from None
+                raise ListenerError(f"listen.{name} {address}: cannot bind: {exc.strerror}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,6 +566,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 # ----------------------------------------------------------------------------------------------------------
 
 Readiness = Callable[[], tuple[bool, str]]
+Details = Callable[[], dict[str, object]]
 
 _REASONS = {
     200: "OK",
@@ -452,17 +586,26 @@ class HttpEndpoint:
         port: port to bind (0: the kernel picks; see `port`).
         registry: served on ``/metrics``.
         readiness: returns ``(ready, reason)`` for ``/readyz``.
+        details: more fields for the ``/readyz`` JSON body (the health of every source).
     """
 
     #: Probes and Prometheus send a few hundred bytes; anything bigger is not for us.
     MAX_REQUEST = 8192
     READ_TIMEOUT = 5.0
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, readiness: Readiness) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        details: Details | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self._registry = registry
         self._readiness = readiness
+        self._details = details
         self._server: asyncio.Server | None = None
         self.alive = True
 
@@ -526,7 +669,10 @@ class HttpEndpoint:
             return 503, b"stopping\n", "text/plain; charset=utf-8"
         if path == "/readyz":
             ready, reason = self._readiness()
-            body = json.dumps({"ready": ready, "reason": reason}).encode() + b"\n"
+            document: dict[str, object] = {"ready": ready, "reason": reason}
+            if self._details is not None:
+                document.update(self._details())
+            body = json.dumps(document).encode() + b"\n"
             return (200 if ready else 503), body, "application/json"
         return 404, b"not found\n", "text/plain; charset=utf-8"
 
@@ -614,6 +760,30 @@ GRPC_SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
+def grpc_server_options(*, share_port: bool = False) -> list[tuple[str, int]]:
+    """The options of every gRPC server svidgate creates (grpc.aio and threaded alike).
+
+    grpcio sets SO_REUSEPORT on TCP listeners by default: a second process binding the same address would
+    silently receive part of the connections (measured: two `svidgate serve` on one port split them 6/14).
+    svidgate's listeners are exclusive; this is the one place to opt in, for Check worker processes of one
+    svidgate that share its port on purpose (`ensure_tcp_address_free` would then probe with SO_REUSEPORT
+    too, so that a sibling worker does not count as another process).
+
+    Args:
+        share_port: let processes bind the same TCP port (SO_REUSEPORT).
+    """
+    return [*GRPC_SERVER_OPTIONS, ("grpc.so_reuseport", 1 if share_port else 0)]
+
+
+#: `/readyz` turns unready when a served X.509-SVID has less than this fraction of its lifetime left. Every
+#: source renews at half-life (SPIRE's agent too; cert-manager's csi-driver-spiffe at two thirds), so an SVID
+#: this old means its upstream has not delivered for at least a quarter of the SVID's lifetime: time to route
+#: callers elsewhere before the certificate expires under them.
+READY_MIN_LIFETIME_LEFT = 0.25
+#: On SIGTERM/SIGINT the process exits within `server.drain_grace` plus this, in every state.
+STOP_MARGIN = 5.0
+
+
 @dataclass(slots=True)
 class _Listener:
     """One bound listening address, for logs, readiness and cleanup."""
@@ -653,6 +823,7 @@ class Server:
         self._clock = clock
         self._drain = asyncio.Event()
         self._claims: dict[str, UnixSocketClaim] = {}
+        self._state_lock = StateDirLock(config.state_dir)
         self._drain_interceptor = DrainInterceptor(self._drain)
         self._stop_requested = asyncio.Event()
         self._stop_reason = ""
@@ -671,6 +842,9 @@ class Server:
         self._config_fingerprint = file_fingerprint(config_path) if config_path is not None else None
         self.source: IdentitySource | None = None
         self.services: Services | None = None
+        # Computed at scrape time: readiness also turns false as time passes (SVIDs running low).
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
+        self.metrics.watch_sources(self.source_statuses)
 
     # -- state for probes and tests -------------------------------------------------------------------------
 
@@ -691,8 +865,17 @@ class Server:
     def bundle_endpoint_port(self) -> int | None:
         return self._bundle_endpoint.port if self._bundle_endpoint is not None else None
 
+    def source_statuses(self) -> list[SourceStatus]:
+        """The health of every upstream: the own source, then each federated trust domain (none yet: [])."""
+        return list(self.source.statuses()) if self.source is not None else []
+
     def readiness(self) -> tuple[bool, str]:
-        """``/readyz``: ready when identity and bundles are loaded and every listener is bound.
+        """``/readyz``: ready when the own identity is loaded and fresh and every listener is bound.
+
+        Not ready while draining, before the listeners are bound, before the own trust domain's bundle and
+        (with workloads configured) an X.509-SVID are loaded, and whenever a served X.509-SVID has less than
+        `READY_MIN_LIFETIME_LEFT` of its lifetime left (its source has stopped renewing it). A federated trust
+        domain without a bundle is reported in the reason but keeps the node ready.
 
         Returns:
             ``(ready, reason)``; the reason names what is missing.
@@ -708,12 +891,49 @@ class Server:
             return False, f"no bundle for the own trust domain {self.config.trust_domain} yet"
         if self.config.workloads and not snapshot.svids:
             return False, "no X.509-SVID loaded yet"
+        stale = self._stale_svid(snapshot)
+        if stale is not None:
+            return False, stale
         # A federated trust domain whose endpoint is down does not make this node useless for its own
         # workloads, so it is reported but does not hold readiness (a DaemonSet rollout would stall on it).
         missing = sorted(str(td) for td in self.config.federation if td not in snapshot.bundles)
         if missing:
             return True, "ok; no bundle yet for federated trust domain(s) " + ", ".join(missing)
         return True, "ok"
+
+    def _stale_svid(self, snapshot: IdentitySnapshot) -> str | None:
+        now = self._clock()
+        for spiffe_id, svid in snapshot.svids.items():
+            lifetime = svid.expires_at - svid.leaf.not_valid_before_utc.timestamp()
+            left = svid.expires_at - now
+            if left >= lifetime * READY_MIN_LIFETIME_LEFT:
+                continue
+            when = "has expired" if left <= 0 else f"expires in {left:.0f}s"
+            own = self.source_statuses()[:1]
+            upstream = ""
+            if own:
+                state = "up" if own[0].up else f"down: {own[0].error}"
+                upstream = f"; source {own[0].source} is {state}"
+            return (
+                f"X.509-SVID {spiffe_id} {when} (less than {READY_MIN_LIFETIME_LEFT:.0%} of its lifetime "
+                f"left) and has not been renewed{upstream}"
+            )
+        return None
+
+    def readiness_details(self) -> dict[str, object]:
+        """The ``sources`` field of ``/readyz``: every upstream's health (federation per trust domain)."""
+        return {
+            "sources": [
+                {
+                    "source": status.source,
+                    "trust_domain": status.trust_domain,
+                    "up": status.up,
+                    "last_success": status.last_success,
+                    **({"error": status.error} if status.error else {}),
+                }
+                for status in self.source_statuses()
+            ]
+        }
 
     # -- start ----------------------------------------------------------------------------------------------
 
@@ -737,10 +957,13 @@ class Server:
         for warning in self.config.warnings():
             log.warning("config.warning", extra={"fields": {"warning": warning}})
         try:
-            # Claim every unix socket before anything else exists: a second instance is refused before it
-            # loads a CA or creates a gRPC server (half-built grpc.aio objects are fragile to tear down).
+            # Lock state_dir and claim every unix socket and TCP address before anything else exists: a second
+            # instance is refused before it loads a CA or creates a gRPC server (half-built grpc.aio objects
+            # are fragile to tear down).
+            self._state_lock.acquire()
             self._claim_unix_sockets()
-            self.source = await build_source(self.config, self._clock)
+            self._check_tcp_addresses()
+            self.source = await build_source(self.config, self._clock, self.metrics.bundle_update_rejected)
             self.metrics.watch_feed(self.source.feed)
             self._spawn(self._run_source(self.source), "source")
             self._spawn(self._watch_snapshots(self.source), "snapshot-metrics")
@@ -755,7 +978,6 @@ class Server:
         if self.config_path is not None and self.settings.config_poll_interval > 0:
             self._spawn(self._watch_config_file(self.config_path), "config-watch")
         ready, reason = self.readiness()
-        self.metrics.ready.set(1 if ready else 0)
         self.metrics.config_last_reload_success.set(self._clock())
         log.info(
             "server.started",
@@ -767,6 +989,34 @@ class Server:
                 }
             },
         )
+
+    async def start_unless_stopped(self) -> bool:
+        """`start()`, abandoned when a stop is requested meanwhile (SIGTERM must not wait for start-up: a
+        SPIRE source waits up to 30 s for an absent agent). What was started is stopped again.
+
+        Returns:
+            True once started; False when a stop request ended start-up (logged as ``server.stopped``).
+
+        Raises:
+            SvidgateError: as `start()`.
+        """
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            starting.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if starting.done():
+            starting.result()  # start-up errors propagate
+            return True
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("server.stopped", extra={"fields": {"reason": self._stop_reason, "during": "start-up"}})
+        return False
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)
@@ -799,30 +1049,22 @@ class Server:
             snapshot = await source.feed.wait_newer(version)
             version = snapshot.version
             self.metrics.observe_snapshot(snapshot)
-            ready, _ = self.readiness()
-            self.metrics.ready.set(1 if ready else 0)
 
     async def _start_grpc(self) -> None:
         services = self.services
         assert services is not None
-        main_server = self._new_grpc_server()
-        main_names = services.add_main(main_server, separate_check=self.config.listen.check is not None)
-        await self._add_health_and_reflection(main_server, main_names)
-        for address in self.config.listen.grpc:
-            await self._bind(main_server, "grpc", address, services.peers)
-        await main_server.start()
-
-        if self.config.listen.check is not None:
+        listen = self.config.listen
+        if listen.check is not None:
             # The threaded server: measured faster than grpc.aio for unary calls (~136 vs ~309 us of server
             # CPU per empty RPC here), and Check is the per-request hot path.
             check_server = grpc.server(
                 ThreadPoolExecutor(
                     max_workers=self.settings.check_workers, thread_name_prefix="svidgate-check"
                 ),
-                options=list(GRPC_SERVER_OPTIONS),
+                options=grpc_server_options(),
             )
             self._sync_servers.append(check_server)
-            check_names = services.add_check(check_server)
+            check_names = services.register(check_server, "check")
             health = health_sync.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health, check_server)
             for name in ["", *check_names]:
@@ -832,22 +1074,29 @@ class Server:
                 reflection.enable_server_reflection(
                     [*check_names, HEALTH_SERVICE, reflection.SERVICE_NAME], check_server
                 )
-            await self._bind(check_server, "check", self.config.listen.check, services.peers)
+            await self._bind(check_server, "check", listen.check, services.peers)
             check_server.start()
 
-        if self.config.listen.workload_api is not None:
-            # Its own server: the Workload API socket serves only the Workload API
-            # (SPIFFE_Workload_Endpoint.md), and its callers are identified by peer credentials on it alone.
+        if listen.grpc:
+            main_server = self._new_grpc_server()
+            main_names = services.register(main_server, "grpc")
+            await self._add_health_and_reflection(main_server, main_names)
+            for address in listen.grpc:
+                await self._bind(main_server, "grpc", address, services.peers)
+            await main_server.start()
+
+        if listen.workload_api is not None:
+            # Its own server: Workload API callers are identified by peer credentials on this socket alone.
             wl_server = self._new_grpc_server()
-            wl_names = services.add_workload_api(wl_server)
+            wl_names = services.register(wl_server, "workload_api")
             await self._add_health_and_reflection(wl_server, wl_names)
-            await self._bind(wl_server, "workload_api", self.config.listen.workload_api, services.peers)
+            await self._bind(wl_server, "workload_api", listen.workload_api, services.peers)
             await wl_server.start()
 
     def _new_grpc_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
             interceptors=[self.metrics.interceptor(), self._drain_interceptor],
-            options=list(GRPC_SERVER_OPTIONS),
+            options=grpc_server_options(),
         )
         self._grpc_servers.append(server)
         return server
@@ -871,6 +1120,13 @@ class Server:
                 claim = UnixSocketClaim(Path(address.path), self.settings.socket_mode)
                 claim.claim()
                 self._claims[address.path] = claim
+
+    def _check_tcp_addresses(self) -> None:
+        listen = self.config.listen
+        named = [("check", listen.check), *(("grpc", address) for address in listen.grpc)]
+        for name, address in named:
+            if address is not None and address.kind == "tcp":
+                ensure_tcp_address_free(name, address)
 
     async def _bind(
         self, server: grpc.aio.Server | grpc.Server, name: str, address: Address, peers: PeerRegistry
@@ -929,7 +1185,7 @@ class Server:
         if self.config.listen.http is None:
             return
         host, port = self.config.listen.http
-        self._http = HttpEndpoint(host, port, self.registry, self.readiness)
+        self._http = HttpEndpoint(host, port, self.registry, self.readiness, self.readiness_details)
         bound = await self._http.start()
         address = f"{_bracket_host(host)}:{bound}"
         self._listeners.append(_Listener("http", f"{_bracket_host(host)}:{port}", address))
@@ -1002,7 +1258,6 @@ class Server:
         self._stop_requested.set()
         # Readiness first, so that probes stop routing here before anything closes.
         self._drain.set()
-        self.metrics.ready.set(0)
         for health in self._health:
             with contextlib.suppress(Exception):
                 await health.enter_graceful_shutdown()
@@ -1062,6 +1317,7 @@ class Server:
         if self._inner is not None:
             shutil.rmtree(self._inner, ignore_errors=True)
             self._inner = None
+        self._state_lock.release()
         self._listening = False
         self._stopped.set()
 
@@ -1191,18 +1447,27 @@ def _bracket_host(host: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-async def build_source(config: Config, clock: Clock) -> IdentitySource:
+async def build_source(
+    config: Config, clock: Clock, on_bundle_rejected: BundleRejectionSink | None = None
+) -> IdentitySource:
     """The identity source `config.source.kind` names, its first snapshot published.
+
+    Args:
+        config: the configuration.
+        clock: the time source.
+        on_bundle_rejected: told of every rejected bundle update (`Metrics.bundle_update_rejected`).
 
     Raises:
         SvidgateError: the source cannot produce its first snapshot (CA state, files, SPIRE agent).
     """
     if config.source.kind == "spire":
-        return await build_spire_source(config, clock)
-    return create_source(config, clock)
+        return await build_spire_source(config, clock, on_bundle_rejected)
+    return create_source(config, clock, on_bundle_rejected)
 
 
-async def build_spire_source(config: Config, clock: Clock) -> SpireSource:
+async def build_spire_source(
+    config: Config, clock: Clock, on_bundle_rejected: BundleRejectionSink | None = None
+) -> SpireSource:
     """The SPIRE agent source (a Workload API client), for ``source.kind: spire``.
 
     Waits for the agent's first X.509-SVIDs (retrying with backoff) so that svidgate never serves an empty
@@ -1211,7 +1476,9 @@ async def build_spire_source(config: Config, clock: Clock) -> SpireSource:
     endpoint = config.source.spire_socket
     if endpoint is None:  # the config loader guarantees it; keep mypy and a future refactor honest
         raise SourceError("source.spire_socket: required with kind: spire")
-    return await SpireSource.connect(endpoint, clock=clock)
+    return await SpireSource.connect(
+        endpoint, clock=clock, trust_domain=config.trust_domain, on_bundle_rejected=on_bundle_rejected
+    )
 
 
 class Services:
@@ -1252,28 +1519,39 @@ class Services:
             leeway=config.authz.leeway,
         )
 
-    def add_main(self, server: grpc.aio.Server, *, separate_check: bool) -> list[str]:
-        """SDS (and Check unless it has its own listener) on the ``listen.grpc`` server.
+    def register(self, server: grpc.aio.Server | grpc.Server, listener: str) -> list[str]:
+        """Put the services of one listener on its gRPC server: Check on every one, then its own.
+
+        This is the only place services are registered, so no listener (and no combination of listeners)
+        can lack Check: an Envoy pointed with ``failure_mode_allow: true`` at a listener that answered
+        UNIMPLEMENTED would let every request through, unlogged and uncounted. Every listener answers with
+        the one `AuthorizationServicer` (same policies, cache, metrics and decision log). On the Workload API
+        socket Check also requires the Workload Endpoint's security header, as every call there must carry
+        (SPIFFE_Workload_Endpoint.md 3); without it the answer is a denial, never an RPC error.
+
+        Args:
+            server: a grpc.aio server, or the threaded server of ``listen.check``.
+            listener: ``check``, ``grpc`` (adds SDS) or ``workload_api`` (adds the SPIFFE Workload API).
 
         Returns:
             The full names of the services added (for health and reflection).
         """
-        self.sds.add_to_server(server)
-        names = [SDS_SERVICE]
-        if not separate_check:
-            self.authz.add_to_server(server)
-            names.append(AUTHZ_SERVICE)
-        return names
-
-    def add_check(self, server: grpc.Server) -> list[str]:
-        """Check alone, on the threaded server of ``listen.check`` (the faster path for unary calls)."""
-        self.authz.add_to_sync_server(server)
-        return [AUTHZ_SERVICE]
-
-    def add_workload_api(self, server: grpc.aio.Server) -> list[str]:
-        """The SPIFFE Workload API on its own server."""
-        self.workload_api.add_to_server(server)
-        return [WORKLOAD_API_SERVICE]
+        if not isinstance(server, grpc.aio.Server):
+            if listener != "check":  # SDS and the Workload API stream: they run on grpc.aio only
+                raise ValueError(f"listener {listener!r} needs a grpc.aio server")
+            self.authz.add_to_sync_server(server)
+            return [AUTHZ_SERVICE]
+        header = SECURITY_HEADER if listener == "workload_api" else None
+        self.authz.add_to_server(server, required_metadata=header)
+        if listener == "grpc":
+            self.sds.add_to_server(server)
+            return [AUTHZ_SERVICE, SDS_SERVICE]
+        if listener == "workload_api":
+            self.workload_api.add_to_server(server)
+            return [AUTHZ_SERVICE, WORKLOAD_API_SERVICE]
+        if listener == "check":
+            return [AUTHZ_SERVICE]
+        raise ValueError(f"unknown gRPC listener {listener!r}")
 
     def prepare_reload(self, new: Config) -> Callable[[], None]:
         """Validate what a reload would apply; return the function that applies it.
@@ -1340,6 +1618,7 @@ async def serve(
     registry: CollectorRegistry | None = None,
     install_signals: bool = True,
     on_started: Callable[[Server], None] | None = None,
+    stop_watchdog: bool = False,
 ) -> int:
     """Run one svidgate process until SIGTERM/SIGINT, then drain.
 
@@ -1349,9 +1628,11 @@ async def serve(
         registry: the Prometheus registry (a fresh one by default).
         install_signals: route SIGTERM/SIGINT/SIGHUP to the server (off when embedded in a test loop).
         on_started: called once everything listens (tests read the bound addresses from it).
+        stop_watchdog: on the first stop signal, arm a watchdog that ends the whole process (exit 1) if it is
+            still running `drain_grace` + `STOP_MARGIN` later. Only for a process of its own (`run()`).
 
     Returns:
-        The exit code: 0 after a clean drain.
+        The exit code: 0 after a clean drain (or a stop requested during start-up).
 
     Raises:
         SvidgateError: the source cannot load or a listener cannot bind.
@@ -1359,17 +1640,51 @@ async def serve(
     server = Server(config, config_path, registry=registry)
     remove: Callable[[], None] | None = None
     if install_signals:
-        remove = install_signal_handlers(
-            asyncio.get_running_loop(), server.request_stop, server.request_reload
-        )
+        bound = server.settings.drain_grace + STOP_MARGIN
+
+        def on_stop(reason: str) -> None:
+            if stop_watchdog:
+                _arm_stop_watchdog(bound)
+            server.request_stop(reason)
+
+        remove = install_signal_handlers(asyncio.get_running_loop(), on_stop, server.request_reload)
     try:
-        await server.start()
+        if not await server.start_unless_stopped():
+            return 0
         if on_started is not None:
             on_started(server)
         return await server.wait()
     finally:
         if remove is not None:
             remove()
+
+
+_watchdog_armed = threading.Event()
+
+
+def _arm_stop_watchdog(seconds: float) -> None:
+    """End the process `seconds` from now unless it has exited by then (a backstop: no drain step is meant to
+    take that long, but a thread stuck in the kernel -- a DNS lookup, a hung disk -- must not keep a process
+    that was told to stop). Armed once."""
+    if _watchdog_armed.is_set():
+        return
+    _watchdog_armed.set()
+
+    def overrun() -> None:
+        # The log line gets a second of its own: a handler lock held by a stuck thread must not keep us alive.
+        reported = threading.Event()
+
+        def report() -> None:
+            log.error("server.stop_overrun", extra={"fields": {"bound_seconds": seconds}})
+            reported.set()
+
+        threading.Thread(target=report, daemon=True).start()
+        reported.wait(1.0)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, overrun)
+    timer.daemon = True
+    timer.start()
 
 
 def run(config: Config, config_path: Path | None) -> int:
@@ -1388,9 +1703,11 @@ def run(config: Config, config_path: Path | None) -> int:
     # streams took 1.8-2.8 s to receive a rotation with the default and ~0.84 s with this threshold.
     gc.set_threshold(50_000, 10, 10)
     try:
-        return asyncio.run(serve(config, config_path))
+        return asyncio.run(serve(config, config_path, stop_watchdog=True))
     except SvidgateError as exc:
         log.error("server.failed", extra={"fields": {"error": str(exc)}})
+        # One plain line besides the structured log: what a person starting `svidgate serve` reads first.
+        sys.stderr.write(f"svidgate: error: {exc}\n")
         return 1
     except KeyboardInterrupt:  # only before the handlers are installed
         return 130

@@ -51,7 +51,7 @@ def spiffe_client(port: int) -> BundleEndpoint:
 
 
 async def fetch(port: int, anchors: dict[TrustDomain, Bundle]) -> Bundle:
-    data = await asyncio.to_thread(fetch_bundle, spiffe_client(port), anchors)
+    data = await fetch_bundle(spiffe_client(port), anchors)
     return parse_bundle_document(TD, data)
 
 

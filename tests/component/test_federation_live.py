@@ -139,7 +139,11 @@ async def own(tmp_path: Path, partner: Partner) -> AsyncIterator[Own]:
         refresh_bundle=source.request_bundle_refresh,
     )
     runner = asyncio.ensure_future(source.run())
-    await asyncio.sleep(0)  # run() binds the loop the fetches publish on
+    # The partner's task fetches once at start; the tests begin after that (and its step) is done.
+    async with asyncio.timeout(10):
+        while not partner.requests:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
     try:
         yield Own(source, servicer)
     finally:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from svidgate.config import FederationConfig, Selector, Workload, parse_config
+from svidgate.config import BundleEndpoint, FederationConfig, Selector, Workload, parse_config
 from svidgate.errors import SourceError
-from svidgate.identity.bundle import pem_bundle, spiffe_bundle_json
+from svidgate.identity.bundle import MAX_BUNDLE_BYTES, Bundle, pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.jwtsvid import validate_jwt_svid
@@ -141,7 +142,7 @@ def test_builtin_mint_jwt_svid_refuses_unknown_ids(ca: BuiltinCa, clock: FakeClo
         source.mint_jwt_svid(FRONTEND, [])
 
 
-def test_builtin_refresh_failure_keeps_the_last_snapshot(
+async def test_builtin_refresh_failure_keeps_the_last_snapshot(
     ca: BuiltinCa, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = builtin(ca, clock)
@@ -296,6 +297,50 @@ def test_files_bad_combination_keeps_last_good_and_logs_once(
     assert source.feed.current().svids[FRONTEND].leaf == other.leaf
 
 
+class Rejections(list[tuple[TrustDomain, str]]):
+    def __call__(self, trust_domain: TrustDomain, reason: str) -> None:
+        self.append((trust_domain, reason))
+
+
+@pytest.mark.parametrize(
+    ("bundle", "reason"),
+    [
+        # A leaf where the CA should be: it can never be a trust anchor, and nothing else is left.
+        (lambda f: f.ca.mint_x509_svid(BACKEND, HOUR).cert_chain_pem(), "no_usable_authority"),
+        (lambda f: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "malformed"),
+        (lambda f: b"#" * (MAX_BUNDLE_BYTES + 1), "too_large"),
+    ],
+    ids=["leaf-as-ca", "malformed", "over-1MiB"],
+)
+def test_files_rejected_own_bundle_keeps_last_good(
+    files: Files,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    bundle: Callable[[Files], bytes],
+    reason: str,
+) -> None:
+    sink = Rejections()
+    source = FileSource(
+        files.cert, files.key, files.bundle, TD, None, clock, poll_interval=5, on_bundle_rejected=sink
+    )
+    good = source.feed.current()
+    replace_file(files.bundle, bundle(files))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            clock.advance(5)
+            assert source.refresh() is False
+    assert source.feed.current() is good
+    assert sink == [(TD, reason)]
+    (line,) = [r.fields for r in caplog.records if r.getMessage() == "bundle.update_rejected"]  # type: ignore[attr-defined]
+    assert (line["trust_domain"], line["reason"], line["kept_last"]) == ("example.org", reason, True)
+
+
+def test_files_start_refuses_a_bundle_without_a_usable_authority(files: Files, clock: FakeClock) -> None:
+    replace_file(files.bundle, files.ca.mint_x509_svid(BACKEND, HOUR).cert_chain_pem())
+    with pytest.raises(SourceError, match=r"no usable authority .*basicConstraints cA is false"):
+        files.source(clock)
+
+
 def test_files_accepts_a_spiffe_bundle_document(files: Files, clock: FakeClock) -> None:
     replace_file(files.bundle, spiffe_bundle_json(files.ca.bundle()))
     source = files.source(clock)
@@ -337,7 +382,7 @@ def test_create_source_files(files: Files, clock: FakeClock) -> None:
     assert list(source.feed.current().svids) == [FRONTEND]
 
 
-def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> None:
+async def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> None:
     root = TestCA(TD)
     svid = root.child_ca().create_x509_svid(FRONTEND)
     cert, key, bundle = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "b.pem"
@@ -348,35 +393,72 @@ def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> N
     assert len(source.feed.current().svids[FRONTEND].cert_chain) == 2
 
 
-async def test_a_reload_of_federation_wakes_the_loop_for_the_new_schedule(
-    ca: BuiltinCa, clock: FakeClock, tmp_path: Path
+# -- federation under a source: its own tasks, published by the source --------------------------------
+
+OTHER_TD = TrustDomain("other.org")
+
+
+def _endpoint_federation(clock: FakeClock, document: bytes, hang: asyncio.Event) -> FederatedBundles:
+    async def fetch(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
+        await hang.wait()
+        return document
+
+    endpoint = BundleEndpoint("https://other.org/bundle", "https_web", timeout=30)
+    return FederatedBundles({OTHER_TD: FederationConfig(bundle_endpoint=endpoint)}, clock, fetch=fetch)
+
+
+@pytest.mark.parametrize("kind", ["builtin", "files"])
+async def test_a_source_publishes_federated_bundles_its_tasks_fetch(
+    kind: str, ca: BuiltinCa, clock: FakeClock, tmp_path: Path
 ) -> None:
-    """The loop sleeps until its next due time; a reload that adds a trust domain changes that time, so the
-    loop wakes at once and recomputes (else the new partner's next fetch would wait up to a minute)."""
-    sleeps: list[float] = []
-    slept_again = asyncio.Event()
-
-    async def fake_sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        if len(sleeps) > 1:
-            slept_again.set()
-        await asyncio.Event().wait()  # never ends by itself
-
-    other_td = TrustDomain("other.org")
-    bundle_file = tmp_path / "other.json"
-    replace_file(
-        bundle_file, spiffe_bundle_json(BuiltinCa.in_memory(other_td, KeyType.EC_P256, clock).bundle())
-    )
-    source = builtin(ca, clock, sleep=fake_sleep)
+    other = BuiltinCa.in_memory(OTHER_TD, KeyType.EC_P256, clock)
+    released = asyncio.Event()
+    federation = _endpoint_federation(clock, spiffe_bundle_json(other.bundle()), released)
+    source: BuiltinSource | FileSource
+    if kind == "builtin":
+        # Construction never waits for the endpoint (the fetch would hang until released).
+        source = BuiltinSource(ca, [workload(FRONTEND)], federation, clock)
+    else:
+        files = Files(tmp_path, ca)
+        files.write_svid()
+        source = FileSource(files.cert, files.key, files.bundle, TD, federation, clock)
+    first = source.feed.current()
+    assert set(first.bundles) == {TD}
     task = asyncio.create_task(source.run())
     try:
-        while not sleeps:
-            await asyncio.sleep(0)
-        source.set_federation({other_td: FederationConfig(bundle_file=bundle_file)})
-        await asyncio.wait_for(slept_again.wait(), 10)
-        assert other_td in source.feed.current().bundles
+        # While the fetch hangs, the own identity still refreshes at once.
+        await asyncio.sleep(0)
+        assert source.refresh() is False
+        assert [s.source for s in source.statuses()] == [kind, "federation"]
+        released.set()
+        snapshot = await asyncio.wait_for(source.feed.wait_newer(first.version), 10)
+        assert set(snapshot.bundles) == {TD, OTHER_TD}
+        assert snapshot.svids.keys() == first.svids.keys()
+        assert source.statuses()[1].up
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_reload_adds_a_partner_at_once_and_removes_it_at_once(
+    ca: BuiltinCa, clock: FakeClock, tmp_path: Path
+) -> None:
+    """`set_federation` under a running source: a new trust domain's task starts and publishes its bundle
+    without waiting for any schedule; a removed one leaves the snapshot before `set_federation` returns."""
+    other = BuiltinCa.in_memory(OTHER_TD, KeyType.EC_P256, clock)
+    bundle_file = tmp_path / "other.json"
+    replace_file(bundle_file, spiffe_bundle_json(other.bundle()))
+    source = BuiltinSource(ca, [workload(FRONTEND)], None, clock)  # nothing federated at start
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.sleep(0)
+        first = source.feed.current()
+        source.set_federation({OTHER_TD: FederationConfig(bundle_file=bundle_file)})
+        snapshot = await asyncio.wait_for(source.feed.wait_newer(first.version), 10)
+        assert OTHER_TD in snapshot.bundles
         source.set_federation({})
-        assert other_td not in source.feed.current().bundles  # removed at once, before any await
+        assert OTHER_TD not in source.feed.current().bundles
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 from svidgate.config import Config
 from svidgate.errors import SourceError
+from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.sources.base import IdentitySource
+from svidgate.identity.sources.base import IdentitySource, SourceHealth, SourceStatus
 from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.identity.sources.federation import FederatedBundles, fetch_bundle
 from svidgate.identity.sources.files import FileSource
 from svidgate.identity.spiffe_id import SpiffeId
 
 
-def federated_bundles(config: Config, clock: Clock = system_clock) -> FederatedBundles | None:
+def federated_bundles(
+    config: Config, clock: Clock = system_clock, on_bundle_rejected: BundleRejectionSink | None = None
+) -> FederatedBundles | None:
     """The federation watcher for `config.federation`, or None when nothing is federated."""
     if not config.federation:
         return None
-    return FederatedBundles(config.federation, clock, poll_interval=config.source.poll_interval)
+    return FederatedBundles(
+        config.federation, clock, poll_interval=config.source.poll_interval, on_rejected=on_bundle_rejected
+    )
 
 
 def internal_ids(config: Config) -> tuple[SpiffeId, ...]:
@@ -34,15 +39,19 @@ def internal_ids(config: Config) -> tuple[SpiffeId, ...]:
     return (endpoint.spiffe_id,)
 
 
-def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource | FileSource:
+def create_source(
+    config: Config, clock: Clock = system_clock, on_bundle_rejected: BundleRejectionSink | None = None
+) -> BuiltinSource | FileSource:
     """Build the source `config.source.kind` names (builtin or files), with federation attached.
 
-    Blocks briefly: the CA state is loaded (or created), the first SVIDs are minted and federated bundles are
-    read or fetched once, so the returned source's feed is complete.
+    Blocks briefly: the CA state is loaded (or created), the first SVIDs are minted and federated bundle files
+    are read. Bundle endpoints are never waited for here: `run()` fetches them, each trust domain in its own
+    task, so a slow partner cannot hold up start-up.
 
     Args:
         config: the configuration.
         clock: the time source.
+        on_bundle_rejected: told of every rejected bundle update (own and federated; the runtime counts them).
 
     Returns:
         The source, its first snapshot already published.
@@ -53,7 +62,9 @@ def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource 
         CaError: the built-in CA state cannot be loaded or created.
     """
     # Always a watcher, empty when nothing is federated yet, so that a reload can add trust domains.
-    federation = FederatedBundles(config.federation, clock, poll_interval=config.source.poll_interval)
+    federation = FederatedBundles(
+        config.federation, clock, poll_interval=config.source.poll_interval, on_rejected=on_bundle_rejected
+    )
     if config.source.kind == "builtin":
         ca = BuiltinCa.load_or_create(
             config.state_dir, config.trust_domain, config.ca.key_type, clock, ca_ttl=config.ca.ca_ttl
@@ -80,6 +91,7 @@ def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource 
             federation,
             clock,
             poll_interval=src.poll_interval,
+            on_bundle_rejected=on_bundle_rejected,
         )
     raise SourceError(f"source kind {config.source.kind!r} is not built here (see svidgate.workloadapi)")
 
@@ -89,6 +101,8 @@ __all__ = [
     "FederatedBundles",
     "FileSource",
     "IdentitySource",
+    "SourceHealth",
+    "SourceStatus",
     "create_source",
     "federated_bundles",
     "fetch_bundle",

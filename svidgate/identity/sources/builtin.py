@@ -5,6 +5,15 @@ may cap a lifetime at its own notAfter, so the half-life is computed from the ce
 configured TTL), and all of them are re-minted when the CA's signing authority changes. The CA's rotation is
 driven from here (`BuiltinCa.rotate_if_due`). A new snapshot is published only when an SVID or a bundle
 actually changed, so subscribers are never woken for nothing.
+
+Minting never waits on anything but the CA: federated bundles are fetched by their own tasks
+(`FederatedBundles.run`), and a CA state that cannot be written (a full or read-only disk when the next
+authority is prepared or activated) does not stop minting from the current authority while it is valid -- the
+rotation is retried with backoff (`CA_RETRY_FIRST` doubling to `CA_RETRY_MAX`), logged
+(`ca.state_write_failed`) and counted
+(`svidgate_source_failures_total{source="builtin",reason="ca_state_write"}`). Persisting a new authority
+before using it stays the rule: a root that signed something but is lost at the next restart would cut off
+every peer that trusts what it signed.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from svidgate.identity.ca import ACTIVATE_AT, PREPARE_AT, BuiltinCa
 from svidgate.identity.clock import Clock
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources.federation import FederatedBundles, LiveFederation
+from svidgate.identity.sources.base import SourceHealth, SourceStatus
+from svidgate.identity.sources.federation import FederatedBundles
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
 
@@ -32,8 +42,12 @@ log = logging.getLogger(__name__)
 #: The background loop wakes at least this often (cheap: nothing is published unless something changed), so
 #: that a suspended laptop or a stepped clock is noticed soon.
 MAX_SLEEP = 60.0
-#: After a failed step (e.g. the CA state cannot be written) retry after this long.
+#: After a failed step (e.g. the current authority expired and its successor cannot be persisted) retry after
+#: this long.
 RETRY_AFTER = 5.0
+#: A CA rotation whose state could not be written is retried after this long, doubling up to `CA_RETRY_MAX`.
+CA_RETRY_FIRST = 5.0
+CA_RETRY_MAX = 300.0
 #: JWT-SVIDs minted for the same (ID, audience) are reused until half their lifetime; bounded cache.
 JWT_CACHE_SIZE = 1024
 
@@ -74,11 +88,10 @@ class BuiltinSource:
         self._clock = clock
         # Always present, possibly empty, so that a reload can add the first federated trust domain.
         self._federation = federation if federation is not None else FederatedBundles({}, clock)
-        self._live = LiveFederation(self._federation, self._own_bundles, self._publish)
+        self._internal = tuple(internal_ids)
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
         self._sleep = sleep
-        self._internal = tuple(internal_ids)
         # One SVID per SPIFFE ID; config guarantees that duplicate entries agree on DNS names and hint.
         self._workloads = self._by_id(workloads)
         self._svids: dict[SpiffeId, X509Svid] = {}
@@ -86,20 +99,37 @@ class BuiltinSource:
         self._signing_cert = ca.current.certificate
         self._jwt_cache: dict[tuple[SpiffeId, tuple[str, ...]], tuple[float, JwtSvid]] = {}
         self._jwt_lock = threading.Lock()
-        # `run()` steps in a worker thread while a reload may call `set_workloads()` on the event loop.
+        # `run()` steps in a worker thread while a reload may call `set_workloads()` on the event loop. Only
+        # the CA and minting happen under it, never network I/O.
         self._step_lock = threading.RLock()
+        self._health = SourceHealth("builtin", ca.trust_domain.name, clock)
+        self._ca_retry_at = float("-inf")
+        self._ca_failures = 0
         try:
             self._step(initial=True)
         except SvidgateError as exc:
             raise SourceError(f"built-in source: cannot mint the first SVIDs: {exc}") from None
+        if federation is not None:
+            federation.load_files()  # local bootstrap bundles; endpoints are fetched by `run()`
         self.feed = SnapshotFeed(self._snapshot(version=1))
 
     @property
     def trust_domain(self) -> TrustDomain:
         return self._ca.trust_domain
 
+    @property
+    def federation(self) -> FederatedBundles | None:
+        """The federated trust domains' watcher (e.g. to `fetch_now()` one of them), None without any."""
+        return self._federation
+
+    def statuses(self) -> list[SourceStatus]:
+        """The built-in CA's health (down while a CA rotation cannot be persisted), then federation's."""
+        federated = self._federation.statuses() if self._federation is not None else []
+        return [self._health.status(), *federated]
+
     def refresh(self) -> bool:
-        """Rotate the CA if due, re-mint SVIDs that are due, re-read federated bundles; publish on change.
+        """Rotate the CA if due and re-mint SVIDs that are due, now; publish on change. Never waits on the
+        network (federated bundles have their own tasks).
 
         Returns:
             True when a new snapshot was published. On failure the last snapshot stays and False is returned
@@ -126,8 +156,8 @@ class BuiltinSource:
             previous, self._workloads = self._workloads, updated
             removed = [spiffe_id for spiffe_id in self._svids if spiffe_id not in updated]
             for spiffe_id in removed:
-                del self._svids[spiffe_id]
                 self._due.pop(spiffe_id, None)
+            self._svids = {k: v for k, v in self._svids.items() if k in updated}
             for spiffe_id, workload in updated.items():
                 old = previous.get(spiffe_id)
                 if old is not None and (old.dns_names, old.hint) != (workload.dns_names, workload.hint):
@@ -141,6 +171,23 @@ class BuiltinSource:
             return True
         return False
 
+    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
+        """Apply a reloaded ``federation`` section (`FederatedBundles.set_federation`); call on the loop.
+
+        A removed trust domain leaves the published snapshot before this returns; a new one is fetched at
+        once by its own task and published when it arrives.
+        """
+        if self._federation.set_federation(federation):
+            self._publish()
+
+    def request_bundle_refresh(self, trust_domain: TrustDomain) -> concurrent.futures.Future[bool] | None:
+        """Fetch a federated trust domain's bundle now, for a JWT-SVID with an unknown ``kid``; thread-safe.
+
+        Returns:
+            The shared fetch (True once a changed bundle is published), or None when no fetch is allowed.
+        """
+        return self._federation.request_fetch(trust_domain)
+
     def _by_id(self, workloads: Sequence[Workload]) -> dict[SpiffeId, Workload]:
         by_id: dict[SpiffeId, Workload] = {}
         for workload in workloads:
@@ -152,6 +199,7 @@ class BuiltinSource:
         return by_id
 
     def _publish(self) -> None:
+        """Publish own SVIDs and bundle with the federated bundles as they are now (on the event loop)."""
         snapshot = self._snapshot(self.feed.current().version + 1)
         self.feed.publish(snapshot)
         log.info(
@@ -162,19 +210,18 @@ class BuiltinSource:
         )
 
     def next_due(self) -> float:
-        """The clock time of the next scheduled change (SVID half-life, CA rotation step, bundle check)."""
+        """The clock time of the next scheduled change (SVID half-life, CA rotation step or retry)."""
         current = self._ca.current
         ca_due = current.lifetime_point(PREPARE_AT if self._ca.next is None else ACTIVATE_AT)
-        federation_due = self._federation.next_due() if self._federation is not None else float("inf")
-        return min([ca_due, federation_due, *self._due.values()])
+        return min([max(ca_due, self._ca_retry_at), *self._due.values()])
 
     async def run(self) -> None:
-        """Call `refresh()` whenever something is due, until cancelled.
+        """Mint and rotate when due, and keep federated bundles current (their own tasks), until cancelled."""
+        await self._federation.run_beside(self._keep_minting(), self._own_bundles, self._publish)
 
-        Federated bundle fetches block on the network, so each step runs in a worker thread; the snapshot is
-        published from the event loop (the feed is not thread-safe).
-        """
-        self._live.bind(asyncio.get_running_loop())
+    async def _keep_minting(self) -> None:
+        # Key generation and signing are CPU work, so each step runs in a worker thread; the snapshot is
+        # published from the event loop (the feed is not thread-safe).
         while True:
             try:
                 changed = await asyncio.to_thread(self._step_safely)
@@ -186,19 +233,7 @@ class BuiltinSource:
                 if changed:
                     self._publish()
                 delay = min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP)
-            await self._live.sleep(delay, self._sleep)
-
-    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
-        """Apply a reloaded ``federation`` section (`LiveFederation.reconfigure`); call on the loop."""
-        self._live.reconfigure(federation)
-
-    def request_bundle_refresh(self, trust_domain: TrustDomain) -> concurrent.futures.Future[bool] | None:
-        """Fetch a federated trust domain's bundle now, for a JWT-SVID with an unknown ``kid``; thread-safe.
-
-        Returns:
-            The shared fetch (True once a changed bundle is published), or None when no fetch is allowed.
-        """
-        return self._live.request_fetch(trust_domain)
+            await self._sleep(delay)
 
     def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
         """A JWT-SVID for one of the configured workload IDs, reused until half its lifetime.
@@ -239,10 +274,51 @@ class BuiltinSource:
 
     def _step(self, *, initial: bool) -> bool:
         with self._step_lock:
-            return self._step_locked(initial=initial)
+            try:
+                return self._step_locked(initial=initial)
+            except SvidgateError as exc:
+                self._health.failed("mint", str(exc))
+                raise
+
+    def _rotate_ca(self) -> tuple[bool, bool]:
+        """Advance the CA's rotation unless a failed write is waiting for its retry time.
+
+        Returns:
+            (whether the bundle or the signing authority changed, whether the CA state is persisted).
+        """
+        now = self._clock()
+        # Once the current authority has expired nothing can be minted without the rotation: no backoff then.
+        if now < self._ca_retry_at and now < self._ca.current.not_after:
+            return False, False
+        try:
+            changed = self._ca.rotate_if_due()
+        except CaError as exc:
+            self._ca_failures += 1
+            retry = min(CA_RETRY_FIRST * 2 ** (self._ca_failures - 1), CA_RETRY_MAX)
+            self._ca_retry_at = now + retry
+            self._health.failed("ca_state_write", str(exc))
+            current = self._ca.current
+            log.error(
+                "ca.state_write_failed",
+                extra={
+                    "fields": {
+                        "trust_domain": self._ca.trust_domain.name,
+                        "error": str(exc),
+                        "retry_seconds": retry,
+                        "signing_with": "the current authority",
+                        "current_valid_seconds": round(current.not_after - now),
+                    }
+                },
+            )
+            return False, False
+        self._ca_failures = 0
+        self._ca_retry_at = float("-inf")
+        return changed, True
 
     def _step_locked(self, *, initial: bool) -> bool:
-        changed = self._ca.rotate_if_due()
+        # A rotation that cannot be persisted leaves the current authority signing; minting below fails
+        # (closed) only once that authority has expired.
+        changed, persisted = self._rotate_ca()
         if self._ca.current.certificate is not self._signing_cert:
             # Signing moved to the next authority: re-mint everything so that no SVID depends on the old root
             # (which leaves the bundle at its notAfter), and drop JWT-SVIDs signed with the old key.
@@ -251,22 +327,27 @@ class BuiltinSource:
             with self._jwt_lock:
                 self._jwt_cache.clear()
         now = self._clock()
-        for spiffe_id, workload in self._workloads.items():
-            if spiffe_id in self._svids and now < self._due[spiffe_id]:
-                continue
-            svid = self._ca.mint_x509_svid(spiffe_id, self._x509_ttl, workload.dns_names)
-            if workload.hint:
-                svid = replace(svid, hint=workload.hint)
-            self._svids[spiffe_id] = svid
-            self._due[spiffe_id] = now + (svid.expires_at - now) / 2
-            changed = True
-            if not initial:
-                log.info(
-                    "source.svid_minted",
-                    extra={"fields": {"spiffe_id": str(spiffe_id), "expires_at": int(svid.expires_at)}},
-                )
-        if self._federation is not None:
-            changed |= self._federation.refresh(self._own_bundles())
+        # Copy on write: the event loop reads `_svids` for a snapshot while this may run in a worker thread.
+        svids = dict(self._svids)
+        try:
+            for spiffe_id, workload in self._workloads.items():
+                if spiffe_id in svids and now < self._due[spiffe_id]:
+                    continue
+                svid = self._ca.mint_x509_svid(spiffe_id, self._x509_ttl, workload.dns_names)
+                if workload.hint:
+                    svid = replace(svid, hint=workload.hint)
+                svids[spiffe_id] = svid
+                self._due[spiffe_id] = now + (svid.expires_at - now) / 2
+                changed = True
+                if not initial:
+                    log.info(
+                        "source.svid_minted",
+                        extra={"fields": {"spiffe_id": str(spiffe_id), "expires_at": int(svid.expires_at)}},
+                    )
+        finally:
+            self._svids = svids
+        if persisted:
+            self._health.succeeded()
         return changed
 
     def _own_bundles(self) -> Mapping[TrustDomain, Bundle]:
