@@ -311,7 +311,7 @@ class AuthorizationServicer:
         peers: maps ``context.peer()`` to kernel-verified credentials (the peer-credential front's registry)
             for the inject-mode entitlement check; None when Check is served over TCP only.
         refresh_bundle: asks for an out-of-schedule fetch of a federated trust domain's bundle when a token
-            names a key its bundle lacks (`LiveFederation.request_fetch`); None: never.
+            names a key its bundle lacks (`FederatedBundles.request_fetch`); None: never.
     """
 
     def __init__(
