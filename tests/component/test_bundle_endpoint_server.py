@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import ssl
 import time
@@ -270,3 +271,23 @@ async def test_idle_and_slow_clients_cannot_hold_the_endpoint(tmp_path: Path) ->
         for hog in hogs:
             hog.close()
         await server.stop()
+
+
+async def test_malformed_requests_get_400_and_one_line_without_traceback(
+    spiffe_server: tuple[BundleEndpointServer, SnapshotFeed, TestCA], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _, ca = spiffe_server
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=root_pem(ca).decode())
+    caplog.set_level(logging.DEBUG)
+    for request in (b"\x00\x01garbage\r\n\r\n", b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=context)
+        writer.write(request)
+        await writer.drain()
+        assert (await reader.read(64)).startswith(b"HTTP/1.0 400 ")
+        writer.close()
+    await asyncio.sleep(0.05)
+    lines = [r for r in caplog.records if r.name.startswith("svidgate.identity.sources.bundle_server.http")]
+    assert [r.getMessage() for r in lines] == ["bundle_endpoint.bad_request"] * 2
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

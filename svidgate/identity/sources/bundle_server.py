@@ -295,6 +295,26 @@ def load_cert_files(context: ssl.SSLContext, cert_file: Path, key_file: Path) ->
 # ----------------------------------------------------------------------------------------------------------
 
 
+class _ClientErrorLine(logging.Filter):
+    """Turns aiohttp's report of a request it could not parse (a traceback at ERROR for an over-long line, at
+    DEBUG for others) into one debug line without a traceback: the client got its 400, and whoever can reach
+    the endpoint must not be able to fill the log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            exc = record.exc_info[1]
+            reason = str(exc).strip().splitlines()[0][:120] if exc is not None else ""
+            record.fields = {"error": type(exc).__name__, "reason": reason}
+            record.msg, record.args = "bundle_endpoint.bad_request", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_http_log = logging.getLogger(__name__ + ".http")
+_http_log.addFilter(_ClientErrorLine())
+
+
 class _Guarded(asyncio.Protocol):
     """An aiohttp connection holding one of the server's connection slots for at most `CONNECTION_LIFETIME`.
 
@@ -441,6 +461,7 @@ class BundleEndpointServer:
             max_field_size=MAX_LINE,
             max_headers=MAX_HEADERS,
             access_log=None,
+            logger=_http_log,
         )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
