@@ -48,7 +48,7 @@ from tests.component.runtime_support import (
     value,
 )
 from tests.e2e.checkserver import Backend, echo_backend
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.ca import TestCA
 from tests.support.ca_state import roll_ca, write_ca_state
 from tests.support.tempdir import short_dir
@@ -119,6 +119,10 @@ def spiffe_partner(td: TrustDomain, port: int, bundle_file: Path) -> str:
       profile: https_spiffe
       endpoint_spiffe_id: spiffe://{td.name}/bundle-endpoint
 """
+
+
+def san(spiffe_id: str) -> dict[str, object]:
+    return {"san_type": "URI", "matcher": {"exact": spiffe_id}}
 
 
 def cli_bundle(config: Path) -> bytes:
@@ -300,24 +304,20 @@ async def test_two_svidgates_federate_rotate_and_unfederate(root: Path, backend:
             assert not side.process.events("federation.fetch_failed"), side.process.log()
 
         # -- mTLS across the trust domains through real Envoys
-        server_config = render_template(
+        # The shipped sds-mtls Envoys, with the addresses, node and SPIFFE IDs of this test changed by name.
+        server_config = shipped_config(
             EXAMPLES / "sds-mtls" / "server-envoy.yaml",
-            sds_socket=b.sds_socket,
-            listen_port=0,
-            backend_port=backend.server_address[1],
-            allowed_client=A_CLIENT,
-            allowed_federated_client=A_CLIENT,
-            sds_api="GRPC",
+            listeners={"ingress": 0},
+            clusters={"svidgate": b.sds_socket, "backend": backend.server_address[1]},
+            everywhere={"match_typed_subject_alt_names": [san(A_CLIENT)]},
         )
         async with EnvoyProcess(server_config, root, name="envoy-b") as envoy_b:
-            client_config = render_template(
+            client_config = shipped_config(
                 EXAMPLES / "sds-mtls" / "client-envoy.yaml",
-                sds_socket=a.sds_socket,
-                listen_port=0,
-                server_port=envoy_b.listener_port("ingress"),
-                server_id=B_SERVER,
+                listeners={"egress": 0},
+                clusters={"svidgate": a.sds_socket, "server": envoy_b.listener_port("ingress")},
                 node_id="client",
-                sds_api="GRPC",
+                everywhere={"match_typed_subject_alt_names": [san(B_SERVER)]},
             )
             async with EnvoyProcess(client_config, root, name="envoy-a") as envoy_a:
                 egress = envoy_a.listener_port("egress")
