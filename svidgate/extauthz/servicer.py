@@ -551,6 +551,14 @@ class AuthorizationServicer:
         if unknown_key is UnknownKey.RAISE:
             raise RefreshPending(fetch, authz.config.unknown_key_wait)
         try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # a Check thread: it may wait
+        else:
+            # Called on an event loop (a caller that should have asked for RAISE): blocking here would stall
+            # the loop that publishes the fetch's result. Deny now; the fetch still runs for later Checks.
+            return False
+        try:
             return fetch.result(timeout=authz.config.unknown_key_wait)
         except futures.TimeoutError:
             return False
@@ -690,7 +698,7 @@ class AuthorizationServicer:
             _register(server, self.Check)
             return
         key, expected = required_metadata
-        check_wire, refuse_wire = self.check_wire, self.refuse_wire
+        decide, refuse_wire = self.Check, self.refuse_wire
 
         async def check(
             request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -698,7 +706,7 @@ class AuthorizationServicer:
             values = [value for name, value in (context.invocation_metadata() or ()) if name == key]
             if values != [expected]:
                 return refuse_wire(MISSING_SECURITY_HEADER)
-            return check_wire(request, context.peer)
+            return await decide(request, context)
 
         _register(server, check)
 

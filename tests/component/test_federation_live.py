@@ -174,16 +174,23 @@ async def test_new_partner_key_is_allowed_on_first_sight_on_the_threaded_server(
     assert kid in own.source.feed.current().bundles[PARTNER].jwt_authorities
 
 
-async def test_new_partner_key_is_allowed_on_first_sight_on_grpc_aio(partner: Partner, own: Own) -> None:
+@pytest.mark.parametrize("listener", ["grpc", "workload_api"])
+async def test_new_partner_key_is_allowed_on_first_sight_on_grpc_aio(
+    partner: Partner, own: Own, listener: str
+) -> None:
+    """listen.grpc and listen.workload_api answer Check on the event loop that also publishes the fetch: the
+    wait is awaited there, never blocked on."""
     server = grpc.aio.server()
-    own.servicer.add_to_server(server)
+    header = ("workload.spiffe.io", "true")
+    own.servicer.add_to_server(server, required_metadata=header if listener == "workload_api" else None)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         kid, key = partner.add_jwt_key()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            response = await stub.Check(check_request("/api/x", partner.token(kid, key)), timeout=10)
+            request = check_request("/api/x", partner.token(kid, key))
+            response = await stub.Check(request, timeout=10, metadata=(header,))
         assert response.status.code == 0
     finally:
         await server.stop(0)
