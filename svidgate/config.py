@@ -558,13 +558,19 @@ class Config:
         endpoints = sum(1 for f in self.federation.values() if f.bundle_endpoint is not None)
         sds = ", ".join(str(a) for a in self.listen.grpc) or "none"
         check = "" if self.listen.check is None else f", Check on {self.listen.check}"
+        served = self.listen.bundle_endpoint
+        bundle_endpoint = (
+            ""
+            if served is None
+            else f", bundle endpoint on {_bracket(served[0])}:{served[1]} ({self.bundle_endpoint.profile})"
+        )
         return (
             f"trust domain {self.trust_domain}, source {self.source.kind}, "
             f"{_plural(len(self.workloads), 'workload')}, "
             f"{_plural(len(self.federation), 'federated trust domain')} ({endpoints} via bundle endpoint), "
             f"{_plural(len(self.authz.policies), 'authz policy', 'authz policies')} "
             f"(default {self.authz.default}), "
-            f"SDS on {sds}{check}"
+            f"SDS on {sds}{check}{bundle_endpoint}"
         )
 
 

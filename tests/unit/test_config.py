@@ -809,6 +809,7 @@ def test_bundle_endpoint_server_keys() -> None:
     assert config.bundle_endpoint.spiffe_id == SpiffeId.parse("spiffe://example.org/bundle-endpoint")
     assert config.bundle_endpoint.refresh_hint == 120
     assert config.bundle_endpoint.oidc_issuer == "https://oidc.example.org"
+    assert config.summary().endswith(", bundle endpoint on 0.0.0.0:8443 (https_spiffe)")
     web = parse(
         """\
         listen: {bundle_endpoint: "127.0.0.1:8443"}
