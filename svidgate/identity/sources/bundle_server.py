@@ -76,6 +76,8 @@ SEQUENCE_DIR = "bundle_endpoint"
 SEQUENCE_FILE = "sequence.json"
 
 _JSON = "application/json"
+#: Instead of aiohttp's default, which names the Python and aiohttp versions to anyone who asks.
+_HEADERS = {"Server": "svidgate"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -508,12 +510,13 @@ class BundleEndpointServer:
         documents = self._documents
         name = documents.names.get(request.path, "other")
         if request.method != "GET":
-            response = web.Response(status=405, text="only GET\n", headers={"Allow": "GET"})
+            response = web.Response(status=405, text="only GET\n", headers={**_HEADERS, "Allow": "GET"})
         elif (body := documents.routes.get(request.path)) is None:
-            response = web.Response(status=404, text="not found\n")
+            response = web.Response(status=404, text="not found\n", headers=_HEADERS)
         else:
             # Partners must see a new bundle as soon as it is published: no HTTP caching in between.
-            response = web.Response(body=body, content_type=_JSON, headers={"Cache-Control": "no-store"})
+            headers = {**_HEADERS, "Cache-Control": "no-store"}
+            response = web.Response(body=body, content_type=_JSON, headers=headers)
         if self._on_request is not None:
             self._on_request(name, response.status)
         return response
