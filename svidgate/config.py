@@ -464,7 +464,10 @@ class ServerConfig:
         config_poll_interval: seconds between checks of the config file for changes; 0 = off (SIGHUP still
             reloads).
         socket_mode: permission bits of the unix sockets svidgate creates.
-        check_workers: threads of the threaded Check server (`listen.check`).
+        check_workers: threads of the threaded Check server (`listen.check`), in each Check process.
+        check_processes: processes answering Check on `listen.check` (TCP). 1: the main process; N > 1: N
+            worker processes sharing the port (SO_REUSEPORT), fed policy and bundles by the main process
+            (`svidgate.checkprocs`).
     """
 
     drain_grace: float = 10.0
@@ -476,6 +479,7 @@ class ServerConfig:
     # with 8; issue 11 measured 4 ahead of 2 too. More threads keep grpc-core's completion queue drained while
     # one thread holds the GIL (and the ES256 verify releases it); past 4 the gain is within the noise.
     check_workers: int = 4
+    check_processes: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,6 +735,24 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Conf
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return parse_config(text, str(path), base_dir=path.parent, env=env)
+
+
+def _check_check_processes(server: ServerConfig, listen: ListenConfig, authz: AuthzConfig) -> None:
+    """`server.check_processes` > 1 shares `listen.check` between worker processes: it must be a TCP port
+    (SO_REUSEPORT), and no policy may mint for TCP callers (minting stays in the main process)."""
+    if server.check_processes == 1:
+        return
+    if listen.check is None or listen.check.kind != "tcp":
+        raise ConfigError(
+            f"server.check_processes: {server.check_processes} processes share listen.check, which must then "
+            f"be a tcp:// address (it is {listen.check or 'null'})"
+        )
+    for policy in authz.policies:
+        if policy.inject_allow_unverified_callers:
+            raise ConfigError(
+                f"server.check_processes: authz policy {policy.name!r} sets inject_allow_unverified_callers, "
+                "but Check worker processes do not mint tokens; use check_processes: 1"
+            )
 
 
 def parse_config(
@@ -1129,6 +1151,7 @@ class _Parser:
         authz = self.authz(top.get("authz"), "authz", trust_domain, workloads, federation, source)
         log_config = self.log(top.get("log"), "log")
         server = self.server(top.get("server"), "server")
+        _check_check_processes(server, listen, authz)
         return Config(
             trust_domain=trust_domain,
             state_dir=state_dir,
@@ -1783,7 +1806,16 @@ class _Parser:
 
     def server(self, value: object, path: str) -> ServerConfig:
         section = _mapping(
-            value, path, ("drain_grace", "reflection", "config_poll_interval", "socket_mode", "check_workers")
+            value,
+            path,
+            (
+                "drain_grace",
+                "reflection",
+                "config_poll_interval",
+                "socket_mode",
+                "check_workers",
+                "check_processes",
+            ),
         )
         d = ServerConfig()
         mode = section.get("socket_mode", d.socket_mode)
@@ -1814,6 +1846,9 @@ class _Parser:
             socket_mode=mode,
             check_workers=_int(
                 section.get("check_workers", d.check_workers), f"{path}.check_workers", minimum=1
+            ),
+            check_processes=_int(
+                section.get("check_processes", d.check_processes), f"{path}.check_processes", minimum=1
             ),
         )
 
