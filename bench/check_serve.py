@@ -49,8 +49,9 @@ METHOD = "/envoy.service.auth.v3.Authorization/Check"
 TRUST_DOMAIN = "bench.test"
 CLIENT_ID = "spiffe://bench.test/client"
 AUDIENCE = "backend"
-#: More than authz.cache_size's default (10,000), cycled in order: the token cache (LRU) never hits.
-UNIQUE_TOKENS = 12_000
+#: More than twice authz.cache_size's default (10,000), cycled in order: the token cache (LRU) never hits,
+#: also with two check processes that each see part of the tokens.
+UNIQUE_TOKENS = 25_000
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
 
@@ -261,17 +262,25 @@ def check_request(token: str) -> bytes:
 # -- the load client (its own process, pinned to the other core) ---------------------------------------------
 
 
-async def _closed_loop(address: str, requests: list[bytes], seconds: float, inflight: int) -> dict[str, int]:
+async def _closed_loop(
+    address: str, requests: list[bytes], seconds: float, inflight: int, connections: int
+) -> dict[str, int]:
     import grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(METHOD, None, None)
-        for body in requests[-20:]:  # the end of the cycle: evicted again before the loop reaches it
-            await call(body)
+    # One connection per channel (a local subchannel pool each): with check_processes the kernel gives each
+    # connection to one worker process, as it does with Envoy's connections (one per Envoy worker thread).
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(connections)]
+    try:
+        calls = [channel.unary_unary(METHOD, None, None) for channel in channels]
+        # Warm-up from the end of the cycle (evicted again before the loop reaches it), distinct per connection.
+        for i, call in enumerate(calls):
+            for body in requests[len(requests) - 20 * (i + 1) :][:20]:
+                await call(body)
         done = denied = index = 0
         deadline = time.monotonic() + seconds
 
-        async def worker() -> None:
+        async def worker(call: Any) -> None:
             nonlocal done, denied, index
             while time.monotonic() < deadline:
                 body = requests[index % len(requests)]
@@ -282,7 +291,10 @@ async def _closed_loop(address: str, requests: list[bytes], seconds: float, infl
                 if reply[:1] == b"\x0a" and reply[1:2] != b"\x00":
                     denied += 1
 
-        await asyncio.gather(*(worker() for _ in range(inflight)))
+        await asyncio.gather(*(worker(calls[i % connections]) for i in range(inflight)))
+    finally:
+        for channel in channels:
+            await channel.close()
     return {"done": done, "denied": denied}
 
 
@@ -311,21 +323,22 @@ async def _open_loop(address: str, requests: list[bytes], rate: float, seconds: 
     return latencies
 
 
-def _client(job: tuple[str, str, list[bytes], float, float, Any]) -> None:
+def _client(job: tuple[str, str, list[bytes], float, float, int, Any]) -> None:
     os.sched_setaffinity(0, {int(c) for c in CLIENT_CORE.split(",")})
-    kind, address, requests, seconds, knob, queue = job
+    kind, address, requests, seconds, knob, connections, queue = job
     if kind == "closed":
-        queue.put(asyncio.run(_closed_loop(address, requests, seconds, int(knob))))
+        queue.put(asyncio.run(_closed_loop(address, requests, seconds, int(knob), connections)))
     else:
         queue.put(asyncio.run(_open_loop(address, requests, knob, seconds)))
 
 
-def throughput(target: Target, requests: list[bytes], seconds: float, inflight: int) -> dict[str, float]:
+def throughput(
+    target: Target, requests: list[bytes], seconds: float, inflight: int, connections: int = 1
+) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    client = ctx.Process(
-        target=_client, args=(("closed", target.address, requests, seconds, inflight, queue),)
-    )
+    job = ("closed", target.address, requests, seconds, inflight, connections, queue)
+    client = ctx.Process(target=_client, args=(job,))
     client.start()
     time.sleep(1.0 + seconds * 0.1)  # spawn, warm-up
     (cpu0, sw0), t0 = usage(target.proc.pid), time.monotonic()
@@ -346,7 +359,8 @@ def throughput(target: Target, requests: list[bytes], seconds: float, inflight: 
 def latency(target: Target, requests: list[bytes], rate: float, seconds: float) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    client = ctx.Process(target=_client, args=(("open", target.address, requests, seconds, rate, queue),))
+    job = ("open", target.address, requests, seconds, rate, 1, queue)
+    client = ctx.Process(target=_client, args=(job,))
     client.start()
     samples = sorted(queue.get())
     client.join()
@@ -362,6 +376,7 @@ class Case:
     start: Any  # () -> Target
     requests: list[bytes]
     latency: bool = False
+    connections: int = 1
 
 
 def main() -> None:
@@ -375,6 +390,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (medians are reported)")
     parser.add_argument("--workers", type=int, nargs="*", default=[], help="server.check_workers to compare")
     parser.add_argument("--processes", action="store_true", help="server.check_processes 1 vs 2, two cores")
+    parser.add_argument(
+        "--connections", type=int, default=4, help="client connections in the check_processes cases"
+    )
     parser.add_argument("--only-processes", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not shutil.which("taskset") or (os.cpu_count() or 1) < 2:
@@ -427,6 +445,7 @@ def main() -> None:
                     f"svidgate check_processes={processes}, 2 cores: unique ES256",
                     svidgate(None, processes, f"{SERVER_CORE},{CLIENT_CORE}"),
                     unique,
+                    connections=args.connections,
                 )
             )
 
@@ -437,7 +456,7 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.rounds}: {case.label} ...", file=sys.stderr, flush=True)
             target = case.start()
             try:
-                result = throughput(target, case.requests, args.seconds, args.inflight)
+                result = throughput(target, case.requests, args.seconds, args.inflight, case.connections)
                 result["cache_hits"] = target.cache_hits() if len(case.requests) > 1 else 0.0
                 results[case.label].append(result)
                 if case.latency and round_ == args.rounds - 1:
