@@ -273,7 +273,7 @@ async def _closed_loop(
     channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(connections)]
     try:
         calls = [channel.unary_unary(METHOD, None, None) for channel in channels]
-        # Warm-up from the end of the cycle (evicted again before the loop reaches it), distinct per connection.
+        # Warm-up from the end of the cycle (evicted before the loop reaches it), distinct per connection.
         for i, call in enumerate(calls):
             for body in requests[len(requests) - 20 * (i + 1) :][:20]:
                 await call(body)
