@@ -231,6 +231,12 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
         servicer.check_wire = lambda request, peer=None: constant_wire  # type: ignore[method-assign]
         kind = "svidgate-sync"
 
+    if kind in ("svidgate-aio-interceptors", "svidgate-aio-serve"):
+        # listen.grpc as `svidgate serve` builds it: Check, SDS and health on one grpc.aio server, with
+        # metrics and drain as per-call interceptors (before issue 11) or wrapped once at registration (now).
+        asyncio.run(serve_aio_like_serve(servicer, metrics, feed, kind.endswith("interceptors")))
+        return
+
     if kind == "svidgate-sync":
         server = new_sync_check_server(servicer, max_workers=workers)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -240,6 +246,37 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
         server.stop(None)
     else:
         asyncio.run(serve_aio(servicer.add_to_server))
+
+
+async def serve_aio_like_serve(servicer: Any, metrics: Any, feed: Any, interceptors: bool) -> None:
+    import grpc
+    from grpc_health.v1 import _async as health_async
+    from grpc_health.v1 import health_pb2_grpc
+
+    from svidgate.config import SdsConfig
+    from svidgate.grpcutil import WrappingServer
+    from svidgate.identity.spiffe_id import TrustDomain
+    from svidgate.sds.servicer import SecretDiscoveryServicer
+    from svidgate.server import DrainInterceptor, grpc_server_options
+
+    drain = DrainInterceptor(asyncio.Event())
+    interceptor = metrics.interceptor()
+    server: Any
+    if interceptors:
+        server = grpc.aio.server(interceptors=[interceptor, drain], options=grpc_server_options())
+    else:
+        server = WrappingServer(
+            grpc.aio.server(options=grpc_server_options()),
+            lambda method, handler: interceptor.wrap(method, drain.wrap(handler)),
+        )
+    servicer.add_to_server(server)
+    SecretDiscoveryServicer(feed, (), SdsConfig(), TrustDomain(TRUST_DOMAIN)).add_to_server(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_async.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(None)
 
 
 class Server:

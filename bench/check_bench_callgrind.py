@@ -88,6 +88,8 @@ def main() -> None:
         ("svidgate threaded: unique RS256 tokens", "svidgate-sync:4", rs, 10000),
         ("svidgate threaded: denials (403)", "svidgate-sync:4", denied, 10000),
         ("svidgate grpc.aio: cached token", "svidgate-aio", cached, 10000),
+        ("listen.grpc as served: cached, interceptors", "svidgate-aio-interceptors", cached, 10000),
+        ("listen.grpc as served: cached, wrapped once", "svidgate-aio-serve", cached, 10000),
     ]
     # Under valgrind a Check takes milliseconds, so the decision log's 100 lines/s limit lets every Check log,
     # which a server answering thousands of Checks a second never does: count those cases both ways.

@@ -568,21 +568,57 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, method = _split_method(handler_call_details.method)
+        return self.wrap(handler_call_details.method, handler)
+
+    def wrap(
+        self, full_method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`handler` counted as `full_method` (``/package.Service/Method``): what the interceptor does per
+        call, for wrapping once at registration (`svidgate.grpcutil.WrappingServer`)."""
+        service, method = _split_method(full_method)
         started = self._metrics.grpc_started.labels(service=service, method=method)
         handled = self._metrics.grpc_handled
 
         def done(context: grpc.aio.ServicerContext[Any, Any], raised: BaseException | None) -> None:
             handled.labels(service=service, method=method, code=_code_name(context, raised)).inc()
 
+        recorder = self._metrics.authz_recorder
+        ok = handled.labels(service=service, method=method, code="OK")
         return wrap_handler(
             handler,
-            lambda behavior: _wrap_unary(behavior, started, done),
+            lambda behavior: _wrap_unary_lean(behavior, recorder, started, ok, done),
             lambda behavior: _wrap_streaming(behavior, started, done),
         )
 
 
 _Done = Callable[["grpc.aio.ServicerContext[Any, Any]", "BaseException | None"], None]
+
+
+def _wrap_unary_lean(
+    behavior: Callable[..., Any], recorder: CheckRecorder, started: Any, ok: Any, done: _Done
+) -> Callable[..., Any]:
+    """`_wrap_unary` for wrapping once at registration: the label children are looked up once, the counts
+    go through the recorder's per-thread cells (flushed at scrape time, as the threaded Check server counts),
+    and the status is read only when the handler set one. Measured with bench/check_bench_callgrind.py (Check
+    on listen.grpc, log off): ~50k fewer instructions per call than the per-call interceptor."""
+    if not inspect.iscoroutinefunction(behavior):
+        return _wrap_unary(behavior, started, done)
+
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        recorder.count(started)
+        try:
+            result = await behavior(request, context)
+        except BaseException as raised:
+            done(context, raised)
+            raise
+        code: object = context.code()  # grpcio's aio context may answer the raw integer
+        if code is None or code == grpc.StatusCode.OK or code == 0:
+            recorder.count(ok)
+        else:
+            done(context, None)
+        return result
+
+    return wrapper
 
 
 def _wrap_unary(behavior: Callable[..., Any], started: Any, done: _Done) -> Callable[..., Any]:

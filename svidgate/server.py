@@ -81,7 +81,7 @@ from svidgate.extauthz.inject import TokenInjector
 from svidgate.extauthz.policy import compile_authz
 from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer
-from svidgate.grpcutil import wrap_handler
+from svidgate.grpcutil import WrappingServer, wrap_handler
 from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.snapshot import IdentitySnapshot
@@ -545,6 +545,10 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        return self.wrap(handler)
+
+    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """`handler` drained: what the interceptor does per call, for wrapping once at registration."""
         # Unary calls (Check) are left alone: they are answered normally while the server stops.
         return wrap_handler(handler, None, self._wrap)
 
@@ -1185,9 +1189,12 @@ class Server:
         )
 
     def _new_grpc_server(self) -> grpc.aio.Server:
-        server = grpc.aio.server(
-            interceptors=[self.metrics.interceptor(), self._drain_interceptor],
-            options=grpc_server_options(),
+        # Metrics and drain wrap each method once, when it is registered, instead of as interceptors that run
+        # on every call (issue 11: ~60k instructions per Check on listen.grpc).
+        metrics, drain = self.metrics.interceptor(), self._drain_interceptor
+        server = WrappingServer(
+            grpc.aio.server(options=grpc_server_options()),
+            lambda method, handler: metrics.wrap(method, drain.wrap(handler)),
         )
         self._grpc_servers.append(server)
         return server
