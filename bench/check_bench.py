@@ -231,10 +231,17 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
         servicer.check_wire = lambda request, peer=None: constant_wire  # type: ignore[method-assign]
         kind = "svidgate-sync"
 
-    if kind in ("svidgate-aio-interceptors", "svidgate-aio-serve"):
+    if kind in ("svidgate-aio-interceptors", "svidgate-aio-serve", "svidgate-aio-serve-uvloop"):
         # listen.grpc as `svidgate serve` builds it: Check, SDS and health on one grpc.aio server, with
-        # metrics and drain as per-call interceptors (before issue 11) or wrapped once at registration (now).
-        asyncio.run(serve_aio_like_serve(servicer, metrics, feed, kind.endswith("interceptors")))
+        # metrics and drain as per-call interceptors (before issue 11) or wrapped once at registration (now);
+        # "-uvloop": the same on uvloop's event loop (to decide whether svidgate should use it).
+        serving = serve_aio_like_serve(servicer, metrics, feed, kind.endswith("interceptors"))
+        if kind.endswith("uvloop"):
+            import uvloop  # type: ignore[import-not-found, unused-ignore]
+
+            uvloop.run(serving)
+        else:
+            asyncio.run(serving)
         return
 
     if kind == "svidgate-sync":
