@@ -4,7 +4,7 @@
     .venv/bin/python bench/sds_streams.py --streams 10000 --clients 2
 
 One server process (the SDS servicer on grpc.aio with svidgate's server options and its two interceptors,
-metrics and drain, as `svidgate serve` registers them; a built-in CA, 100 workloads) and
+metrics and drain, wrapped once at registration as `svidgate serve` does; a built-in CA, 100 workloads) and
 `--clients` client processes, each holding its share of the streams over several HTTP/2 connections (as a
 node's Envoys would). Every stream subscribes to ``default`` and ``ALL`` with one of 100 node IDs and ACKs
 what it gets. Measured:
@@ -94,14 +94,16 @@ async def serve() -> None:
     feed = SnapshotFeed(snapshot())
     from prometheus_client import CollectorRegistry
 
+    from svidgate.grpcutil import WrappingServer
     from svidgate.metrics import Metrics
     from svidgate.server import DrainInterceptor, grpc_server_options
 
     metrics = Metrics(CollectorRegistry(), process_metrics=False)
-    server = grpc.aio.server(
-        interceptors=[metrics.interceptor(), DrainInterceptor(asyncio.Event())],
-        options=grpc_server_options(),
-        maximum_concurrent_rpcs=None,
+    interceptor, drain = metrics.interceptor(), DrainInterceptor(asyncio.Event())
+    # As `svidgate serve` builds listen.grpc: metrics and drain wrapped once at registration.
+    server = WrappingServer(
+        grpc.aio.server(options=grpc_server_options(), maximum_concurrent_rpcs=None),
+        lambda method, handler: interceptor.wrap(method, drain.wrap(handler)),
     )
     SecretDiscoveryServicer(feed, workloads, SdsConfig(), td, metrics=metrics).add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
