@@ -53,7 +53,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from svidgate import __version__
-from svidgate.config import Address, Config, ServerConfig, load_config
+from svidgate.attest.k8s import KubernetesAttestor
+from svidgate.config import Address, Config, KubernetesConfig, ServerConfig, load_config
 from svidgate.errors import SourceError, SvidgateError
 from svidgate.extauthz.inject import TokenInjector
 from svidgate.extauthz.policy import compile_authz
@@ -61,8 +62,10 @@ from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer
 from svidgate.grpcutil import wrap_handler
 from svidgate.identity.clock import Clock, system_clock
+from svidgate.identity.entitlement import CallerInfo
 from svidgate.identity.sources import create_source
-from svidgate.identity.sources.base import IdentitySource
+from svidgate.identity.sources.base import IdentitySource, TemplatedSvids
+from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
 from svidgate.peercred import PeerCredFront, PeerRegistry
@@ -700,7 +703,7 @@ class Server:
         snapshot = self.source.feed.current()
         if self.config.trust_domain not in snapshot.bundles:
             return False, f"no bundle for the own trust domain {self.config.trust_domain} yet"
-        if self.config.workloads and not snapshot.svids:
+        if any(not w.templated for w in self.config.workloads) and not snapshot.svids:
             return False, "no X.509-SVID loaded yet"
         # A federated trust domain whose endpoint is down does not make this node useless for its own
         # workloads, so it is reported but does not hold readiness (a DaemonSet rollout would stall on it).
@@ -893,7 +896,13 @@ class Server:
             ) from None
         if port == 0:
             raise ListenerError(f"listen.{name} {address}: cannot bind the inner socket {inner}")
-        front = PeerCredFront(Path(address.path), inner, peers, mode=self.settings.socket_mode)
+        front = PeerCredFront(
+            Path(address.path),
+            inner,
+            peers,
+            mode=self.settings.socket_mode,
+            attest=self.services.attest if self.services is not None else None,
+        )
         try:
             await front.start()
         except SvidgateError as exc:
@@ -1033,8 +1042,9 @@ class Server:
         """Re-read, validate and apply the config file; keep the configuration in force on any error.
 
         What can change live: ``authz`` (policies swapped atomically), ``workloads`` (entitlements of SDS,
-        Workload API and token injection), ``log``. Listeners, trust domain, state directory, source and CA
-        settings need a restart; a change there is reported and ignored.
+        Workload API and token injection), ``kubernetes`` (for connections made after the reload), ``log``.
+        Listeners, trust domain, state directory, source and CA settings need a restart; a change there is
+        reported and ignored.
 
         Args:
             trigger: ``SIGHUP``, ``file_change`` or ``requested`` (for the log line).
@@ -1175,13 +1185,19 @@ class Services:
 
     def __init__(self, config: Config, source: IdentitySource, metrics: Metrics, clock: Clock) -> None:
         self.source = source
+        self._metrics = metrics
         self.peers = PeerRegistry()
+        self._kubernetes: KubernetesConfig | None = None
+        self._attestor: KubernetesAttestor | None = None
+        self._set_kubernetes(config)
+        # Only the built-in CA can mint an SVID per pod (config refuses templates with other sources).
+        templated: TemplatedSvids | None = source if isinstance(source, BuiltinSource) else None
         self.policies = PolicyHolder(config.authz)
         self.injector = TokenInjector(source.mint_jwt_svid, config.workloads, clock)
         self.authz = AuthorizationServicer(
             source.feed, self.policies, metrics, clock, injector=self.injector, peers=self.peers.lookup
         )
-        self.sds = build_sds(config, source, self.peers, metrics, clock)
+        self.sds = build_sds(config, source, self.peers, metrics, clock, templated)
         # The SPIRE source mints over gRPC: the Workload API servicer awaits its async variant so that a cache
         # miss never blocks the event loop.
         mint: MintJwtSvid = source.fetch_jwt_svid if isinstance(source, SpireSource) else source.mint_jwt_svid
@@ -1193,7 +1209,20 @@ class Services:
             metrics,
             clock,
             leeway=config.authz.leeway,
+            templated=templated,
         )
+
+    async def attest(self, caller: CallerInfo) -> CallerInfo:
+        """Kubernetes attestation of a unix-socket caller, when a workload has a `k8s:` selector (the
+        peercred fronts run this on every connection)."""
+        attestor = self._attestor
+        return caller if attestor is None else await attestor.attest(caller)
+
+    def _set_kubernetes(self, config: Config) -> None:
+        wanted = config.kubernetes if config.attests_kubernetes else None
+        if wanted != self._kubernetes or (wanted is not None and self._attestor is None):
+            self._kubernetes = wanted
+            self._attestor = None if wanted is None else KubernetesAttestor(wanted, self._metrics)
 
     def add_main(self, server: grpc.aio.Server, *, separate_check: bool) -> list[str]:
         """SDS (and Check unless it has its own listener) on the ``listen.grpc`` server.
@@ -1237,6 +1266,7 @@ class Services:
             self.injector.swap_workloads(workloads)
             self.workload_api.set_workloads(workloads)
             self.sds.update_workloads(workloads)
+            self._set_kubernetes(new)
 
         return apply
 
@@ -1247,7 +1277,12 @@ def build_services(config: Config, source: IdentitySource, metrics: Metrics, clo
 
 
 def build_sds(
-    config: Config, source: IdentitySource, peers: PeerRegistry, metrics: Metrics, clock: Clock
+    config: Config,
+    source: IdentitySource,
+    peers: PeerRegistry,
+    metrics: Metrics,
+    clock: Clock,
+    templated: TemplatedSvids | None = None,
 ) -> SecretDiscoveryServicer:
     """The SDS servicer."""
     return SecretDiscoveryServicer(
@@ -1258,6 +1293,7 @@ def build_sds(
         peers=peers,
         metrics=metrics,
         clock=clock,
+        templated=templated,
     )
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from svidgate.identity.jwtsvid import JwtSvid
 from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId
+
+if TYPE_CHECKING:
+    from svidgate.config import Workload
 
 
 class IdentitySource(Protocol):
@@ -34,4 +37,23 @@ class IdentitySource(Protocol):
 
     def refresh(self) -> bool:
         """Do one step synchronously at the clock's current time; True when a new snapshot was published."""
+        ...
+
+
+class TemplatedSvids(Protocol):
+    """Mints SVIDs of templated workloads on demand (the built-in source).
+
+    A service holds the filled-in ID for as long as it serves it to a caller, and releases it after.
+    """
+
+    async def acquire(self, spiffe_id: SpiffeId, workload: Workload) -> None:
+        """Hold `spiffe_id`; returns once the current snapshot has its SVID.
+
+        Raises:
+            SourceError: it cannot be minted now (the hold is kept; release it anyway).
+        """
+        ...
+
+    def release(self, spiffe_id: SpiffeId) -> None:
+        """Drop one hold taken with `acquire`."""
         ...

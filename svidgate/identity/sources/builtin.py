@@ -5,15 +5,22 @@ may cap a lifetime at its own notAfter, so the half-life is computed from the ce
 configured TTL), and all of them are re-minted when the CA's signing authority changes. The CA's rotation is
 driven from here (`BuiltinCa.rotate_if_due`). A new snapshot is published only when an SVID or a bundle
 actually changed, so subscribers are never woken for nothing.
+
+Templated workloads (``spiffe://td/ns/{k8s:ns}/sa/{k8s:sa}``) have no SVID until a caller they entitle asks:
+the services `acquire` the filled-in ID for as long as a stream serves it (the first acquire mints it, off the
+event loop) and `release` it when the stream ends. An SVID that is held is rotated like every other; one that
+no stream has held for `TEMPLATED_IDLE` seconds is dropped, so memory follows the pods that are actually
+running on the node, not every pod that ever ran.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from svidgate.config import Workload
 from svidgate.errors import CaError, JwtSvidError, SourceError, SvidgateError
@@ -35,8 +42,21 @@ MAX_SLEEP = 60.0
 RETRY_AFTER = 5.0
 #: JWT-SVIDs minted for the same (ID, audience) are reused until half their lifetime; bounded cache.
 JWT_CACHE_SIZE = 1024
+#: A templated SVID that no stream holds is dropped after this long. Long enough that an Envoy restarting (or
+#: reconnecting after a svidgate reload) gets the same SVID back instead of a fresh mint; short enough that a
+#: node churning through thousands of short-lived pods holds only the recent ones.
+TEMPLATED_IDLE = 300.0
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Held:
+    """A templated SVID that streams hold (`leases` > 0) or held until `idle_since`."""
+
+    workload: Workload
+    leases: int
+    idle_since: float | None = None
 
 
 class BuiltinSource:
@@ -73,9 +93,14 @@ class BuiltinSource:
         self._jwt_ttl = jwt_svid_ttl
         self._sleep = sleep
         # One SVID per SPIFFE ID; config guarantees that duplicate entries agree on DNS names and hint.
-        self._workloads: dict[SpiffeId, Workload] = {}
-        for workload in workloads:
-            self._workloads.setdefault(workload.spiffe_id, workload)
+        self._workloads = _static(workloads)
+        # Templated SVIDs in use (`acquire`/`release` on the event loop, read by steps in a worker thread).
+        self._held: dict[SpiffeId, _Held] = {}
+        self._held_lock = threading.Lock()
+        # Guards `_svids` against a snapshot copy on the event loop while a worker thread mints (held only for
+        # a dict assignment or copy, never across minting or network I/O).
+        self._svids_lock = threading.Lock()
+        self._pending_publish: asyncio.Future[None] | None = None
         self._svids: dict[SpiffeId, X509Svid] = {}
         self._due: dict[SpiffeId, float] = {}
         self._signing_cert = ca.current.certificate
@@ -116,21 +141,27 @@ class BuiltinSource:
         Returns:
             True when a new snapshot was published.
         """
-        updated: dict[SpiffeId, Workload] = {}
-        for workload in workloads:
-            updated.setdefault(workload.spiffe_id, workload)
+        updated = _static(workloads)
         with self._step_lock:
             previous, self._workloads = self._workloads, updated
-            removed = [spiffe_id for spiffe_id in self._svids if spiffe_id not in updated]
+            with self._held_lock:
+                held = set(self._held)
+            # Templated SVIDs are not configured IDs: they go when their streams (re-evaluated against the new
+            # workloads by the services) release them.
+            removed = [i for i in self._svids if i not in updated and i not in held]
+            with self._svids_lock:
+                for spiffe_id in removed:
+                    del self._svids[spiffe_id]
             for spiffe_id in removed:
-                del self._svids[spiffe_id]
                 self._due.pop(spiffe_id, None)
             for spiffe_id, workload in updated.items():
                 old = previous.get(spiffe_id)
                 if old is not None and (old.dns_names, old.hint) != (workload.dns_names, workload.hint):
                     self._due[spiffe_id] = float("-inf")
             with self._jwt_lock:
-                self._jwt_cache = {k: v for k, v in self._jwt_cache.items() if k[0] in updated}
+                self._jwt_cache = {
+                    k: v for k, v in self._jwt_cache.items() if k[0] in updated or k[0] in held
+                }
         if self.refresh():
             return True
         if removed:
@@ -149,11 +180,81 @@ class BuiltinSource:
         )
 
     def next_due(self) -> float:
-        """The clock time of the next scheduled change (SVID half-life, CA rotation step, bundle check)."""
+        """The clock time of the next scheduled change (SVID half-life, CA rotation step, bundle check, a
+        templated SVID's idle expiry)."""
         current = self._ca.current
         ca_due = current.lifetime_point(PREPARE_AT if self._ca.next is None else ACTIVATE_AT)
         federation_due = self._federation.next_due() if self._federation is not None else float("inf")
-        return min([ca_due, federation_due, *self._due.values()])
+        with self._held_lock:
+            idle_due = [
+                h.idle_since + TEMPLATED_IDLE for h in self._held.values() if h.idle_since is not None
+            ]
+        return min([ca_due, federation_due, *self._due.values(), *idle_due])
+
+    @property
+    def templated_svids(self) -> int:
+        """How many templated SVIDs are held or idle (not yet dropped)."""
+        with self._held_lock:
+            return len(self._held)
+
+    async def acquire(self, spiffe_id: SpiffeId, workload: Workload) -> None:
+        """Hold the templated SVID `spiffe_id` (filled from `workload`'s template) until `release`.
+
+        The first holder mints it in a worker thread and returns once a snapshot holding it is published, so
+        the caller can resolve it at once. Call from the event loop.
+
+        Raises:
+            SourceError: it cannot be minted (the lease is kept: a later step retries, and `release` is
+                still owed).
+        """
+        with self._held_lock:
+            held = self._held.get(spiffe_id)
+            if held is None:
+                self._held[spiffe_id] = _Held(workload, 1)
+            else:
+                held.leases += 1
+                held.idle_since = None
+        if spiffe_id in self.feed.current().svids:
+            return
+        try:
+            await asyncio.to_thread(self._mint_held, spiffe_id)
+        except SvidgateError as exc:
+            raise SourceError(f"cannot mint {spiffe_id}: {exc}") from None
+        if spiffe_id not in self.feed.current().svids:
+            await self._publish_soon()
+
+    def release(self, spiffe_id: SpiffeId) -> None:
+        """Drop one hold on a templated SVID (it stays for `TEMPLATED_IDLE` after the last). Event loop."""
+        with self._held_lock:
+            held = self._held.get(spiffe_id)
+            if held is not None and held.leases > 0:
+                held.leases -= 1
+                if held.leases == 0:
+                    held.idle_since = self._clock()
+
+    def _mint_held(self, spiffe_id: SpiffeId) -> None:
+        with self._step_lock:
+            with self._held_lock:
+                held = self._held.get(spiffe_id)
+            if held is None or spiffe_id in self._svids:
+                return
+            self._mint(spiffe_id, held.workload, self._clock())
+            log.info("source.templated_svid_minted", extra={"fields": {"spiffe_id": str(spiffe_id)}})
+
+    async def _publish_soon(self) -> None:
+        """Publish once for every mint that finishes in the same loop iteration (a rollout of many pods
+        wakes every stream once per snapshot, not once per pod), and wait for it."""
+        if self._pending_publish is None:
+            loop = asyncio.get_running_loop()
+            self._pending_publish = loop.create_future()
+            loop.call_soon(self._publish_pending)
+        await asyncio.shield(self._pending_publish)
+
+    def _publish_pending(self) -> None:
+        pending, self._pending_publish = self._pending_publish, None
+        self._publish()
+        if pending is not None and not pending.done():
+            pending.set_result(None)
 
     async def run(self) -> None:
         """Call `refresh()` whenever something is due, until cancelled.
@@ -180,8 +281,13 @@ class BuiltinSource:
         Raises:
             SourceError: the ID is not a configured workload, the audience is empty, or minting fails.
         """
-        if spiffe_id not in self._workloads:
-            raise SourceError(f"{spiffe_id} is not a configured workload of the built-in source")
+        with self._held_lock:
+            held = spiffe_id in self._held
+        if spiffe_id not in self._workloads and not held:
+            raise SourceError(
+                f"{spiffe_id} is not a configured workload of the built-in source "
+                "(nor a templated one in use)"
+            )
         if not audience:
             raise SourceError("a JWT-SVID needs at least one audience")
         key = (spiffe_id, tuple(audience))
@@ -225,14 +331,26 @@ class BuiltinSource:
             with self._jwt_lock:
                 self._jwt_cache.clear()
         now = self._clock()
-        for spiffe_id, workload in self._workloads.items():
+        with self._held_lock:
+            idle = [
+                spiffe_id
+                for spiffe_id, held in self._held.items()
+                if held.idle_since is not None and now >= held.idle_since + TEMPLATED_IDLE
+            ]
+            for spiffe_id in idle:
+                del self._held[spiffe_id]
+            held_workloads = {spiffe_id: held.workload for spiffe_id, held in self._held.items()}
+        for spiffe_id in idle:
+            if spiffe_id not in self._workloads and spiffe_id in self._svids:
+                with self._svids_lock:
+                    del self._svids[spiffe_id]
+                self._due.pop(spiffe_id, None)
+                changed = True
+                log.info("source.templated_svid_dropped", extra={"fields": {"spiffe_id": str(spiffe_id)}})
+        for spiffe_id, workload in itertools.chain(self._workloads.items(), held_workloads.items()):
             if spiffe_id in self._svids and now < self._due[spiffe_id]:
                 continue
-            svid = self._ca.mint_x509_svid(spiffe_id, self._x509_ttl, workload.dns_names)
-            if workload.hint:
-                svid = replace(svid, hint=workload.hint)
-            self._svids[spiffe_id] = svid
-            self._due[spiffe_id] = now + (svid.expires_at - now) / 2
+            svid = self._mint(spiffe_id, workload, now)
             changed = True
             if not initial:
                 log.info(
@@ -243,6 +361,15 @@ class BuiltinSource:
             changed |= self._federation.refresh(self._own_bundles())
         return changed
 
+    def _mint(self, spiffe_id: SpiffeId, workload: Workload, now: float) -> X509Svid:
+        svid = self._ca.mint_x509_svid(spiffe_id, self._x509_ttl, workload.dns_names)
+        if workload.hint:
+            svid = replace(svid, hint=workload.hint)
+        with self._svids_lock:
+            self._svids[spiffe_id] = svid
+        self._due[spiffe_id] = now + (svid.expires_at - now) / 2
+        return svid
+
     def _own_bundles(self) -> Mapping[TrustDomain, Bundle]:
         return {self._ca.trust_domain: self._ca.bundle()}
 
@@ -251,4 +378,15 @@ class BuiltinSource:
         if self._federation is not None:
             bundles.update(self._federation.bundles())
         bundles.update(self._own_bundles())
-        return IdentitySnapshot(svids=dict(self._svids), bundles=bundles, version=version)
+        with self._svids_lock:
+            svids = dict(self._svids)
+        return IdentitySnapshot(svids=svids, bundles=bundles, version=version)
+
+
+def _static(workloads: Sequence[Workload]) -> dict[SpiffeId, Workload]:
+    """The configured (not templated) workloads by SPIFFE ID, the first entry of an ID winning."""
+    static: dict[SpiffeId, Workload] = {}
+    for workload in workloads:
+        if isinstance(workload.spiffe_id, SpiffeId):
+            static.setdefault(workload.spiffe_id, workload)
+    return static
