@@ -1,7 +1,7 @@
 """Kubernetes attestation for real: processes in kubelet-named cgroups, a kubelet over verified HTTPS.
 
-Each test moves a real process into a cgroup named as the kubelet names a pod container's (both drivers, cgroup
-v1 and v2), serves a PodList from `FakeKubelet` (bearer token checked, TLS verified through
+Each test moves a real process into a cgroup named as the kubelet names a pod container's (both drivers,
+cgroup v1 and v2), serves a PodList from `FakeKubelet` (bearer token checked, TLS verified through
 `kubelet_ca_file`) and asks `KubernetesAttestor` who the process is.
 """
 
@@ -130,7 +130,8 @@ async def test_init_container_is_matched_too(kubelet: FakeKubelet, sleeper: subp
             )
         ]
         caller = await attestor(kubelet)[0].attest(caller_of(sleeper))
-    assert caller.k8s is not None and caller.k8s.container_name == "setup"
+    assert caller.k8s is not None
+    assert caller.k8s.container_name == "setup"
 
 
 async def test_process_outside_any_pod_is_not_attested(
@@ -167,7 +168,9 @@ async def test_new_pod_is_found_by_refreshing_on_a_miss_and_hits_are_cached(
         with PodCgroup(V1_HIERARCHY) as first_cgroup, PodCgroup(V1_HIERARCHY) as second_cgroup:
             first_cgroup.add(sleeper.pid)
             second_cgroup.add(second.pid)
-            kubelet.pods = [pod(uid=first_cgroup.pod_uid, name="a", containers=[("c", "i", first_cgroup.container_id)])]
+            kubelet.pods = [
+                pod(uid=first_cgroup.pod_uid, name="a", containers=[("c", "i", first_cgroup.container_id)])
+            ]
             attest, _ = attestor(kubelet)
             assert (await attest.attest(caller_of(sleeper))).k8s is not None
             assert (await attest.attest(caller_of(sleeper))).k8s is not None
@@ -176,7 +179,8 @@ async def test_new_pod_is_found_by_refreshing_on_a_miss_and_hits_are_cached(
                 pod(uid=second_cgroup.pod_uid, name="b", containers=[("c", "i", second_cgroup.container_id)])
             )
             caller = await attest.attest(caller_of(second))
-            assert caller.k8s is not None and caller.k8s.pod_name == "b"
+            assert caller.k8s is not None
+            assert caller.k8s.pod_name == "b"
             assert kubelet.requests == 2
     finally:
         second.kill()
