@@ -175,7 +175,7 @@ class Selector:
             )
         if type_ == "unix" and not (value.isascii() and value.isdigit()):
             raise ConfigError(f"{text!r}: unix:{key} takes a numeric id")
-        if key == "pod-label" and not value.partition(":")[0]:
+        if key == "pod-label" and (":" not in value or not value.partition(":")[0]):
             raise ConfigError(f"{text!r}: k8s:pod-label takes <label key>:<label value>")
         return cls(type_, key, value)
 
