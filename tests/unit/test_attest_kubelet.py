@@ -1,4 +1,4 @@
-"""The kubelet pod list: parsing (pure) and the cache's refresh-on-miss rules (fake fetch, clock and sleep)."""
+"""The kubelet pod list: parsing (pure) and the cache's refresh-on-miss rules (fake fetch, clock, sleep)."""
 
 from __future__ import annotations
 

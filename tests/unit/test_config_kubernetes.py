@@ -63,7 +63,8 @@ def test_skipping_kubelet_verification_is_explicit_and_warned() -> None:
             "workloads[0].selectors: a templated spiffe_id needs at least one k8s: selector",
         ),
         (
-            "workloads: [{spiffe_id: 'spiffe://svidgate.local/ns/{k8s:namespace}', selectors: ['k8s:ns:a']}]\n",
+            "workloads: [{spiffe_id: 'spiffe://svidgate.local/ns/{k8s:namespace}', "
+            "selectors: ['k8s:ns:a']}]\n",
             "workloads[0].spiffe_id: 'spiffe://svidgate.local/ns/{k8s:namespace}': unknown placeholder",
         ),
         (
