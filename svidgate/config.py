@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 
 import yaml
 
+from svidgate.canonical import canonical_host, normalize_path
 from svidgate.errors import ConfigError, SpiffeIdError
 from svidgate.identity.entitlement import KubernetesWorkload
 from svidgate.identity.keys import KeyType
@@ -332,20 +333,6 @@ class AllowRule:
             return None
         return TrustDomain.parse(self.value[:-2] if self.kind == "glob" else self.value)
 
-    def matches(self, spiffe_id: SpiffeId) -> bool:
-        """True when `spiffe_id` is allowed by this rule."""
-        if self.kind == "any":
-            return True
-        if self.kind == "id":
-            return str(spiffe_id) == self.value
-        if self.kind == "trust_domain":
-            return str(spiffe_id.trust_domain.id) == self.value
-        # glob: "spiffe://td/a/*" -> the ID starts with "spiffe://td/a/" and has a non-empty rest; SpiffeId
-        # already forbids empty segments, so "non-empty rest" means at least one more whole segment.
-        prefix = self.value[:-1]
-        text = str(spiffe_id)
-        return text.startswith(prefix) and len(text) > len(prefix)
-
     def __str__(self) -> str:
         return self.value
 
@@ -398,10 +385,6 @@ class Policy:
     inject_audience: str | None = None
     inject_spiffe_id: SpiffeId | None = None
     inject_allow_unverified_callers: bool = False
-
-    def allows(self, spiffe_id: SpiffeId) -> bool:
-        """True when any `allow` rule matches the (already validated) subject."""
-        return any(rule.matches(spiffe_id) for rule in self.allow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1423,6 +1406,8 @@ class _Parser:
         else:
             if allow:
                 raise ConfigError(f"{path}.allow: has no effect with mode: inject (the caller is local)")
+            if section.get("dry_run"):
+                raise ConfigError(f"{path}.dry_run: inject mode has nothing to dry-run")
             if inject_audience is None:
                 if len(audiences) != 1:
                     raise ConfigError(
@@ -1465,10 +1450,8 @@ class _Parser:
         section = _mapping(
             value, path, ("hosts", "path_prefix", "path_exact", "path_regex", "methods", "context_extensions")
         )
-        # Imported here, not at the top: the matcher imports this module's types. Validating with the very
-        # functions a Check uses means `check-config` refuses what could never match.
-        from svidgate.extauthz.policy import canonical_host, normalize_path
-
+        # Validating with the very functions a Check matches with (svidgate.canonical) means `check-config`
+        # refuses what could never match.
         raw_hosts = _str_list(section.get("hosts"), f"{path}.hosts")
         for j, host in enumerate(raw_hosts):
             bare = host[2:] if host.startswith("*.") else host

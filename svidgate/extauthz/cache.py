@@ -17,8 +17,6 @@ Why an entry is trusted on a hit, and when it is not:
 
 from __future__ import annotations
 
-import base64
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
@@ -44,18 +42,6 @@ class _Entry:
     kid: str
     bundle: Bundle
     key: PublicKeyTypes
-
-
-def _kid_of(token: str) -> str | None:
-    # Only called after the validator accepted the token, so the header is canonical base64url JSON with a
-    # string `kid`; anything unexpected just means "do not cache".
-    try:
-        segment = token[: token.index(".")]
-        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, TypeError):
-        return None
-    kid = header.get("kid") if isinstance(header, dict) else None
-    return kid if isinstance(kid, str) else None
 
 
 class TokenCache:
@@ -124,10 +110,11 @@ class TokenCache:
         """
         if self.max_entries <= 0 or now >= svid.expiry:
             return
-        kid = _kid_of(svid.token)
+        # The kid the validator selected the key by; a JwtSvid not parsed here has none and is not cached.
+        kid = svid.key_id
         bundle = bundles.get(svid.spiffe_id.trust_domain)
-        key = None if bundle is None or kid is None else bundle.jwt_authorities.get(kid)
-        if bundle is None or kid is None or key is None:
+        key = None if bundle is None or not kid else bundle.jwt_authorities.get(kid)
+        if bundle is None or key is None:
             return
         with self._lock:
             self._entries[svid.token] = _Entry(svid, kid, bundle, key)
@@ -150,8 +137,8 @@ class TokenCache:
         Args:
             token: the compact JWS.
             bundles: the current trust bundles.
-            audiences: the token must carry at least one of these (never empty here: policies that require a
-                token must name an audience, see `policy.compile_policy`).
+            audiences: the token must carry at least one of these (never empty here: the configuration
+                refuses a policy that requires a token and names no audience).
             now: the current time.
             leeway: the validator's clock-skew leeway.
             precheck: called with `token` on a miss only, before validation (it raises to refuse): checks

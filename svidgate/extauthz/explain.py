@@ -1,6 +1,6 @@
 """``svidgate explain``: the decision svidgate would make for a request, and why, computed offline.
 
-Runs exactly the code a Check runs (`policy.CompiledAuthz.select`, `token.extract_token`,
+Runs exactly the code a Check runs (`policy.CompiledPolicy.mismatch`, `token.extract_token`,
 `identity.jwtsvid.validate_jwt_svid`, `decision.decide`), minus the cache and gRPC, and says in plain text
 which policies did not match and why, what the token claims, and what Envoy would be told. The token itself is
 never printed (only its claims), so the output can be pasted into a ticket.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from svidgate.errors import JwtSvidError, SvidgateError
 from svidgate.extauthz.decision import Decision, decide
-from svidgate.extauthz.policy import CompiledPolicy, canonical_host, compile_authz, normalize_path
+from svidgate.extauthz.policy import canonical_host, compile_authz, normalize_path
 from svidgate.extauthz.token import TokenError, extract_token
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure, validate_jwt_svid
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from svidgate.identity.bundle import Bundle
     from svidgate.identity.spiffe_id import TrustDomain
 
-__all__ = ["explain", "mismatch"]
+__all__ = ["explain"]
 
 _EXPLANATIONS = {
     "missing_token": "the request carries no token",
@@ -40,41 +40,6 @@ _EXPLANATIONS = {
     "default_allow": "no policy matches and authz.default is allow",
     "allowed": "the token is valid and its subject is allowed",
 }
-
-
-def mismatch(
-    policy: CompiledPolicy, host: str, path: str, method: str, extensions: Mapping[str, str]
-) -> str | None:
-    """Why a policy does not match a request, or None when it matches.
-
-    Args:
-        policy: the compiled policy.
-        host: the normalised host.
-        path: the path without query.
-        method: the request method.
-        extensions: the request's context extensions.
-
-    Returns:
-        The first condition that fails, in words.
-    """
-    if (
-        not policy.any_host
-        and host not in policy.exact_hosts
-        and not any(host.endswith(s) for s in policy.host_suffixes)
-    ):
-        return f"host {host!r} is not one of {sorted(policy.policy.match.hosts)}"
-    if policy.path_exact is not None and path != policy.path_exact:
-        return f"path {path!r} is not {policy.path_exact!r}"
-    if policy.path_prefix is not None and not path.startswith(policy.path_prefix):
-        return f"path {path!r} does not start with {policy.path_prefix!r}"
-    if policy.path_regex is not None and policy.path_regex.fullmatch(path) is None:
-        return f"path {path!r} does not match the regex {policy.path_regex.pattern!r}"
-    if policy.methods and method.upper() not in policy.methods:
-        return f"method {method.upper()} is not one of {sorted(policy.methods)}"
-    for key, value in policy.context_extensions:
-        if extensions.get(key) != value:
-            return f"context_extensions[{key!r}] is {extensions.get(key)!r}, not {value!r}"
-    return None
 
 
 def _when(epoch: float, now: float) -> str:
@@ -134,7 +99,7 @@ def explain(
         )
     else:
         for index, candidate in enumerate(compiled.policies):
-            why_not = mismatch(candidate, n_host, n_path, method, extensions)
+            why_not = candidate.mismatch(n_host, n_path, method, extensions)
             if why_not is None:
                 policy = candidate
                 lines.append(f"policy:   {candidate.name!r} (authz.policies[{index}]) matches")

@@ -1,7 +1,10 @@
 """Policy matching: which `authz.policies[]` entry applies to a request, and whether a subject is allowed.
 
 Pure: config values in, compiled matchers out; no gRPC, no I/O. Policies are compiled once per config load
-(`compile_authz`) so that a Check does set lookups and string comparisons only.
+(`compile_authz`) so that a Check does set lookups and string comparisons only. The configuration validated
+every value (`svidgate.config`); compiling never rejects anything, it only prepares. Each rule is written
+once: `CompiledPolicy.mismatch` is the only request-matching code (Check selects with it, ``svidgate
+explain`` prints its reasons) and `SubjectMatcher.allows` the only subject-matching code.
 
 Matching rules (documented for operators in the configuration reference):
 
@@ -28,22 +31,21 @@ Matching rules (documented for operators in the configuration reference):
   the configured value (a route names its policy with ``context_extensions: {policy: payments}``).
 - An empty ``match`` matches every request. The first policy that matches wins.
 
-Subject rules (``allow``, parsed by `svidgate.config.AllowRule`, evaluated here with the same semantics as
-`AllowRule.matches`): an exact SPIFFE ID; ``spiffe://td/a/*`` for every ID under ``/a/`` (one or more further
-segments; ``*`` only as the whole last segment); ``spiffe://td`` for every identity of a trust domain; ``*``
-for any SPIFFE ID whose token validated against a bundle svidgate holds.
+Subject rules (``allow``, parsed and validated by `svidgate.config.AllowRule`, evaluated here): an exact
+SPIFFE ID; ``spiffe://td/a/*`` for every ID under ``/a/`` (one or more further segments; ``*`` only as the
+whole last segment); ``spiffe://td`` for every identity of a trust domain; ``*`` for any SPIFFE ID whose token
+validated against a bundle svidgate holds.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from svidgate.canonical import canonical_host, normalize_host, normalize_path, strip_query
 from svidgate.config import Policy
-from svidgate.errors import ConfigError
 
 if TYPE_CHECKING:
     from svidgate.config import AllowRule, AuthzConfig
@@ -72,162 +74,6 @@ _UNSET: Final = object()
 #: configured policy name ('/'), so it cannot collide with one.
 AMBIGUOUS_REQUEST: Final = "svidgate/ambiguous_request"
 
-# RFC 3986 2.3 unreserved characters: percent-decoding them never changes what a URI means (6.2.2.2).
-_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX: Final = frozenset("0123456789abcdefABCDEF")
-# Decoded or raw, these mean different things to different backends (a segment separator, a path parameter,
-# a string terminator): a path containing them has no single reading.
-_AMBIGUOUS_CHARS: Final = frozenset("/\\;")
-# A path that is already canonical: segments of plain characters, none of them "." or "..". Most requests are
-# like this, and a fullmatch is much cheaper than the general algorithm below.
-_CANONICAL_PATH = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~!$&'()*+,=:@-]+)*/?")
-_PORT = re.compile(r"[0-9]{0,5}")
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-
-
-def normalize_host(host: str) -> str:
-    """Lower-case a Host/:authority value and strip its port and trailing dot (``[::1]:80`` -> ``::1``).
-
-    Lenient, for display (``svidgate explain``); matching uses the strict `canonical_host`.
-
-    Args:
-        host: the request's host as Envoy sends it.
-
-    Returns:
-        The bare host name or address.
-    """
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[1:end] if end > 0 else host
-    colon = host.rfind(":")
-    # One colon is a port; more than one is a bare IPv6 address, which carries no port without brackets.
-    if colon >= 0 and host.find(":") == colon:
-        host = host[:colon]
-    return host.rstrip(".")
-
-
-def canonical_host(host: str) -> str | None:
-    """The host a Host/:authority value names, in the form policies are compared in, or None if unsafe.
-
-    ASCII only, lower-cased, port and one trailing dot stripped, IPv6 literals in their compressed form.
-    Non-ASCII is refused rather than case-folded: ``str.lower`` maps the Kelvin sign to ``k`` and leaves
-    full-width dots alone, so a Unicode host could compare equal to a name it is not (IDNA 2008 maps such
-    characters; Envoy does not, and neither do we). Anything that is not a DNS name or IP literal with an
-    optional numeric port (``evil.com:80@good``, ``a..b``, ``host:port:x``) is refused too.
-
-    Args:
-        host: the request's host as Envoy sends it.
-
-    Returns:
-        The canonical host ("" when the request has none), or None when it has no single safe reading.
-    """
-    host = host.strip()
-    if not host:
-        return ""
-    if not host.isascii():
-        return None
-    host = host.lower()
-    if host.startswith("["):
-        end = host.find("]")
-        rest = host[end + 1 :]
-        if end < 0 or (rest and (rest[0] != ":" or _PORT.fullmatch(rest[1:]) is None)):
-            return None
-        return _ipv6(host[1:end])
-    if host.count(":") > 1:
-        return _ipv6(host)  # a bare IPv6 address (no port without brackets)
-    name, _, port = host.partition(":")
-    if _PORT.fullmatch(port) is None:
-        return None
-    if name.endswith("."):
-        name = name[:-1]
-    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
-        return None
-    return name
-
-
-def _ipv6(text: str) -> str | None:
-    if "%" in text:
-        return None  # a zone ID ("fe80::1%eth0") names an interface of the client's host, not a server
-    try:
-        return ipaddress.IPv6Address(text).compressed
-    except ValueError:
-        return None
-
-
-def normalize_path(path: str) -> str | None:
-    """A request target's path in canonical form (what Envoy routes on with ``normalize_path`` and
-    ``merge_slashes``), or None when it has no single safe reading.
-
-    Query and fragment are cut; percent-encoded unreserved characters are decoded and other escapes
-    upper-cased (RFC 3986 6.2.2); runs of slashes become one; ``.`` and ``..`` segments are removed (RFC 3986
-    5.2.4). An empty path is ``/``. Refused: an encoded ``/``, ``\\`` or ``;`` (``%2F``, ``%5C``, ``%3B``),
-    a raw ``\\`` or ``;``, control characters (raw or encoded), raw spaces, non-ASCII, broken escapes, and
-    a path that does not start with ``/`` (``*``, absolute-form).
-
-    Args:
-        path: the request target (``:path``) as Envoy sends it.
-
-    Returns:
-        The canonical path, or None.
-    """
-    path = strip_query(path)
-    if _CANONICAL_PATH.fullmatch(path) is not None and "//" not in path:
-        return path or "/"
-    if not path.startswith("/") or not path.isascii():
-        return None
-    out: list[str] = []
-    i, n = 0, len(path)
-    while i < n:
-        char = path[i]
-        if char == "%":
-            digits = path[i + 1 : i + 3]
-            if len(digits) != 2 or not _HEX.issuperset(digits):
-                return None
-            decoded = chr(int(digits, 16))
-            if decoded in _UNRESERVED:
-                out.append(decoded)
-            elif decoded in _AMBIGUOUS_CHARS or decoded < " " or decoded == "\x7f":
-                return None
-            else:
-                out.append("%" + digits.upper())
-            i += 3
-            continue
-        if (char in _AMBIGUOUS_CHARS and char != "/") or char <= " " or char == "\x7f":
-            return None
-        out.append(char)
-        i += 1
-    merged = re.sub(r"/{2,}", "/", "".join(out))
-    return _remove_dot_segments(merged)
-
-
-def _remove_dot_segments(path: str) -> str:
-    """RFC 3986 5.2.4 for an absolute path (starts with "/", no empty segments but a trailing one)."""
-    segments = path.split("/")[1:]
-    kept: list[str] = []
-    for segment in segments:
-        if segment == ".":
-            continue
-        if segment == "..":
-            if kept:
-                kept.pop()
-            continue
-        kept.append(segment)
-    result = "/" + "/".join(kept)
-    # "/a/b/.." is "/a/": a final dot segment leaves the directory, with its slash.
-    if segments[-1] in (".", "..") and not result.endswith("/"):
-        result += "/"
-    return result
-
-
-def strip_query(path: str) -> str:
-    """The path of a request target without its query string and fragment."""
-    for sep in ("?", "#"):
-        cut = path.find(sep)
-        if cut >= 0:
-            path = path[:cut]
-    return path
-
 
 @dataclass(frozen=True, slots=True)
 class SubjectMatcher:
@@ -246,32 +92,24 @@ class SubjectMatcher:
     prefixes: tuple[str, ...]
 
     @classmethod
-    def compile(cls, rules: Sequence[AllowRule], where: str) -> SubjectMatcher:
-        """Compile ``allow`` rules.
+    def compile(cls, rules: Sequence[AllowRule]) -> SubjectMatcher:
+        """Compile ``allow`` rules (validated by `AllowRule.parse`).
 
         Args:
             rules: the config's rules, in order (order does not matter for allow rules).
-            where: the config path for error messages (``authz.policies[2].allow``).
 
         Returns:
             The matcher.
-
-        Raises:
-            ConfigError: a rule value is not a SPIFFE ID, trust domain ID, glob or ``*``.
         """
         any_id = False
         ids: set[str] = set()
         trust_domains: set[str] = set()
         prefixes: list[str] = []
-        for index, rule in enumerate(rules):
+        for rule in rules:
             kind, value = rule.kind, rule.value
             if kind == "any":
                 any_id = True
-            elif not value.startswith(_SPIFFE):
-                raise ConfigError(f"{where}[{index}]: {value!r} is not a SPIFFE ID, glob or '*'")
             elif kind == "glob":
-                if not value.endswith("/*") or "*" in value[:-2]:
-                    raise ConfigError(f"{where}[{index}]: {value!r}: '*' only as the whole last segment")
                 prefixes.append(value[:-1])
             elif kind == "trust_domain":
                 trust_domains.add(value[len(_SPIFFE) :])
@@ -330,8 +168,13 @@ class CompiledPolicy:
     def name(self) -> str:
         return self.policy.name
 
-    def matches(self, host: str, path: str, method: str, context_extensions: Mapping[str, str]) -> bool:
-        """Whether a request matches this policy.
+    def mismatch(
+        self, host: str, path: str, method: str, context_extensions: Mapping[str, str]
+    ) -> str | None:
+        """Why a request does not match this policy, or None when it matches: the one matching rule.
+
+        Check tests the result against None; ``svidgate explain`` prints it. The words are built only for a
+        miss, and a miss of the first criterion that fails (as go-spiffe's matchers return an error).
 
         Args:
             host: the canonical host (`canonical_host`).
@@ -340,83 +183,55 @@ class CompiledPolicy:
             context_extensions: the route's context extensions from the CheckRequest.
 
         Returns:
-            True when every configured condition holds.
+            None when every configured condition holds, else the first condition that fails, in words.
         """
         if (
             not self.any_host
             and host not in self.exact_hosts
             and not any(host.endswith(suffix) for suffix in self.host_suffixes)
         ):
-            return False
+            return f"host {host!r} is not one of {sorted(self.policy.match.hosts)}"
         if self.path_exact is not None and path != self.path_exact:
-            return False
+            return f"path {path!r} is not {self.path_exact!r}"
         if self.path_prefix is not None and not path.startswith(self.path_prefix):
-            return False
+            return f"path {path!r} does not start with {self.path_prefix!r}"
         if self.path_regex is not None and self.path_regex.fullmatch(path) is None:
-            return False
+            return f"path {path!r} does not match the regex {self.path_regex.pattern!r}"
         if self.methods and method.upper() not in self.methods:
-            return False
-        return all(context_extensions.get(key) == value for key, value in self.context_extensions)
+            return f"method {method.upper()} is not one of {sorted(self.methods)}"
+        for key, value in self.context_extensions:
+            if context_extensions.get(key) != value:
+                return f"context_extensions[{key!r}] is {context_extensions.get(key)!r}, not {value!r}"
+        return None
 
 
-def compile_policy(policy: Policy, where: str) -> CompiledPolicy:
-    """Compile one configured policy.
+def compile_policy(policy: Policy) -> CompiledPolicy:
+    """Compile one configured policy (validated by the configuration: `svidgate.config`).
 
     Args:
         policy: the configured policy.
-        where: its config path (``authz.policies[2]``) for error messages.
 
     Returns:
         The compiled policy.
-
-    Raises:
-        ConfigError: a value the config loader let through cannot be used (a regex that does not compile, a
-            validate-mode policy that requires a token but names no audience: JWT-SVID.md 3 makes the audience
-            check mandatory, and an empty list would silently skip it).
     """
     match = policy.match
-    for key in ("path_prefix", "path_exact"):
-        configured: str | None = getattr(match, key)
-        if configured is not None and normalize_path(configured) != configured:
-            # Requests are compared in canonical form: a value that is not could never match (or would
-            # need an ambiguous request to).
-            canonical = normalize_path(configured)
-            hint = f"write {canonical!r}" if canonical else "it has no single reading"
-            raise ConfigError(f"{where}.match.{key}: {configured!r} is not a canonical path ({hint})")
     any_host = not match.hosts
     exact: set[str] = set()
     suffixes: list[str] = []
-    for index, host in enumerate(match.hosts):
-        if host.strip() == "*":
+    for host in match.hosts:
+        if host == "*":
             any_host = True
             continue
-        wildcard = host.strip().startswith("*.")
-        canonical = canonical_host(host.strip()[2:] if wildcard else host)
+        wildcard = host.startswith("*.")
+        # The configuration refused hosts without a canonical form; None here could only come from a Policy
+        # built in code, and then the host matches nothing (a policy that matches less fails closed).
+        canonical = canonical_host(host[2:] if wildcard else host)
         if not canonical:
-            raise ConfigError(
-                f"{where}.match.hosts[{index}]: {host!r} is not a host name or IP address "
-                "(ASCII only: write an internationalised name in its xn-- form)"
-            )
+            continue
         if wildcard:
             suffixes.append("." + canonical)
         else:
             exact.add(canonical)
-    regex: re.Pattern[str] | None
-    raw_regex: object = match.path_regex
-    if raw_regex is None or isinstance(raw_regex, re.Pattern):
-        regex = raw_regex
-    else:
-        try:
-            regex = re.compile(str(raw_regex))
-        except re.error as err:
-            raise ConfigError(f"{where}.match.path_regex: {err}") from None
-    mode = getattr(policy, "mode", "validate")
-    if mode == "validate" and policy.require_token and not policy.audiences:
-        raise ConfigError(
-            f"{where}.audiences: a policy that requires a token must name at least one audience"
-        )
-    if mode == "inject" and policy.dry_run:
-        raise ConfigError(f"{where}.dry_run: inject mode has nothing to dry-run")
     return CompiledPolicy(
         policy=policy,
         any_host=any_host,
@@ -424,11 +239,11 @@ def compile_policy(policy: Policy, where: str) -> CompiledPolicy:
         host_suffixes=tuple(suffixes),
         path_prefix=match.path_prefix,
         path_exact=match.path_exact,
-        path_regex=regex,
+        path_regex=match.path_regex,
         methods=frozenset(m.upper() for m in match.methods),
         context_extensions=tuple(sorted(match.context_extensions.items())),
         audiences=frozenset(policy.audiences),
-        subjects=SubjectMatcher.compile(policy.allow, f"{where}.allow"),
+        subjects=SubjectMatcher.compile(policy.allow),
     )
 
 
@@ -478,7 +293,7 @@ class CompiledAuthz:
         if not isinstance(canonical, str) or canonical_path is None:
             return self.ambiguous
         for policy in self.policies:
-            if policy.matches(canonical, canonical_path, method, context_extensions):
+            if policy.mismatch(canonical, canonical_path, method, context_extensions) is None:
                 return policy
         return None
 
@@ -491,14 +306,9 @@ def compile_authz(config: AuthzConfig) -> CompiledAuthz:
 
     Returns:
         The compiled configuration.
-
-    Raises:
-        ConfigError: a policy cannot be compiled (see `compile_policy`); the message names its path.
     """
-    policies = tuple(compile_policy(p, f"authz.policies[{i}]") for i, p in enumerate(config.policies))
+    policies = tuple(compile_policy(p) for p in config.policies)
     header = config.token_header.strip().lower()
-    if not header:
-        raise ConfigError("authz.token_header: must not be empty")
     return CompiledAuthz(
         config=config,
         policies=policies,

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
+import math
 import os
 import random
 import threading
@@ -28,6 +30,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 
+from svidgate.bounded import BoundedDict
 from svidgate.errors import JwtSvidError
 from svidgate.extauthz.cache import TokenCache
 from svidgate.extauthz.decision import Decision, decide, deny, inject_decision, internal_error
@@ -47,8 +50,10 @@ if TYPE_CHECKING:
 
     from svidgate.extauthz.policy import CompiledAuthz, CompiledPolicy
     from svidgate.extauthz.reload import PolicyHolder
+    from svidgate.identity.bundle import Bundle
     from svidgate.identity.entitlement import CallerInfo
     from svidgate.identity.snapshot import SnapshotFeed
+    from svidgate.identity.spiffe_id import TrustDomain
     from svidgate.metrics import Metrics
 
 __all__ = [
@@ -71,6 +76,9 @@ _INJECT_UNAVAILABLE: Final = "inject_unavailable"
 #: Memoised (policy, subject) decisions kept per configuration; a bound against unbounded subject sets.
 _MEMO_LIMIT: Final = 10_000
 _SERVICE: Final = "envoy.service.auth.v3.Authorization"
+# Decision IDs are 16 hex digits: a random prefix per process (IDs of two processes, or of a restart, do not
+# collide in one log store) and a counter, instead of os.urandom per Check.
+_ID_PREFIX: Final = os.urandom(4).hex()
 
 
 def _static_internal_error() -> external_auth_pb2.CheckResponse:
@@ -194,6 +202,26 @@ class _Prepared:
         return wire
 
 
+class _Decided:
+    """A decided Check on the fast path: valid while its configuration, its bundles and its token are."""
+
+    __slots__ = ("authz", "bundles", "prepared", "token_hit", "valid_until")
+
+    def __init__(
+        self,
+        prepared: _Prepared,
+        authz: CompiledAuthz,
+        bundles: Mapping[TrustDomain, Bundle],
+        valid_until: float,
+        token_hit: bool,
+    ) -> None:
+        self.prepared = prepared
+        self.authz = authz
+        self.bundles = bundles
+        self.valid_until = valid_until
+        self.token_hit = token_hit
+
+
 class DecisionLog:
     """One structured log line per decision, sampled and rate-limited (a token bucket).
 
@@ -279,6 +307,11 @@ class AuthorizationServicer:
         self._require_compact: dict[str, Callable[[str], object]] = {}
         self._decision_counters: dict[tuple[str, str, str, bool], Any] = {}
         self._memo: tuple[CompiledAuthz | None, dict[tuple[object, ...], _Prepared]] = (None, {})
+        # The decision fast path: Checks decided before, by what the decision depends on (see `_decide`).
+        self._decided: BoundedDict[tuple[object, ...], _Decided] = BoundedDict(
+            policies.current.config.cache_size
+        )
+        self._ids = itertools.count()
 
     # -- the core: plain and synchronous, served by both the aio and the threaded server ---------------------
 
@@ -313,7 +346,7 @@ class AuthorizationServicer:
             The serialized CheckResponse.
         """
         started = time.perf_counter()
-        decision_id = os.urandom(8).hex()
+        decision_id = f"{_ID_PREFIX}{next(self._ids) & 0xFFFFFFFF:08x}"
         try:
             prepared = self._decide(request, peer)
             wire = prepared.wire(decision_id.encode("ascii"))
@@ -324,37 +357,79 @@ class AuthorizationServicer:
 
     def _decide(self, request: external_auth_pb2.CheckRequest, peer: Callable[[], str] | None) -> _Prepared:
         authz = self._policies.current
+        attributes = request.attributes
+        http = attributes.request.http
+        extensions = attributes.context_extensions
+        headers = http.headers
+        token_value = headers.get(authz.token_header)
+        bundles = self._feed.current().bundles
+        # The fast path. A decision depends on the request's token header, host, path, method and context
+        # extensions, on the configuration, on the bundles and on the time only through the token's expiry:
+        # a Check that repeats all of them (Envoy sends the same token to the same route over and over) gets
+        # the same prepared response without selecting a policy or looking the token up. Entries are made only
+        # by the slow path below, so a hit was exactly as strict once, and stays valid only while the
+        # configuration and bundle objects are the ones it was decided with (a reload or a new snapshot
+        # replaces them) and the token has not expired. Requests with raw header maps (encode_raw_headers)
+        # and inject-mode policies (a fresh token per Check) never take it.
+        raw_headers = token_value is None and not headers and len(http.header_map.headers) > 0
+        key: tuple[object, ...] | None = None
+        if not raw_headers:
+            key = (
+                token_value,
+                http.host,
+                http.path,
+                http.method,
+                tuple(sorted(extensions.items())) if extensions else (),
+            )
+            decided = self._decided.get(key)
+            if (
+                decided is not None
+                and decided.authz is authz
+                and decided.bundles is bundles
+                and (decided.valid_until == math.inf or self._clock() < decided.valid_until)
+            ):
+                if decided.token_hit and self._metrics is not None:
+                    self._metrics.authz_recorder.cell().hits += 1
+                return decided.prepared
         owner, memo = self._memo
         if owner is not authz:
             # The memo belongs to one CompiledAuthz: a reload starts a new one, and a thread still deciding
             # with the old configuration only ever writes into the old configuration's memo.
             memo = {}
             self._memo = (authz, memo)
-            # A reload may change authz.cache_size too; the cache shrinks on its next store.
+            # A reload may change authz.cache_size too; the caches shrink on their next store.
             self.cache.max_entries = authz.config.cache_size
-        attributes = request.attributes
-        http = attributes.request.http
-        extensions = attributes.context_extensions
+            self._decided.limit = authz.config.cache_size
         policy = authz.select(http.host, http.path, http.method, extensions)
-        key: tuple[object, ...]
+        memo_key: tuple[object, ...]
+        valid_until = math.inf
         if policy is None or not policy.policy.require_token:
-            key = (None if policy is None else policy.name,)
+            memo_key = (None if policy is None else policy.name,)
             outcome: JwtSvid | TokenError | JwtSvidError | None = None
         elif policy.policy.mode == "inject":
             # A fresh token per Check: nothing to share.
             return _Prepared(self._inject(authz, policy, extensions, peer))
         else:
-            outcome = self._validate(authz, policy, http)
+            outcome = self._validate(authz, policy, http, bundles)
             if isinstance(outcome, JwtSvid):
                 # With a valid token the decision depends only on (configuration, policy, subject).
-                key = (policy.name, outcome.spiffe_id)
+                memo_key = (policy.name, outcome.spiffe_id)
+                valid_until = outcome.expiry
             else:
-                key = (policy.name, "error", outcome.reason)
-        prepared = memo.get(key)
+                memo_key = (policy.name, "error", outcome.reason)
+                # Of the failures only a missing token is the same whatever the time: others (an expired
+                # token, an unknown key that a bundle refresh may bring) are decided afresh every time.
+                if outcome.reason != MISSING_TOKEN:
+                    key = None
+        prepared = memo.get(memo_key)
         if prepared is None:
             if len(memo) >= _MEMO_LIMIT:
                 memo.clear()
-            prepared = memo[key] = _Prepared(decide(authz, policy, outcome))
+            prepared = memo[memo_key] = _Prepared(decide(authz, policy, outcome))
+        if key is not None:
+            self._decided.put(
+                key, _Decided(prepared, authz, bundles, valid_until, isinstance(outcome, JwtSvid))
+            )
         return prepared
 
     def _fail_closed(self, err: Exception, decision_id: str, started: float) -> bytes:
@@ -375,7 +450,11 @@ class AuthorizationServicer:
         return wire
 
     def _validate(
-        self, authz: CompiledAuthz, policy: CompiledPolicy, http: Any
+        self,
+        authz: CompiledAuthz,
+        policy: CompiledPolicy,
+        http: Any,
+        bundles: Mapping[TrustDomain, Bundle],
     ) -> JwtSvid | TokenError | JwtSvidError:
         try:
             header = authz.token_header
@@ -394,7 +473,6 @@ class AuthorizationServicer:
                 raw = ((h.key, h.raw_value.decode("latin-1")) for h in http.header_map.headers)
                 token = extract_token_raw(raw, header, authz.token_prefix)
                 precheck = None
-            bundles = self._feed.current().bundles
             return self.cache.validate(
                 token, bundles, policy.audiences, self._clock(), authz.config.leeway, precheck
             )

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
+from svidgate.bounded import BoundedDict
 from svidgate.errors import JwtSvidError, SpiffeIdError
 from svidgate.identity.bundle import Bundle
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
@@ -100,12 +101,23 @@ _EC_CURVES: Final[Mapping[str, tuple[str, int]]] = {
     "ES512": (ec.SECP521R1.name, 66),
 }
 _EC_ALG_BY_CURVE: Final = {curve: alg for alg, (curve, _) in _EC_CURVES.items()}
+# Signature algorithm objects are immutable: built once per alg, not on every verification.
+_ECDSA: Final = {alg: ec.ECDSA(_HASHES[alg[2:]]()) for alg in _EC_CURVES}
 _ALLOWED_TYPES: Final = frozenset({"JWT", "JOSE"})
 # Headers that would make the token name its own key or change how it is processed; named in the detail so an
 # operator sees why a token from a misbehaving issuer is refused. Any other header is refused too (see above).
 _KEY_BEARING_HEADERS: Final = ("jku", "x5u", "jwk", "x5c", "crit", "x5t", "x5t#S256", "b64", "zip", "enc")
 _ALLOWED_HEADERS: Final = frozenset({"alg", "kid", "typ"})
 _B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
+_B64URL_VALUE: Final = {
+    char: value
+    for value, char in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+# The bits of the last character that encode nothing, by len % 4 (2: 4 unused bits, 3: 2 unused bits).
+_B64URL_UNUSED_BITS: Final = {0: 0, 2: 0x0F, 3: 0x03}
+# Subjects repeat (a few workloads call a service over and over): a parsed SpiffeId is immutable, so one
+# parse per distinct `sub` string serves every token that carries it. Bounded against junk subjects.
+_SUBJECTS: Final[BoundedDict[str, SpiffeId]] = BoundedDict(4096)
 _DETAIL_MAX: Final = 80
 
 
@@ -120,6 +132,8 @@ class JwtSvid:
         expiry: the `exp` claim, seconds since the epoch.
         issued_at: the `iat` claim when present.
         claims: every claim of the token, read-only (not part of equality or hashing).
+        key_id: the header's `kid` (for a validated token: the bundle key that verified it); empty when the
+            JWT-SVID was not parsed from a token here.
     """
 
     token: str = field(repr=False)
@@ -128,6 +142,7 @@ class JwtSvid:
     expiry: int
     issued_at: int | None
     claims: Mapping[str, Any] = field(compare=False)
+    key_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.claims, MappingProxyType):
@@ -162,18 +177,18 @@ def _b64url_decode(part: str, what: str) -> bytes:
     # the token, or a log of "the token that was denied", would not identify one token.
     if _B64URL_RE.fullmatch(part) is None:
         _fail(MALFORMED, f"{what} is not unpadded base64url")
-    if len(part) % 4 == 1:
+    remainder = len(part) % 4
+    if remainder == 1:
         _fail(MALFORMED, f"{what} has an impossible base64url length")
+    if part and _B64URL_VALUE[part[-1]] & _B64URL_UNUSED_BITS[remainder]:
+        _fail(MALFORMED, f"{what} is not canonical base64url (non-zero trailing bits)")
     try:
-        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (
         binascii.Error,
         ValueError,
     ):  # pragma: no cover - the alphabet and length checks above rule it out
         _fail(MALFORMED, f"{what} is not valid base64url")
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != part.encode("ascii"):
-        _fail(MALFORMED, f"{what} is not canonical base64url (non-zero trailing bits)")
-    return raw
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -279,10 +294,13 @@ def _parse(token: object, max_token_bytes: int) -> _Parsed:
     sub = claims["sub"]
     if not isinstance(sub, str):
         _fail(BAD_SUBJECT, f"sub is a {_json_type(sub)}, not a SPIFFE ID string")
-    try:
-        spiffe_id = SpiffeId.parse(sub)
-    except SpiffeIdError as err:
-        _fail(BAD_SUBJECT, f"sub is not a valid SPIFFE ID: {err}")
+    spiffe_id = _SUBJECTS.get(sub)
+    if spiffe_id is None:
+        try:
+            spiffe_id = SpiffeId.parse(sub)
+        except SpiffeIdError as err:
+            _fail(BAD_SUBJECT, f"sub is not a valid SPIFFE ID: {err}")
+        _SUBJECTS.put(sub, spiffe_id)
     if not spiffe_id.path:
         # A JWT-SVID names a workload, never a trust domain (JWT-SVID.md 3.1: `sub` is the workload's SPIFFE
         # ID); the X.509 leaf check refuses the same ID, and an allow rule for a whole trust domain must not
@@ -314,8 +332,7 @@ def _json_type(value: object) -> str:
 
 def _verify_signature(parsed: _Parsed, key: PublicKeyTypes) -> None:
     alg = parsed.alg
-    family, bits = alg[:2], alg[2:]
-    hash_alg = _HASHES[bits]()
+    family = alg[:2]
     kid = _shown(parsed.kid)
     try:
         if family == "ES":
@@ -330,7 +347,7 @@ def _verify_signature(parsed: _Parsed, key: PublicKeyTypes) -> None:
             r = int.from_bytes(parsed.signature[:size], "big")
             s = int.from_bytes(parsed.signature[size:], "big")
             der = utils.encode_dss_signature(r, s)
-            key.verify(der, parsed.signing_input, ec.ECDSA(hash_alg))
+            key.verify(der, parsed.signing_input, _ECDSA[alg])
             return
         if not isinstance(key, rsa.RSAPublicKey):
             _fail(BAD_SIGNATURE, f"alg {alg} needs an RSA key, but key {kid} is {_key_kind(key)}")
@@ -341,6 +358,7 @@ def _verify_signature(parsed: _Parsed, key: PublicKeyTypes) -> None:
         # RFC 7518 3.3/3.5: the signature is exactly as long as the modulus.
         if len(parsed.signature) != (key.key_size + 7) // 8:
             _fail(BAD_SIGNATURE, f"signature is {len(parsed.signature)} bytes, RSA-{key.key_size} needs more")
+        hash_alg = _HASHES[alg[2:]]()
         pad: padding.AsymmetricPadding
         if family == "RS":
             pad = padding.PKCS1v15()
@@ -412,6 +430,7 @@ def _claims_svid(token: str, parsed: _Parsed) -> JwtSvid:
         expiry=expiry,
         issued_at=issued_at,
         claims=MappingProxyType(parsed.claims),
+        key_id=parsed.kid,
     )
 
 

@@ -128,3 +128,17 @@ def test_failures_are_not_cached(ca: TestCA, calls: list[str]) -> None:
         with pytest.raises(JwtSvidError):
             cache.validate(token, ca.bundles(), {"nope"}, NOW, 30)
     assert len(cache) == 0
+
+
+def test_an_entry_is_bound_to_the_kid_that_verified_it(ca: TestCA) -> None:
+    cache = TokenCache(10)
+    token = ca.create_jwt_svid(WEB, ["api"])
+    svid = jwtsvid.validate_jwt_svid(token, ca.bundles(), ["api"], NOW)
+    assert svid.key_id == ca.jwt_kid
+    # A JwtSvid that was not parsed from a token here names no key: it is never trusted from the cache.
+    cache.store(
+        jwtsvid.JwtSvid(token, svid.spiffe_id, svid.audience, svid.expiry, None, {}), ca.bundles(), NOW
+    )
+    assert len(cache) == 0
+    cache.store(svid, ca.bundles(), NOW)
+    assert len(cache) == 1
