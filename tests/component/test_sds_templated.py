@@ -101,7 +101,7 @@ async def test_templated_svid_is_minted_for_the_caller_and_held_while_its_stream
     source.refresh()
     assert FRONTEND in source.feed.current().svids  # held: the stream is open
     await stream.aclose()
-    # The server sees the cancellation and releases the hold: the SVID's idle expiry becomes the next due time.
+    # The server sees the cancellation and releases the hold: the idle expiry becomes the next due time.
     async with asyncio.timeout(5):
         while source.next_due() > clock() + TEMPLATED_IDLE:
             await asyncio.sleep(0.01)
