@@ -49,6 +49,11 @@ def test_kubernetes_section(tmp_path: Path) -> None:
     assert config.warnings() == ()
 
 
+def test_k8s_selectors_without_a_unix_listener_are_warned() -> None:
+    config = parse_config(TEMPLATED + "listen: {grpc: [tcp://127.0.0.1:0], workload_api: null}\n")
+    assert any("only match callers on unix sockets" in w for w in config.warnings())
+
+
 def test_skipping_kubelet_verification_is_explicit_and_warned() -> None:
     config = parse_config(TEMPLATED + "kubernetes: {kubelet_insecure_skip_verify: true}\n")
     assert config.kubernetes.kubelet_ca_file is None
