@@ -542,11 +542,13 @@ class Config:
                     f"({check_tcp}): Checks arriving there have no verified caller and are denied "
                     "(unverified_caller); serve Check to egress Envoys on a unix socket"
                 )
-        unix = [a for a in (*self.listen.grpc, self.listen.workload_api) if a is not None and a.kind == "unix"]
+        unix = [
+            a for a in (*self.listen.grpc, self.listen.workload_api) if a is not None and a.kind == "unix"
+        ]
         if self.attests_kubernetes and not unix:
             found.append(
-                "k8s: selectors only match callers on unix sockets (attestation starts from the caller's PID), "
-                "and neither listen.grpc nor listen.workload_api has one: they match nobody"
+                "k8s: selectors only match callers on unix sockets (attestation starts from the caller's "
+                "PID), and neither listen.grpc nor listen.workload_api has one: they match nobody"
             )
         if self.attests_kubernetes and self.kubernetes.kubelet_insecure_skip_verify:
             found.append(
