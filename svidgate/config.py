@@ -284,6 +284,7 @@ class SdsConfig:
     all_bundles_name: str = "ALL"
     validation: Literal["spiffe", "trusted_ca"] = "spiffe"
     istio_compat: bool = False
+    pool_trust_domain_roots_unsafe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +558,12 @@ class Config:
             )
         if self.authz.default == "allow":
             found.append("authz.default is allow: requests that match no policy are let through")
+        if self.sds.pool_trust_domain_roots_unsafe:
+            found.append(
+                "sds.pool_trust_domain_roots_unsafe is true: trusted_ca validation contexts pool the roots "
+                "of several trust domains, so any federated trust domain's CA can issue certificates naming "
+                "SPIFFE IDs of another trust domain (yours included) and Envoy accepts them: impersonation"
+            )
         found += [
             f"authz policy {p.name!r} is dry_run: it never denies" for p in self.authz.policies if p.dry_run
         ]
@@ -1253,7 +1260,14 @@ class _Parser:
         section = _mapping(
             value,
             path,
-            ("default_svid_name", "own_bundle_name", "all_bundles_name", "validation", "istio_compat"),
+            (
+                "default_svid_name",
+                "own_bundle_name",
+                "all_bundles_name",
+                "validation",
+                "istio_compat",
+                "pool_trust_domain_roots_unsafe",
+            ),
         )
         d = SdsConfig()
         names = {
@@ -1278,6 +1292,10 @@ class _Parser:
                 section.get("validation", d.validation), f"{path}.validation", ("spiffe", "trusted_ca")
             ),
             istio_compat=_bool(section.get("istio_compat", d.istio_compat), f"{path}.istio_compat"),
+            pool_trust_domain_roots_unsafe=_bool(
+                section.get("pool_trust_domain_roots_unsafe", d.pool_trust_domain_roots_unsafe),
+                f"{path}.pool_trust_domain_roots_unsafe",
+            ),
         )
 
     # -- authz -----------------------------------------------------------------------------------------

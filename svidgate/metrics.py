@@ -341,6 +341,14 @@ class Metrics:
             ["source"],
             registry=registry,
         )
+        self.bundle_updates_rejected = Counter(
+            "svidgate_bundle_updates_rejected_total",
+            "Trust bundle updates refused, the last good bundle kept, by trust domain and reason (malformed, "
+            "too_large, no_usable_authority, no_usable_x509_authority, no_usable_jwt_authority, "
+            "sequence_regressed).",
+            ["trust_domain", "reason"],
+            registry=registry,
+        )
         self.snapshots_published = Counter(
             "svidgate_identity_snapshots_total",
             "Identity snapshots published by the source (rotations, bundle updates).",
@@ -393,6 +401,10 @@ class Metrics:
         """
         self.snapshots_published.inc()
         self._snapshots.observe(snapshot)
+
+    def bundle_update_rejected(self, trust_domain: TrustDomain, reason: str) -> None:
+        """Count one refused bundle update (a `BundleRejectionSink` for the sources; any thread)."""
+        self.bundle_updates_rejected.labels(trust_domain=str(trust_domain), reason=reason).inc()
 
     def interceptor(self) -> MetricsInterceptor:
         """A grpc.aio server interceptor that fills `svidgate_grpc_server_{started,handled}_total`."""

@@ -61,6 +61,7 @@ from svidgate.extauthz.policy import compile_authz
 from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer
 from svidgate.grpcutil import wrap_handler
+from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo
 from svidgate.identity.sources import create_source
@@ -737,7 +738,7 @@ class Server:
             # Claim every unix socket before anything else exists: a second instance is refused before it
             # loads a CA or creates a gRPC server (half-built grpc.aio objects are fragile to tear down).
             self._claim_unix_sockets()
-            self.source = await build_source(self.config, self._clock)
+            self.source = await build_source(self.config, self._clock, self.metrics.bundle_update_rejected)
             self.metrics.watch_feed(self.source.feed)
             self._spawn(self._run_source(self.source), "source")
             self._spawn(self._watch_snapshots(self.source), "snapshot-metrics")
@@ -1150,18 +1151,27 @@ def _bracket_host(host: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-async def build_source(config: Config, clock: Clock) -> IdentitySource:
+async def build_source(
+    config: Config, clock: Clock, on_bundle_rejected: BundleRejectionSink | None = None
+) -> IdentitySource:
     """The identity source `config.source.kind` names, its first snapshot published.
+
+    Args:
+        config: the configuration.
+        clock: the time source.
+        on_bundle_rejected: told of every rejected bundle update (`Metrics.bundle_update_rejected`).
 
     Raises:
         SvidgateError: the source cannot produce its first snapshot (CA state, files, SPIRE agent).
     """
     if config.source.kind == "spire":
-        return await build_spire_source(config, clock)
-    return create_source(config, clock)
+        return await build_spire_source(config, clock, on_bundle_rejected)
+    return create_source(config, clock, on_bundle_rejected)
 
 
-async def build_spire_source(config: Config, clock: Clock) -> SpireSource:
+async def build_spire_source(
+    config: Config, clock: Clock, on_bundle_rejected: BundleRejectionSink | None = None
+) -> SpireSource:
     """The SPIRE agent source (a Workload API client), for ``source.kind: spire``.
 
     Waits for the agent's first X.509-SVIDs (retrying with backoff) so that svidgate never serves an empty
@@ -1170,7 +1180,7 @@ async def build_spire_source(config: Config, clock: Clock) -> SpireSource:
     endpoint = config.source.spire_socket
     if endpoint is None:  # the config loader guarantees it; keep mypy and a future refactor honest
         raise SourceError("source.spire_socket: required with kind: spire")
-    return await SpireSource.connect(endpoint, clock=clock)
+    return await SpireSource.connect(endpoint, clock=clock, on_bundle_rejected=on_bundle_rejected)
 
 
 class Services:

@@ -1,8 +1,25 @@
-"""Trust bundles: the X.509 and JWT authorities of one trust domain.
+"""Trust bundles: the X.509 and JWT authorities of one trust domain, and the rules for accepting them.
 
 Parsing and writing of the SPIFFE bundle format (SPIFFE_Trust_Domain_and_Bundle.md, a JWKS with `use`
 `x509-svid`/`jwt-svid`) and of PEM bundles lives here. A bundle never names its own trust domain on the wire
 (section 3 of the spec): every parser takes the trust domain from the caller's configuration.
+
+Two layers of acceptance rules, both here so that every source (federation files and endpoints, the files
+source, the SPIRE agent) applies the same ones:
+
+- **Per authority** (while parsing): an X.509 authority must be a CA certificate (basicConstraints cA true,
+  keyUsage keyCertSign: X509-SVID.md 4.1, 4.3), and every authority's key must meet the floor below. An
+  authority that fails is left out of the bundle and its reason kept in `Bundle.rejected_authorities`: it can
+  never be a trust anchor, and like an entry of unknown `use` (section 4.2.2) it must not sink the others.
+  A malformed entry (bad base64, two certificates in `x5c`, a `kid` on an X.509 entry) still fails the whole
+  document: it means the publisher is broken, and nothing in it is trustworthy.
+- **Per update** (`bundle_update_rejection`): a new bundle must not leave the trust domain without a usable
+  authority for a use (X.509-SVID, JWT-SVID) it had, and its `spiffe_sequence` must not go back. The source
+  that applies updates keeps the last good bundle and reports the rejection (`report_bundle_rejection`).
+
+Accepted authority keys: RSA of at least `MIN_RSA_BITS` (2048) bits, and EC on P-256, P-384 or P-521 -- what
+JWT-SVID's RS/PS/ES algorithms verify and what SPIRE and svidgate's own CA issue. Ed25519/Ed448 keys have no
+JWT-SVID algorithm (JWT-SVID.md 2.1) and are rejected for both uses.
 """
 
 from __future__ import annotations
@@ -10,13 +27,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final, Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -24,8 +43,19 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from svidgate.errors import BundleError
 from svidgate.identity.spiffe_id import TrustDomain
 
+log = logging.getLogger(__name__)
+
 X509_SVID_USE = "x509-svid"
 JWT_SVID_USE = "jwt-svid"
+
+#: Smallest RSA modulus accepted for any authority (NIST SP 800-131A disallows less since 2013).
+MIN_RSA_BITS: Final = 2048
+#: Elliptic curves accepted for any authority: those of JWT-SVID's ES256/ES384/ES512 (RFC 7518 3.4).
+ACCEPTED_EC_CURVES: Final = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+#: Largest bundle document (file or endpoint body) svidgate reads; real bundles are a few kilobytes.
+MAX_BUNDLE_BYTES: Final = 1 << 20
+#: Rejected authorities named per log line or rejection detail; the rest are counted.
+MAX_REASONS_LOGGED: Final = 10
 
 # JSON integers are unbounded; the spec asks for at least 64 bits (4.1.1), and more than that is nonsense that
 # would break every Go peer, so it is rejected rather than carried along.
@@ -43,6 +73,8 @@ class Bundle:
         jwt_authorities: JWT-SVID verification keys by key ID (`kid`).
         sequence: `spiffe_sequence`, when the bundle carries one.
         refresh_hint: `spiffe_refresh_hint` in seconds, when the bundle carries one.
+        rejected_authorities: authorities the document listed that can never be used (not a CA, a weak or
+            unsupported key), one sentence each naming the entry and the reason; they are not in the bundle.
     """
 
     trust_domain: TrustDomain
@@ -50,6 +82,7 @@ class Bundle:
     jwt_authorities: Mapping[str, PublicKeyTypes] = field(default_factory=dict)
     sequence: int | None = None
     refresh_hint: int | None = None
+    rejected_authorities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "jwt_authorities", MappingProxyType(dict(self.jwt_authorities)))
@@ -99,6 +132,8 @@ def parse_spiffe_bundle(trust_domain: TrustDomain, data: bytes) -> Bundle:
 
     x509_authorities: list[x509.Certificate] = []
     jwt_authorities: dict[str, PublicKeyTypes] = {}
+    rejected: list[str] = []
+    kids: set[str] = set()
     for index, jwk in enumerate(keys):
         entry = f"{where}: keys[{index}]"
         if not isinstance(jwk, dict):
@@ -112,8 +147,10 @@ def parse_spiffe_bundle(trust_domain: TrustDomain, data: bytes) -> Bundle:
         if kty not in _KNOWN_KTY:
             continue  # 4.2.1: unknown key type -> ignore the entire element
         if use == X509_SVID_USE:
-            cert = _x509_authority_from_jwk(jwk, entry)
-            if all(cert != known for known in x509_authorities):
+            cert, problem = _x509_authority_from_jwk(jwk, entry)
+            if problem is not None:
+                rejected.append(f"keys[{index}] ({X509_SVID_USE}): {problem}")
+            elif all(cert != known for known in x509_authorities):
                 x509_authorities.append(cert)
         else:
             kid = jwk.get("kid")
@@ -121,15 +158,21 @@ def parse_spiffe_bundle(trust_domain: TrustDomain, data: bytes) -> Bundle:
                 raise BundleError(
                     f"{entry}: a jwt-svid key must have a non-empty string 'kid' (JWT-SVID.md 6)"
                 )
-            if kid in jwt_authorities:
+            if kid in kids:
                 raise BundleError(f"{entry}: duplicate 'kid' {kid!r}")
-            jwt_authorities[kid] = public_key_from_jwk(jwk, entry)
+            kids.add(kid)
+            key, problem = jwt_authority_from_jwk(jwk, entry)
+            if key is not None:
+                jwt_authorities[kid] = key
+            else:
+                rejected.append(f"keys[{index}] ({JWT_SVID_USE} {kid!r}): {problem}")
     return Bundle(
         trust_domain=trust_domain,
         x509_authorities=tuple(x509_authorities),
         jwt_authorities=jwt_authorities,
         sequence=sequence,
         refresh_hint=refresh_hint,
+        rejected_authorities=tuple(rejected),
     )
 
 
@@ -189,9 +232,32 @@ def parse_pem_bundle(trust_domain: TrustDomain, data: bytes) -> Bundle:
     Raises:
         BundleError: no certificate, a non-certificate block, or a block that does not parse.
     """
-    return Bundle(
-        trust_domain=trust_domain, x509_authorities=_pem_certificates(data, f"PEM bundle for {trust_domain}")
-    )
+    return x509_bundle(trust_domain, _pem_certificates(data, f"PEM bundle for {trust_domain}"), "certificate")
+
+
+def x509_bundle(trust_domain: TrustDomain, certificates: Iterable[x509.Certificate], label: str) -> Bundle:
+    """A bundle of the X.509 authorities among `certificates` that can be trust anchors.
+
+    Every certificate that `x509_authority_problem` refuses is left out and recorded in
+    `rejected_authorities` as ``"<label> <index>: <reason>"``.
+
+    Args:
+        trust_domain: whose authorities these are.
+        certificates: the candidate CA certificates (a PEM file's, a Workload API response's).
+        label: what one certificate is called in the reasons (``certificate``, ``bundle certificate``).
+
+    Returns:
+        The bundle (no JWT authorities).
+    """
+    kept: list[x509.Certificate] = []
+    rejected: list[str] = []
+    for index, cert in enumerate(certificates):
+        problem = x509_authority_problem(cert)
+        if problem is not None:
+            rejected.append(f"{label} {index}: {problem}")
+        elif all(cert != known for known in kept):
+            kept.append(cert)
+    return Bundle(trust_domain, x509_authorities=tuple(kept), rejected_authorities=tuple(rejected))
 
 
 def pem_bundle(bundle: Bundle) -> bytes:
@@ -303,7 +369,232 @@ def public_key_to_jwk(key: PublicKeyTypes, where: str = "key") -> dict[str, str]
     raise BundleError(f"{where}: {type(key).__name__} has no JWK representation")
 
 
-def _x509_authority_from_jwk(jwk: Mapping[str, Any], entry: str) -> x509.Certificate:
+# ----------------------------------------------------------------------------------------------------
+# Acceptance rules: per authority
+
+
+def authority_key_problem(key: PublicKeyTypes) -> str | None:
+    """Why `key` can never be an authority (of either use), or None when it meets the floor.
+
+    Args:
+        key: an authority's public key.
+
+    Returns:
+        A sentence naming the key's type and size and what is accepted, or None.
+    """
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            return f"RSA key of {key.key_size} bits is below the {MIN_RSA_BITS}-bit floor"
+        return None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ACCEPTED_EC_CURVES:
+            return f"EC curve {key.curve.name} is not accepted (P-256, P-384 and P-521 are)"
+        return None
+    kind = type(key).__name__.removeprefix("_").replace("PublicKey", "")
+    return f"{kind} keys are not accepted (RSA of at least {MIN_RSA_BITS} bits and EC P-256/P-384/P-521 are)"
+
+
+def x509_authority_problem(cert: x509.Certificate) -> str | None:
+    """Why `cert` can never be an X.509 trust anchor, or None when it can.
+
+    X509-SVID.md 4.1 and 4.3: a signing certificate sets basicConstraints cA true and keyUsage keyCertSign
+    (both extensions present). A leaf, or a certificate whose key misses the floor, is refused: put in a
+    validation context it would either verify nothing or be a trust anchor nobody meant to create.
+
+    Args:
+        cert: a candidate X.509 authority.
+
+    Returns:
+        A sentence naming what is missing, or None.
+    """
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "not a CA certificate: it has no basicConstraints extension (X509-SVID.md 4.1)"
+    except ValueError as exc:  # a duplicate or undecodable extension
+        return f"its extensions do not parse: {exc}"
+    if not constraints.ca:
+        return "not a CA certificate: basicConstraints cA is false (X509-SVID.md 4.1)"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return "not a signing certificate: it has no keyUsage extension (X509-SVID.md 4.3: keyCertSign)"
+    if not usage.key_cert_sign:
+        return "not a signing certificate: keyUsage lacks keyCertSign (X509-SVID.md 4.3)"
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        return f"its public key cannot be read: {exc}"
+    return authority_key_problem(key)
+
+
+def jwt_authority_from_jwk(jwk: Mapping[str, Any], where: str) -> tuple[PublicKeyTypes | None, str]:
+    """The JWT authority a JWK describes, or why it can never be one.
+
+    A well-formed JWK of a kind that can never verify a JWT-SVID (an EC curve outside the floor, an OKP key,
+    a short RSA modulus) is refused with its reason rather than failing the document, as an unknown `kty` is
+    ignored (SPIFFE_Trust_Domain_and_Bundle.md 4.2.1).
+
+    Args:
+        jwk: the JWK (its `use` and `kid` already checked by the caller).
+        where: names the JWK in error messages.
+
+    Returns:
+        ``(key, "")``, or ``(None, reason)``.
+
+    Raises:
+        BundleError: the JWK is malformed (a member missing or not base64url, a point off its curve).
+    """
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if kty == "EC" and isinstance(crv, str) and crv not in _EC_CURVES:
+        return None, f"EC curve {crv!r} is not accepted (P-256, P-384 and P-521 are)"
+    if kty == "OKP":
+        return None, f"OKP ({crv!r}) keys have no JWT-SVID algorithm (JWT-SVID.md 2.1: RS, ES and PS only)"
+    key = public_key_from_jwk(jwk, where)
+    problem = authority_key_problem(key)
+    return (None, problem) if problem is not None else (key, "")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Acceptance rules: per update
+
+#: Why a bundle update was not applied (the `reason` label of svidgate_bundle_updates_rejected_total).
+BundleRejectReason = Literal[
+    "malformed",
+    "too_large",
+    "no_usable_authority",
+    "no_usable_x509_authority",
+    "no_usable_jwt_authority",
+    "sequence_regressed",
+]
+
+#: Told of every rejected bundle update, with the trust domain and the reason; the runtime counts them.
+BundleRejectionSink = Callable[[TrustDomain, BundleRejectReason], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BundleRejection:
+    """A bundle update that must not replace the bundle held.
+
+    Attributes:
+        reason: the reason code (a bounded set: it is a metric label).
+        detail: a sentence for the log line.
+    """
+
+    reason: BundleRejectReason
+    detail: str
+
+
+def bundle_update_rejection(current: Bundle | None, candidate: Bundle) -> BundleRejection | None:
+    """Whether `candidate` may replace `current` (the last good bundle of the same trust domain).
+
+    Refused: a `spiffe_sequence` lower than the one held (SPIFFE_Federation.md: sequence numbers only go up;
+    a lower one is a stale replica or a replay); a bundle with no usable authority at all; and a bundle that
+    would leave the trust domain with no usable authority for a use it had (X.509-SVID or JWT-SVID): with the
+    good keys dropped and none usable in their place, every SVID of that trust domain would fail, and keeping
+    the last good bundle is what the spec asks of a failed refresh. Rotation adds the new authority before
+    the old one leaves, so a genuine update never trips this; to stop trusting a trust domain, remove it
+    from the configuration.
+
+    Args:
+        current: the bundle held now, None when there is none yet.
+        candidate: the parsed update (its `rejected_authorities` name what parsing left out).
+
+    Returns:
+        Why the update is refused, or None to apply it.
+    """
+    because = f" ({_summary(candidate.rejected_authorities)})" if candidate.rejected_authorities else ""
+    if (
+        current is not None
+        and current.sequence is not None
+        and candidate.sequence is not None
+        and candidate.sequence < current.sequence
+    ):
+        return BundleRejection(
+            "sequence_regressed",
+            f"spiffe_sequence {candidate.sequence} is lower than the {current.sequence} held",
+        )
+    if not candidate.x509_authorities and not candidate.jwt_authorities:
+        return BundleRejection("no_usable_authority", f"the bundle has no usable authority{because}")
+    if current is not None and current.x509_authorities and not candidate.x509_authorities:
+        return BundleRejection(
+            "no_usable_x509_authority",
+            f"the bundle would leave no usable X.509 authority where there were "
+            f"{len(current.x509_authorities)}{because}",
+        )
+    if current is not None and current.jwt_authorities and not candidate.jwt_authorities:
+        return BundleRejection(
+            "no_usable_jwt_authority",
+            f"the bundle would leave no usable JWT authority where there were "
+            f"{len(current.jwt_authorities)}{because}",
+        )
+    return None
+
+
+def report_bundle_rejection(
+    trust_domain: TrustDomain,
+    rejection: BundleRejection,
+    origin: str,
+    *,
+    kept_last: bool,
+    sink: BundleRejectionSink | None,
+) -> None:
+    """Log a rejected update as one line (trust domain, reason, origin) and tell `sink`.
+
+    Args:
+        trust_domain: whose bundle it was.
+        rejection: why it was refused.
+        origin: where it came from (a file path, an endpoint URL, the SPIRE agent).
+        kept_last: whether a previous bundle stays in force.
+        sink: counts the rejection (the runtime's metrics), when given.
+    """
+    log.warning(
+        "bundle.update_rejected",
+        extra={
+            "fields": {
+                "trust_domain": str(trust_domain),
+                "reason": rejection.reason,
+                "detail": rejection.detail,
+                "origin": origin,
+                "kept_last": kept_last,
+            }
+        },
+    )
+    if sink is not None:
+        sink(trust_domain, rejection.reason)
+
+
+def report_rejected_authorities(bundle: Bundle, origin: str) -> None:
+    """Log each authority parsing left out of an accepted `bundle`, one line each (once per new document).
+
+    At most `MAX_REASONS_LOGGED` lines; a further line counts the rest (a 1 MiB document holds thousands).
+    """
+    reasons = bundle.rejected_authorities
+    for reason in reasons[:MAX_REASONS_LOGGED]:
+        log.warning(
+            "bundle.authority_rejected",
+            extra={"fields": {"trust_domain": str(bundle.trust_domain), "origin": origin, "reason": reason}},
+        )
+    if len(reasons) > MAX_REASONS_LOGGED:
+        log.warning(
+            "bundle.authority_rejected",
+            extra={
+                "fields": {
+                    "trust_domain": str(bundle.trust_domain),
+                    "origin": origin,
+                    "reason": f"and {len(reasons) - MAX_REASONS_LOGGED} more authorities rejected",
+                }
+            },
+        )
+
+
+def _summary(reasons: tuple[str, ...]) -> str:
+    shown = "; ".join(reasons[:MAX_REASONS_LOGGED])
+    more = len(reasons) - MAX_REASONS_LOGGED
+    return f"{shown}; and {more} more" if more > 0 else shown
+
+
+def _x509_authority_from_jwk(jwk: Mapping[str, Any], entry: str) -> tuple[x509.Certificate, str | None]:
     if "kid" in jwk:
         # X509-SVID.md 6.1: "the kid parameter of each JWK entry MUST NOT be set" -- a kid here would let a
         # JWT validator pick an X.509 CA key to verify tokens with (cross-SVID-type key confusion).
@@ -322,9 +613,13 @@ def _x509_authority_from_jwk(jwk: Mapping[str, Any], entry: str) -> x509.Certifi
         cert = x509.load_der_x509_certificate(der)
     except (binascii.Error, ValueError) as exc:
         raise BundleError(f"{entry}: x5c[0] is not a base64 DER certificate: {exc}") from None
+    problem = x509_authority_problem(cert)
+    if problem is not None:
+        # Judged on the certificate, which is what Envoy would trust; the JWK members are not consulted.
+        return cert, problem
     if _has_key_members(jwk) and public_key_from_jwk(jwk, entry) != cert.public_key():
         raise BundleError(f"{entry}: the JWK's key does not match the key of its x5c certificate")
-    return cert
+    return cert, None
 
 
 def _has_key_members(jwk: Mapping[str, Any]) -> bool:

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 
 from svidgate.bounded import BoundedDict
 from svidgate.errors import JwtSvidError, SpiffeIdError
-from svidgate.identity.bundle import Bundle
+from svidgate.identity.bundle import MIN_RSA_BITS, Bundle
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 
 # Stable reason codes (contract: ext_authz deny reasons and metric labels).
@@ -82,8 +82,6 @@ REASONS: Final = (
 
 DEFAULT_MAX_TOKEN_BYTES: Final = 8192
 DEFAULT_LEEWAY: Final = 30.0
-# RSA below 2048 bits is not acceptable (NIST SP 800-131A); go-spiffe's test CA refuses it too.
-MIN_RSA_BITS: Final = 2048
 
 _HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
     "256": hashes.SHA256,

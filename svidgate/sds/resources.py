@@ -14,8 +14,14 @@ under `sds:`):
 
 With validation ``trusted_ca`` (config `sds.validation`, or per node through node metadata
 ``svidgate.validation``), ``spiffe://<td>`` and ``ALL`` become plain `trusted_ca` contexts instead of the
-SPIFFE validator: for Envoys built without the extension, or operators who want plain chains only. ``ALL``
-then loses the binding of a trust domain to its own roots, which is why ``spiffe`` is the default.
+SPIFFE validator: for Envoys built without the extension, or operators who want plain chains only.
+
+One rule holds for every name, in `SecretResolver._bundles`: a validation context that would hold the roots of
+**more than one** trust domain is always served with the SPIFFE validator, whatever the name, the validation
+flavour or Istio mode ask for. A `trusted_ca` is one pool in which any root vouches for any name, so the CA of
+a federated trust domain could issue a certificate naming ``spiffe://<own td>/...`` and Envoy would accept it
+(measured with a real Envoy: 200, the backend saw the forged ID). Only the explicit, loudly named
+`sds.pool_trust_domain_roots_unsafe` brings the pooled `trusted_ca` back (for Envoys without the extension).
 
 Every resource carries a content-hash version (SHA-256 of its deterministic serialisation), so that the
 stream state machines never re-send unchanged content. A `SecretResolver` is built once per snapshot and
@@ -67,6 +73,9 @@ class Naming:
         all_bundles_name: the name of the SPIFFE validator over all bundles.
         validation: the default validation flavour (a node may override it through its metadata).
         istio_compat: ``ROOTCA`` means all bundles (Istio's agent semantics).
+        pool_trust_domain_roots: serve several trust domains' roots as one `trusted_ca` when `trusted_ca`
+            is asked for, instead of the SPIFFE validator (config `sds.pool_trust_domain_roots_unsafe`:
+            lets any federated CA impersonate any trust domain).
     """
 
     trust_domain: TrustDomain
@@ -75,6 +84,7 @@ class Naming:
     all_bundles_name: str = "ALL"
     validation: Validation = "spiffe"
     istio_compat: bool = False
+    pool_trust_domain_roots: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +322,11 @@ class SecretResolver:
         if not bundles:
             # An empty trusted_ca would make Envoy reject every peer (or the secret itself); wait for content.
             return Rejection(name, "unavailable", "no X.509 authorities for the trust domain(s) yet")
+        if validation == "trusted_ca" and len(bundles) > 1 and not self.naming.pool_trust_domain_roots:
+            # A trusted_ca pool lets every root vouch for every SPIFFE ID: a partner CA's certificate for
+            # spiffe://<own td>/... would pass. The SPIFFE validator binds each root to its trust domain
+            # (SPIFFE_Trust_Domain_and_Bundle.md 4.2), so it is the only safe way to serve several.
+            validation = "spiffe"
         secret = (
             trusted_ca_secret(name, bundles)
             if validation == "trusted_ca"

@@ -143,6 +143,7 @@ def naming_from_config(sds: SdsConfig, trust_domain: TrustDomain) -> Naming:
         all_bundles_name=sds.all_bundles_name,
         validation=sds.validation,
         istio_compat=sds.istio_compat,
+        pool_trust_domain_roots=sds.pool_trust_domain_roots_unsafe,
     )
 
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from svidgate._gen import workload_pb2
 from svidgate.errors import BundleError, SvidgateError, X509SvidError
-from svidgate.identity.bundle import Bundle, public_key_from_jwk, public_key_to_jwk
+from svidgate.identity.bundle import Bundle, jwt_authority_from_jwk, public_key_to_jwk, x509_bundle
 from svidgate.identity.snapshot import IdentitySnapshot
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid, load_certificates, parse_x509_svid
@@ -266,9 +266,12 @@ def _trust_domain_key(key: str, where: str) -> TrustDomain:
 
 def _x509_bundle(trust_domain: TrustDomain, der: bytes, where: str) -> Bundle:
     try:
-        return Bundle(trust_domain, load_certificates(der))
+        certificates = load_certificates(der)
     except X509SvidError as exc:
         raise BundleError(f"{where}: X.509 bundle of {trust_domain}: {exc}") from None
+    # A certificate that cannot be a trust anchor (a leaf, a weak key) is left out with its reason, as in a
+    # SPIFFE bundle document; the source decides whether what remains may replace the bundle it holds.
+    return x509_bundle(trust_domain, certificates, "bundle certificate")
 
 
 def parse_x509_svid_response(response: workload_pb2.X509SVIDResponse) -> X509Context:
@@ -317,7 +320,9 @@ def parse_jwt_jwks(trust_domain: TrustDomain, data: bytes) -> Bundle:
 
     Lenient where the Workload API is: SPIRE and go-spiffe write plain RFC 7517 keys without `use`, so a key
     without `use` is a JWT authority; a key with another `use` (an X.509 entry) is skipped. Every JWT
-    authority needs a `kid` that no other key has, as JWT-SVID validation selects keys by it.
+    authority needs a `kid` that no other key has, as JWT-SVID validation selects keys by it. A key below the
+    floor of `svidgate.identity.bundle` (RSA < 2048 bits, other curves, OKP) is left out and named in
+    `rejected_authorities`.
 
     Raises:
         BundleError: not a JSON JWK Set, a key without `kid`, a duplicate `kid`, or a key that does not parse.
@@ -331,6 +336,8 @@ def parse_jwt_jwks(trust_domain: TrustDomain, data: bytes) -> Bundle:
     if not isinstance(keys, list):
         raise BundleError(f"{where}: not a JWK Set (no 'keys' array)")
     authorities: dict[str, PublicKeyTypes] = {}
+    rejected: list[str] = []
+    kids: set[str] = set()
     for index, jwk in enumerate(keys):
         if not isinstance(jwk, dict):
             raise BundleError(f"{where}: keys[{index}] is not a JSON object")
@@ -339,10 +346,15 @@ def parse_jwt_jwks(trust_domain: TrustDomain, data: bytes) -> Bundle:
         kid = jwk.get("kid")
         if not isinstance(kid, str) or not kid:
             raise BundleError(f"{where}: keys[{index}] has no 'kid'")
-        if kid in authorities:
+        if kid in kids:
             raise BundleError(f"{where}: keys[{index}] repeats the kid {kid[:80]!r}")
-        authorities[kid] = public_key_from_jwk(jwk, f"{where}: keys[{index}]")
-    return Bundle(trust_domain, jwt_authorities=authorities)
+        kids.add(kid)
+        key, problem = jwt_authority_from_jwk(jwk, f"{where}: keys[{index}]")
+        if key is not None:
+            authorities[kid] = key
+        else:
+            rejected.append(f"keys[{index}] ({JWT_SVID_USE} {kid[:80]!r}): {problem}")
+    return Bundle(trust_domain, jwt_authorities=authorities, rejected_authorities=tuple(rejected))
 
 
 def parse_jwt_bundles_response(response: workload_pb2.JWTBundlesResponse) -> dict[TrustDomain, Bundle]:

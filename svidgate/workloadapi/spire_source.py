@@ -10,6 +10,10 @@ FetchJWTBundles (JWT authorities per trust domain). When the agent goes away (re
 reconnects with capped exponential backoff and jitter, on a fresh channel so that gRPC's own reconnect
 backoff (up to two minutes) never adds to ours; the last snapshot stays in force meanwhile, as
 SPIFFE_Workload_API.md 4.2 expects of a client.
+
+The agent's bundles pass the acceptance rules of every other source (svidgate.identity.bundle): authorities
+that can never be trust anchors are left out, and an update that would leave a trust domain without a usable
+authority for a use it had is reported and the last good bundle of that trust domain kept.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from cryptography.hazmat.primitives import serialization
 
 from svidgate._gen import workload_pb2
 from svidgate.errors import SourceError, SvidgateError
-from svidgate.identity.bundle import Bundle
+from svidgate.identity.bundle import (
+    Bundle,
+    BundleRejectionSink,
+    bundle_update_rejection,
+    report_bundle_rejection,
+    report_rejected_authorities,
+)
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
@@ -103,6 +113,7 @@ class SpireSource:
         backoff_initial: first reconnect delay, seconds (doubles per failure, jittered).
         backoff_max: longest reconnect delay, seconds.
         timeout: deadline of each FetchJWTSVID call to the agent, seconds.
+        on_bundle_rejected: told of every rejected bundle update (the runtime counts them).
     """
 
     def __init__(
@@ -113,6 +124,7 @@ class SpireSource:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         timeout: float = 5.0,
+        on_bundle_rejected: BundleRejectionSink | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._target = grpc_target(endpoint)
@@ -128,6 +140,10 @@ class SpireSource:
         self._sync_channel: grpc.Channel | None = None
         self._client: WorkloadApiClient | None = None
         self._last_error = "not tried"
+        self._on_bundle_rejected = on_bundle_rejected
+        # What was last reported per trust domain (a rejected update, authorities left out), so that an agent
+        # message that only rotates an SVID does not report the same bundle again.
+        self._reported: dict[TrustDomain, tuple[object, ...]] = {}
         #: Whether each upstream stream is currently delivering (for readiness checks and logs).
         self.connected = {"FetchX509SVID": False, "FetchJWTBundles": False}
 
@@ -141,6 +157,7 @@ class SpireSource:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         timeout: float = 5.0,
+        on_bundle_rejected: BundleRejectionSink | None = None,
     ) -> SpireSource:
         """Create a source and wait (retrying with backoff) until the agent has given it its X.509-SVIDs.
 
@@ -149,7 +166,7 @@ class SpireSource:
         Args:
             endpoint: as for the constructor.
             ready_timeout: give up after this many seconds.
-            clock, backoff_initial, backoff_max, timeout: as for the constructor.
+            clock, backoff_initial, backoff_max, timeout, on_bundle_rejected: as for the constructor.
 
         Returns:
             The source, its first snapshot published.
@@ -158,7 +175,12 @@ class SpireSource:
             SourceError: no X.509-SVID from the agent within `ready_timeout` (the message has the last error).
         """
         source = cls(
-            endpoint, clock=clock, backoff_initial=backoff_initial, backoff_max=backoff_max, timeout=timeout
+            endpoint,
+            clock=clock,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+            timeout=timeout,
+            on_bundle_rejected=on_bundle_rejected,
         )
         try:
             await asyncio.wait_for(source._first_snapshot(), ready_timeout)
@@ -315,14 +337,23 @@ class SpireSource:
         for svid in self._x509.svids:
             svids.setdefault(svid.spiffe_id, svid)  # the agent's first (default) SVID wins on duplicates
         x509_bundles, jwt_bundles = self._x509.bundles, self._jwt_bundles
-        bundles = {
-            td: Bundle(
+        held = self.feed.current().bundles
+        bundles: dict[TrustDomain, Bundle] = {}
+        # A trust domain the agent no longer lists is dropped (federation ended), not "rejected".
+        for td in sorted({*x509_bundles, *jwt_bundles}, key=lambda td: td.name):
+            x509_part, jwt_part = x509_bundles.get(td), jwt_bundles.get(td)
+            candidate = Bundle(
                 td,
-                x509_authorities=x509_bundles[td].x509_authorities if td in x509_bundles else (),
-                jwt_authorities=jwt_bundles[td].jwt_authorities if td in jwt_bundles else {},
+                x509_authorities=x509_part.x509_authorities if x509_part is not None else (),
+                jwt_authorities=jwt_part.jwt_authorities if jwt_part is not None else {},
+                rejected_authorities=(
+                    (x509_part.rejected_authorities if x509_part is not None else ())
+                    + (jwt_part.rejected_authorities if jwt_part is not None else ())
+                ),
             )
-            for td in {*x509_bundles, *jwt_bundles}
-        }
+            bundle = self._accept(held.get(td), candidate)
+            if bundle is not None:
+                bundles[td] = bundle
         snapshot = IdentitySnapshot(svids, bundles, self.feed.current().version + 1)
         self.feed.publish(snapshot)
         log.info(
@@ -335,6 +366,23 @@ class SpireSource:
                 }
             },
         )
+
+    def _accept(self, current: Bundle | None, candidate: Bundle) -> Bundle | None:
+        """The bundle to serve for `candidate`'s trust domain: the candidate, or the last good one."""
+        td = candidate.trust_domain
+        print_ = (_bundles_fingerprint({td: candidate}), candidate.rejected_authorities)
+        first_time = self._reported.get(td) != print_
+        self._reported[td] = print_
+        rejection = bundle_update_rejection(current, candidate)
+        if rejection is not None:
+            if first_time:
+                report_bundle_rejection(
+                    td, rejection, "SPIRE agent", kept_last=current is not None, sink=self._on_bundle_rejected
+                )
+            return current
+        if first_time:
+            report_rejected_authorities(candidate, "SPIRE agent")
+        return candidate
 
     def _cached_jwt(self, key: tuple[SpiffeId, tuple[str, ...]]) -> JwtSvid | None:
         svid = self._jwt_cache.get(key)

@@ -166,7 +166,19 @@ async def test_per_node_trusted_ca_validation(ids: Identities) -> None:
         request.node.CopyFrom(node("frontend", validation="trusted_ca"))
         await call.write(request)
         secret = secrets_of(await call_rx.next())["ALL"]
-        assert secret.validation_context.trusted_ca.inline_bytes.count(b"BEGIN CERTIFICATE") == 2
+        # Two trust domains' roots: the node's trusted_ca wish gives way to the SPIFFE validator (no pooling).
+        assert secret.validation_context.HasField("custom_validator_config")
+        assert not secret.validation_context.HasField("trusted_ca")
+        call_rx.close()
+    feed = SnapshotFeed(ids.snapshot(federated=False))
+    async with sds_server(feed) as (_, target), grpc.aio.insecure_channel(target) as channel:
+        call = stub(channel).StreamSecrets()
+        call_rx = Responses(call)
+        request = sotw_request(["ALL"])
+        request.node.CopyFrom(node("frontend", validation="trusted_ca"))
+        await call.write(request)
+        secret = secrets_of(await call_rx.next())["ALL"]
+        assert secret.validation_context.trusted_ca.inline_bytes.count(b"BEGIN CERTIFICATE") == 1
         assert not secret.validation_context.HasField("custom_validator_config")
         call_rx.close()
 
@@ -179,8 +191,14 @@ async def test_configured_trusted_ca_and_istio_compat(ids: Identities) -> None:
             sotw_request(["ROOTCA", "spiffe://partner.test"], node_id="x")
         )
         secrets = secrets_of(response)
-        assert secrets["ROOTCA"].validation_context.trusted_ca.inline_bytes.count(b"BEGIN CERTIFICATE") == 2
+        # Istio's ROOTCA spans both trust domains: served with the SPIFFE validator, not one trusted_ca pool.
+        assert secrets["ROOTCA"].validation_context.HasField("custom_validator_config")
         assert secrets["spiffe://partner.test"].validation_context.HasField("trusted_ca")
+    unsafe = SdsConfig(validation="trusted_ca", istio_compat=True, pool_trust_domain_roots_unsafe=True)
+    async with sds_server(feed, sds=unsafe) as (_, target), grpc.aio.insecure_channel(target) as channel:
+        response = await stub(channel).FetchSecrets(sotw_request(["ROOTCA"], node_id="x"))
+        pooled = secrets_of(response)["ROOTCA"].validation_context.trusted_ca.inline_bytes
+        assert pooled.count(b"BEGIN CERTIFICATE") == 2
 
 
 async def test_fetch_secrets(ids: Identities) -> None:

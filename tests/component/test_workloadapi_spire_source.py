@@ -17,12 +17,17 @@ from spiffe import WorkloadApiClient as PyWorkloadApiClient
 from spiffe.svid.jwt_svid import JwtSvid as PyJwtSvid
 
 from svidgate.errors import SourceError
+from svidgate.identity.bundle import Bundle
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.jwtsvid import validate_jwt_svid
 from svidgate.identity.snapshot import IdentitySnapshot
+from svidgate.identity.spiffe_id import TrustDomain
 from svidgate.workloadapi.spire_source import SpireSource
+from tests.support.ca import TestCA
 from tests.support.tempdir import short_dir
 from tests.support.workloadapi import APP, APP_ADMIN, TRUST_DOMAIN, Harness, serve_workload_api
+
+PARTNER_TD = TrustDomain("partner.test")
 
 
 async def connect(endpoint: str, ready_timeout: float = 10, clock: Clock = system_clock) -> SpireSource:
@@ -165,3 +170,50 @@ async def test_a_svidgate_on_a_spire_source_serves_py_spiffe() -> None:
     assert set(bundle.jwt_authorities) == set(agent.feed.current().bundles[TRUST_DOMAIN].jwt_authorities)
     assert str(svid.spiffe_id) == str(APP)
     assert svid.leaf.serial_number == agent.feed.current().svids[APP].leaf.serial_number
+
+
+async def test_agent_bundle_update_without_a_usable_authority_keeps_the_last_good() -> None:
+    """Issue 9 item 5 for the SPIRE source: the agent's bundles pass the same acceptance rules."""
+    partner = TestCA(PARTNER_TD)
+    rejections: list[tuple[TrustDomain, str]] = []
+    async with serve_workload_api() as agent:
+        current = agent.feed.current()
+        agent.feed.publish(
+            IdentitySnapshot(
+                current.svids, {**current.bundles, PARTNER_TD: partner.bundle()}, current.version + 1
+            )
+        )
+        source = await SpireSource.connect(
+            str(agent.socket),
+            ready_timeout=10,
+            backoff_initial=0.005,
+            backoff_max=0.05,
+            on_bundle_rejected=lambda td, reason: rejections.append((td, reason)),
+        )
+        async with running(source):
+            before = source.feed.current()
+            assert before.bundles[PARTNER_TD].x509_authorities == (partner.certificate,)
+            # The partner's X.509 authority is replaced by a leaf: it can never be a trust anchor.
+            leaf, _ = partner.create_x509_certificate("spiffe://partner.test/leaf")
+            bad = Bundle(
+                PARTNER_TD, x509_authorities=(leaf,), jwt_authorities=partner.bundle().jwt_authorities
+            )
+            agent.feed.publish(
+                IdentitySnapshot(current.svids, {**current.bundles, PARTNER_TD: bad}, current.version + 2)
+            )
+            after = await _newer(source, before)
+            assert after.bundles[PARTNER_TD].x509_authorities == (partner.certificate,)
+            assert rejections == [(PARTNER_TD, "no_usable_x509_authority")]
+            # A genuine rollover (the new root added beside the old) is applied.
+            rolled = TestCA(PARTNER_TD)
+            good = Bundle(
+                PARTNER_TD,
+                x509_authorities=(partner.certificate, rolled.certificate),
+                jwt_authorities=partner.bundle().jwt_authorities,
+            )
+            agent.feed.publish(
+                IdentitySnapshot(current.svids, {**current.bundles, PARTNER_TD: good}, current.version + 3)
+            )
+            latest = await _newer(source, after)
+            assert latest.bundles[PARTNER_TD].x509_authorities == (partner.certificate, rolled.certificate)
+            assert rejections == [(PARTNER_TD, "no_usable_x509_authority")]

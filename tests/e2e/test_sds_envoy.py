@@ -10,6 +10,7 @@ the client Envoy delta SDS, so both protocols are exercised against a real Envoy
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import http.server
 import os
 import shutil
@@ -21,6 +22,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import CollectorRegistry
 
 from svidgate.config import SdsConfig, Selector, Workload
@@ -80,9 +85,16 @@ def backend() -> Iterator[http.server.ThreadingHTTPServer]:
 class Svidgate:
     """One trust domain's svidgate: a CA, a feed, the SDS servicer on an inner socket, the peercred front."""
 
-    def __init__(self, trust_domain: TrustDomain, workloads: tuple[Workload, ...], sock_dir: Path) -> None:
+    def __init__(
+        self,
+        trust_domain: TrustDomain,
+        workloads: tuple[Workload, ...],
+        sock_dir: Path,
+        sds: SdsConfig | None = None,
+    ) -> None:
         self.trust_domain = trust_domain
         self.workloads = workloads
+        self.sds = sds if sds is not None else SdsConfig()
         self.clock = FakeClock(__import__("time").time())
         self.ca = BuiltinCa.in_memory(trust_domain, KeyType.EC_P256, self.clock)
         self.federated: dict[TrustDomain, BuiltinCa] = {}
@@ -109,7 +121,7 @@ class Svidgate:
         registry = PeerRegistry()
         self._server = grpc.aio.server(options=list(SERVER_OPTIONS), maximum_concurrent_rpcs=None)
         SecretDiscoveryServicer(
-            self.feed, self.workloads, SdsConfig(), self.trust_domain, peers=registry, metrics=self.metrics
+            self.feed, self.workloads, self.sds, self.trust_domain, peers=registry, metrics=self.metrics
         ).add_to_server(self._server)
         self._server.add_insecure_port(f"unix:{self.inner}")
         await self._server.start()
@@ -153,7 +165,13 @@ async def svidgate(sock_dir: Path) -> AsyncIterator[Svidgate]:
 # -- Envoys --------------------------------------------------------------------------------------------------
 
 
-def server_envoy(gate: Svidgate, backend_port: int, tmp_path: Path, sds_api: str = "GRPC") -> EnvoyProcess:
+def server_envoy(
+    gate: Svidgate,
+    backend_port: int,
+    tmp_path: Path,
+    sds_api: str = "GRPC",
+    validation_context: str = "ALL",
+) -> EnvoyProcess:
     config = render_template(
         TEMPLATES / "server-envoy.yaml",
         sds_socket=gate.socket,
@@ -163,6 +181,9 @@ def server_envoy(gate: Svidgate, backend_port: int, tmp_path: Path, sds_api: str
         allowed_federated_client=PARTNER_CLIENT_ID,
         sds_api=sds_api,
     )
+    if validation_context != "ALL":
+        assert config.count("name: ALL") == 1
+        config = config.replace("name: ALL", f"name: {validation_context}")
     return EnvoyProcess(config, tmp_path, name="server", component_log_level="secret:debug,config:debug")
 
 
@@ -314,6 +335,89 @@ async def test_federated_trust_domain_accepted_through_all(
             assert sum(server.stats("ssl.fail_verify_error").values()) >= 1
     finally:
         await partner.stop()
+
+
+def forged_svid(issuer: BuiltinCa, spiffe_id: SpiffeId) -> X509Svid:
+    """A well-formed X.509-SVID for `spiffe_id` signed by `issuer`'s CA, whatever trust domain the ID names:
+    what a federated partner's CA (compromised or malicious) can always produce."""
+    authority = issuer.current
+    assert authority.x509_key is not None
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "forger")]))
+        .issuer_name(authority.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.x509_key.public_key()),
+            critical=False,
+        )
+        .sign(authority.x509_key, hashes.SHA256())
+    )
+    return X509Svid(spiffe_id, (cert,), key)
+
+
+async def test_istio_rootca_refuses_a_partner_signed_own_domain_identity(
+    backend: http.server.ThreadingHTTPServer, sock_dir: Path, tmp_path: Path
+) -> None:
+    # Issue 9 item 4: in Istio mode ROOTCA spans every trust domain. Pooled into one trusted_ca, a certificate
+    # for spiffe://example.org/client signed by partner.test's CA passed (200, the backend saw the forged ID).
+    own = Svidgate(TD, WORKLOADS, sock_dir, sds=SdsConfig(istio_compat=True))
+    partner = Svidgate(
+        PARTNER_TD, (Workload(PARTNER_CLIENT_ID, (Selector.parse("envoy:node_id:client"),)),), sock_dir
+    )
+    own.federated[PARTNER_TD] = partner.ca
+    partner.federated[TD] = own.ca
+    # The forger is a partner.test Envoy whose SVID names an example.org ID the server's SAN match allows.
+    partner.workloads = (*partner.workloads, Workload(CLIENT_ID, (Selector.parse("envoy:node_id:forger"),)))
+    own.rotate()
+    partner.feed.publish(
+        partner.snapshot(
+            {
+                PARTNER_CLIENT_ID: partner.ca.mint_x509_svid(PARTNER_CLIENT_ID, 3600),
+                CLIENT_ID: forged_svid(partner.ca, CLIENT_ID),
+            }
+        )
+    )
+    seen: list[str] = backend.seen  # type: ignore[attr-defined]
+    await own.start()
+    await partner.start()
+    try:
+        async with server_envoy(
+            own, backend.server_address[1], tmp_path, validation_context="ROOTCA"
+        ) as server:
+            port = server.listener_port("ingress")
+            async with (
+                client_envoy(own, port, tmp_path) as genuine,
+                client_envoy(partner, port, tmp_path, name="partner") as genuine_partner,
+                client_envoy(partner, port, tmp_path, name="forger", node_id="forger") as forger,
+            ):
+                assert (await request(genuine))[0] == 200
+                assert xfcc_uri(seen[-1]) == str(CLIENT_ID)
+                assert (await request(genuine_partner))[0] == 200
+                assert xfcc_uri(seen[-1]) == str(PARTNER_CLIENT_ID)
+                served = len(seen)
+                assert (await request(forger))[0] == 503  # the TLS handshake is refused
+                assert len(seen) == served  # the backend never saw the forged identity
+                # Refused by the chain check against example.org's own roots, not by the SAN match.
+                assert sum(server.stats("ssl.fail_verify_error").values()) >= 1
+                assert sum(server.stats("ssl.fail_verify_san").values()) == 0
+    finally:
+        await partner.stop()
+        await own.stop()
 
 
 async def test_svidgate_restart_under_running_envoy(

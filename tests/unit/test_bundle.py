@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import json
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
 from svidgate.errors import BundleError
 from svidgate.identity.bundle import (
     Bundle,
+    authority_key_problem,
+    bundle_update_rejection,
     parse_pem_bundle,
     parse_spiffe_bundle,
     pem_bundle,
@@ -23,10 +28,12 @@ from svidgate.identity.bundle import (
     public_key_to_jwk,
     spiffe_bundle_json,
     x509_authorities_pem,
+    x509_authority_problem,
+    x509_bundle,
 )
 from svidgate.identity.keys import KeyType, generate_private_key
 from svidgate.identity.spiffe_id import TrustDomain
-from tests.support.ca import TestCA
+from tests.support.ca import NOW, TestCA, key_usage
 
 TD = TrustDomain("example.org")
 CA = TestCA(TD)
@@ -118,7 +125,17 @@ def test_optional_members_are_omitted_when_unset() -> None:
 def test_jwk_key_round_trip(key: Any) -> None:
     assert public_key_from_jwk(public_key_to_jwk(key)) == key
     bundle = Bundle(trust_domain=TD, jwt_authorities={"k": key})
-    assert dict(parse_spiffe_bundle(TD, spiffe_bundle_json(bundle)).jwt_authorities) == {"k": key}
+    parsed = parse_spiffe_bundle(TD, spiffe_bundle_json(bundle))
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        # Writable as a JWK, but no JWT-SVID algorithm verifies with it: never a JWT authority.
+        assert dict(parsed.jwt_authorities) == {}
+        assert parsed.rejected_authorities == (
+            "keys[0] (jwt-svid 'k'): OKP ('Ed25519') keys have no JWT-SVID algorithm "
+            "(JWT-SVID.md 2.1: RS, ES and PS only)",
+        )
+    else:
+        assert dict(parsed.jwt_authorities) == {"k": key}
+        assert parsed.rejected_authorities == ()
 
 
 def test_writing_an_inexpressible_key_is_a_bundle_error() -> None:
@@ -217,7 +234,6 @@ OTHER_CERT_B64 = base64.b64encode(OTHER_CA.certificate.public_bytes(serializatio
         (_mutated(lambda d: _jwt(d).update(kid="")), "non-empty string 'kid'"),
         (_mutated(lambda d: _jwt(d).update(kid=7)), "non-empty string 'kid'"),
         (_mutated(lambda d: d["keys"].append(dict(_jwt(d)))), "duplicate 'kid'"),
-        (_mutated(lambda d: _jwt(d).update(crv="P-999", kty="EC")), "unsupported EC curve"),
         (
             {
                 "keys": [
@@ -246,10 +262,6 @@ OTHER_CERT_B64 = base64.b64encode(OTHER_CA.certificate.public_bytes(serializatio
         (
             {"keys": [{"use": "jwt-svid", "kid": "k", "kty": "RSA", "n": "A+/B", "e": "AQAB"}]},
             "unpadded base64url",
-        ),
-        (
-            {"keys": [{"use": "jwt-svid", "kid": "k", "kty": "OKP", "crv": "X25519", "x": "AA"}]},
-            "unsupported OKP",
         ),
         ({"keys": [], "spiffe_sequence": -1}, "'spiffe_sequence' must be between"),
         ({"keys": [], "spiffe_sequence": 2**64}, "'spiffe_sequence' must be between"),
@@ -374,3 +386,195 @@ def test_malformed_pem(data: bytes, message: str) -> None:
 def test_bundle_mapping_is_read_only() -> None:
     with pytest.raises(TypeError):
         GOOD.jwt_authorities["x"] = CA.jwt_key.public_key()  # type: ignore[index]
+
+
+# -- acceptance: per authority (X509-SVID.md 4.1/4.3, the key floor) -----
+
+
+def _self_signed(
+    key: Any, *, basic_constraints: bool = True, usage: x509.KeyUsage | None = None
+) -> x509.Certificate:
+    """A self-signed certificate over `key` (any key type TestCA cannot make), CA-shaped unless told."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd CA")])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime.fromtimestamp(NOW - 3600, dt.UTC))
+        .not_valid_after(dt.datetime.fromtimestamp(NOW + 86400, dt.UTC))
+    )
+    if basic_constraints:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    builder = builder.add_extension(usage or key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+    return builder.sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+
+
+LEAF, _ = CA.create_x509_certificate("spiffe://example.org/leaf")
+
+#: Certificates that can never be X.509 trust anchors, with the reason the bundle records.
+NOT_ANCHORS = [
+    ("leaf", LEAF, "not a CA certificate: basicConstraints cA is false (X509-SVID.md 4.1)"),
+    (
+        "no basicConstraints",
+        _self_signed(ec.generate_private_key(ec.SECP256R1()), basic_constraints=False),
+        "not a CA certificate: it has no basicConstraints extension (X509-SVID.md 4.1)",
+    ),
+    (
+        "no keyUsage",
+        TestCA(TD, usage=None).certificate,
+        "not a signing certificate: it has no keyUsage extension (X509-SVID.md 4.3: keyCertSign)",
+    ),
+    (
+        "keyUsage without keyCertSign",
+        TestCA(TD, usage=key_usage(digital_signature=True)).certificate,
+        "not a signing certificate: keyUsage lacks keyCertSign (X509-SVID.md 4.3)",
+    ),
+    (
+        "RSA-1024 CA",
+        _self_signed(rsa.generate_private_key(65537, 1024)),  # noqa: S505 - the weak key under test
+        "RSA key of 1024 bits is below the 2048-bit floor",
+    ),
+    (
+        "secp256k1 CA",
+        _self_signed(ec.generate_private_key(ec.SECP256K1())),
+        "EC curve secp256k1 is not accepted (P-256, P-384 and P-521 are)",
+    ),
+    (
+        "Ed25519 CA",
+        _self_signed(ed25519.Ed25519PrivateKey.generate()),
+        "Ed25519 keys are not accepted (RSA of at least 2048 bits and EC P-256/P-384/P-521 are)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("cert", "reason"), [(c, r) for _, c, r in NOT_ANCHORS], ids=[n for n, _, _ in NOT_ANCHORS]
+)
+def test_x509_entry_that_is_no_anchor_is_left_out_with_its_reason(
+    cert: x509.Certificate, reason: str
+) -> None:
+    assert x509_authority_problem(cert) == reason
+    der = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+    doc = _doc(GOOD)
+    doc["keys"].insert(1, {"use": "x509-svid", "kty": "EC", "x5c": [der]})
+    parsed = _parse(doc)
+    # The other authorities are untouched: one unusable entry does not sink the bundle (4.2.2 in spirit).
+    assert parsed.x509_authorities == GOOD.x509_authorities
+    assert dict(parsed.jwt_authorities) == dict(GOOD.jwt_authorities)
+    assert parsed.rejected_authorities == (f"keys[1] (x509-svid): {reason}",)
+    # The same rule for PEM bundles (files source, federation files) and DER lists (Workload API).
+    pem = pem_bundle(GOOD) + cert.public_bytes(serialization.Encoding.PEM)
+    from_pem = parse_pem_bundle(TD, pem)
+    assert from_pem.x509_authorities == GOOD.x509_authorities
+    assert from_pem.rejected_authorities == (f"certificate 2: {reason}",)
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        (
+            rsa.generate_private_key(65537, 1024).public_key(),  # noqa: S505 - the weak key under test
+            "RSA key of 1024 bits is below the 2048-bit floor",
+        ),
+        (rsa.generate_private_key(65537, 2048).public_key(), None),
+        (rsa.generate_private_key(65537, 3072).public_key(), None),
+        (ec.generate_private_key(ec.SECP256R1()).public_key(), None),
+        (ec.generate_private_key(ec.SECP384R1()).public_key(), None),
+        (ec.generate_private_key(ec.SECP521R1()).public_key(), None),
+        (
+            ec.generate_private_key(ec.SECP256K1()).public_key(),
+            "EC curve secp256k1 is not accepted (P-256, P-384 and P-521 are)",
+        ),
+        (
+            ed25519.Ed25519PrivateKey.generate().public_key(),
+            "Ed25519 keys are not accepted (RSA of at least 2048 bits and EC P-256/P-384/P-521 are)",
+        ),
+    ],
+    ids=["RSA-1024", "RSA-2048", "RSA-3072", "P-256", "P-384", "P-521", "secp256k1", "Ed25519"],
+)
+def test_authority_key_floor(key: Any, reason: str | None) -> None:
+    assert authority_key_problem(key) == reason
+
+
+def test_weak_jwt_keys_are_left_out_with_their_reason() -> None:
+    weak = rsa.generate_private_key(65537, 1024).public_key()  # noqa: S505 - the weak key under test
+    doc = _doc(GOOD)
+    doc["keys"] += [
+        {"use": "jwt-svid", "kid": "weak", **public_key_to_jwk(weak)},
+        {"use": "jwt-svid", "kid": "k1", "kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA"},
+        {"use": "jwt-svid", "kid": "x", "kty": "OKP", "crv": "X25519", "x": "AA"},
+    ]
+    parsed = _parse(doc)
+    assert dict(parsed.jwt_authorities) == dict(GOOD.jwt_authorities)
+    assert parsed.rejected_authorities == (
+        "keys[4] (jwt-svid 'weak'): RSA key of 1024 bits is below the 2048-bit floor",
+        "keys[5] (jwt-svid 'k1'): EC curve 'secp256k1' is not accepted (P-256, P-384 and P-521 are)",
+        "keys[6] (jwt-svid 'x'): OKP ('X25519') keys have no JWT-SVID algorithm "
+        "(JWT-SVID.md 2.1: RS, ES and PS only)",
+    )
+    # A rejected key still holds its kid: a second entry with it is as ambiguous as before.
+    doc["keys"].append({"use": "jwt-svid", "kid": "weak", **public_key_to_jwk(CA.jwt_key.public_key())})
+    with pytest.raises(BundleError, match="duplicate 'kid' 'weak'"):
+        _parse(doc)
+
+
+def test_x509_bundle_from_certificates() -> None:
+    bundle = x509_bundle(TD, [CA.certificate, LEAF, CA.certificate], "bundle certificate")
+    assert bundle.x509_authorities == (CA.certificate,)
+    assert bundle.rejected_authorities == (
+        "bundle certificate 1: not a CA certificate: basicConstraints cA is false (X509-SVID.md 4.1)",
+    )
+
+
+# -- acceptance: per update -----
+
+
+def _bundle(
+    *, x509_: bool = True, jwt: bool = True, sequence: int | None = None, rejected: tuple[str, ...] = ()
+) -> Bundle:
+    return Bundle(
+        TD,
+        x509_authorities=(CA.certificate,) if x509_ else (),
+        jwt_authorities={CA.jwt_kid: CA.jwt_key.public_key()} if jwt else {},
+        sequence=sequence,
+        rejected_authorities=rejected,
+    )
+
+
+@pytest.mark.parametrize(
+    ("current", "candidate", "reason"),
+    [
+        (None, _bundle(), None),
+        (None, _bundle(jwt=False), None),
+        (None, _bundle(x509_=False), None),
+        (None, _bundle(x509_=False, jwt=False), "no_usable_authority"),
+        (_bundle(), _bundle(), None),
+        (_bundle(jwt=False), _bundle(), None),  # gaining a use is fine
+        (_bundle(), _bundle(jwt=False), "no_usable_jwt_authority"),
+        (_bundle(), _bundle(x509_=False), "no_usable_x509_authority"),
+        (_bundle(jwt=False), _bundle(x509_=False), "no_usable_x509_authority"),
+        (_bundle(x509_=False), _bundle(jwt=False), "no_usable_jwt_authority"),
+        (_bundle(), _bundle(x509_=False, jwt=False), "no_usable_authority"),
+        (_bundle(sequence=5), _bundle(sequence=4), "sequence_regressed"),
+        (_bundle(sequence=5), _bundle(sequence=5), None),
+        (_bundle(sequence=5), _bundle(sequence=None), None),
+        (_bundle(sequence=None), _bundle(sequence=1), None),
+    ],
+)
+def test_bundle_update_rules(current: Bundle | None, candidate: Bundle, reason: str | None) -> None:
+    rejection = bundle_update_rejection(current, candidate)
+    assert (rejection.reason if rejection is not None else None) == reason
+
+
+def test_update_rejection_detail_names_what_parsing_left_out() -> None:
+    candidate = _bundle(
+        jwt=False, rejected=("keys[1] (jwt-svid 'k'): RSA key of 1024 bits is below the 2048-bit floor",)
+    )
+    rejection = bundle_update_rejection(_bundle(), candidate)
+    assert rejection is not None
+    assert rejection.detail == (
+        "the bundle would leave no usable JWT authority where there were 1 "
+        "(keys[1] (jwt-svid 'k'): RSA key of 1024 bits is below the 2048-bit floor)"
+    )

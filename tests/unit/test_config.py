@@ -737,3 +737,22 @@ def test_check_workers_default_and_bounds() -> None:
     assert parse("server: {check_workers: 6}\n").server.check_workers == 6
     with pytest.raises(ConfigError, match=r"server\.check_workers"):
         parse("server: {check_workers: 0}\n")
+
+
+def test_pooling_trust_domain_roots_is_an_explicit_opt_in_with_a_warning(tmp_path: Path) -> None:
+    base = "trust_domain: example.org\nsds: {validation: trusted_ca, istio_compat: true}\n"
+    default = parse_config(base, "t", base_dir=tmp_path, env=ENV)
+    assert default.sds.pool_trust_domain_roots_unsafe is False
+    assert not [w for w in default.warnings() if "pool_trust_domain_roots_unsafe" in w]
+    opted = parse_config(
+        base.replace("istio_compat: true", "istio_compat: true, pool_trust_domain_roots_unsafe: true"),
+        "t",
+        base_dir=tmp_path,
+        env=ENV,
+    )
+    assert opted.sds.pool_trust_domain_roots_unsafe is True
+    (warning,) = [w for w in opted.warnings() if "pool_trust_domain_roots_unsafe" in w]
+    assert "impersonation" in warning
+    bad = base.replace("}", ", pool_trust_domain_roots_unsafe: 1}")
+    with pytest.raises(ConfigError, match=r"sds\.pool_trust_domain_roots_unsafe: expected true or false"):
+        parse_config(bad, "t", base_dir=tmp_path, env=ENV)

@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from svidgate.config import BundleEndpoint, FederationConfig
 from svidgate.errors import BundleError, SourceError
-from svidgate.identity.bundle import Bundle, pem_bundle, spiffe_bundle_json
+from svidgate.identity.bundle import (
+    MAX_BUNDLE_BYTES,
+    Bundle,
+    pem_bundle,
+    public_key_to_jwk,
+    spiffe_bundle_json,
+)
 from svidgate.identity.clock import FakeClock, system_clock
 from svidgate.identity.sources.federation import (
     FIRST_RETRY,
     MIN_REFRESH,
     FederatedBundles,
+    FileTooLargeError,
+    WatchedFile,
     fetch_bundle,
     parse_bundle_document,
 )
@@ -96,7 +109,7 @@ def test_bad_bundle_file_keeps_the_last_bundle(
         clock.advance(5)
         assert federation.refresh({}) is False
     assert federation.bundles()[OTHER] is good
-    assert caplog.messages.count("federation.bundle_file_invalid") == 1
+    assert caplog.messages.count("bundle.update_rejected") == 1
     assert "federation.bundle_file_unreadable" in caplog.messages
 
 
@@ -114,7 +127,142 @@ def test_lower_sequence_is_ignored(
         assert federation.refresh({}) is False
     assert federation.bundles()[OTHER].sequence == 7
     assert federation.bundles()[OTHER].x509_authorities == other_ca.bundle().x509_authorities
-    assert "federation.sequence_regressed" in caplog.messages
+    (record,) = [r for r in caplog.records if r.getMessage() == "bundle.update_rejected"]
+    assert record.fields["reason"] == "sequence_regressed"  # type: ignore[attr-defined]
+
+
+# -- acceptance rules in the apply step (issue 9 item 5) -----------------------------------------------
+
+
+class Rejections(list[tuple[TrustDomain, str]]):
+    """A `BundleRejectionSink` that remembers what it was told."""
+
+    def __call__(self, trust_domain: TrustDomain, reason: str) -> None:
+        self.append((trust_domain, reason))
+
+
+def rejected_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [r.fields for r in caplog.records if r.getMessage() == "bundle.update_rejected"]  # type: ignore[attr-defined]
+
+
+WEAK_JWT = rsa.generate_private_key(65537, 1024).public_key()  # noqa: S505 - the weak key under test
+
+
+def jwt_only(key: object, kid: str = "weak") -> bytes:
+    return json.dumps({"keys": [{"use": "jwt-svid", "kid": kid, **public_key_to_jwk(key)}]}).encode()  # type: ignore[arg-type]
+
+
+def with_x509(ca: TestCA, certificate: x509.Certificate) -> bytes:
+    """`ca`'s bundle document with its X.509 authority replaced by `certificate`."""
+    doc = json.loads(spiffe_bundle_json(ca.bundle()))
+    der = base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()
+    for key in doc["keys"]:
+        if key["use"] == "x509-svid":
+            key.clear()
+            key.update({"use": "x509-svid", "kty": "EC", "x5c": [der]})
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("update", "reason"),
+    [
+        # The reported case: a bundle file whose only key is RSA-1024 dropped the good keys (tokens 401).
+        (lambda ca: jwt_only(WEAK_JWT), "no_usable_authority"),
+        (
+            lambda ca: spiffe_bundle_json(Bundle(OTHER, x509_authorities=(ca.certificate,))),
+            "no_usable_jwt_authority",
+        ),
+        (
+            lambda ca: with_x509(ca, ca.create_x509_certificate("spiffe://other.org/leaf")[0]),
+            "no_usable_x509_authority",
+        ),
+        (lambda ca: b'{"keys": []}', "no_usable_authority"),
+        (lambda ca: b"{not json", "malformed"),
+        (lambda ca: b" " * (MAX_BUNDLE_BYTES + 1), "too_large"),
+    ],
+    ids=["rsa-1024-jwt-only", "jwt-keys-gone", "leaf-as-x509-authority", "empty", "malformed", "over-1MiB"],
+)
+def test_rejected_file_update_keeps_the_last_good_bundle(
+    tmp_path: Path,
+    clock: FakeClock,
+    other_ca: TestCA,
+    caplog: pytest.LogCaptureFixture,
+    update: Callable[[TestCA], bytes],
+    reason: str,
+) -> None:
+    path = tmp_path / "other.json"
+    replace_file(path, spiffe_bundle_json(other_ca.bundle()))
+    sink = Rejections()
+    federation = FederatedBundles({OTHER: FederationConfig(bundle_file=path)}, clock, on_rejected=sink)
+    assert federation.refresh({}) is True
+    good = federation.bundles()[OTHER]
+    replace_file(path, update(other_ca))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # reported once per change, not once per poll
+            clock.advance(5)
+            assert federation.refresh({}) is False
+    assert federation.bundles()[OTHER] is good
+    assert sink == [(OTHER, reason)]
+    (line,) = rejected_lines(caplog)
+    assert line["trust_domain"] == "other.org"
+    assert line["reason"] == reason
+    assert line["kept_last"] is True
+
+
+def test_rejected_endpoint_update_keeps_the_last_good_bundle(
+    clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    fetch = FakeFetcher()
+    weak_only = json.loads(spiffe_bundle_json(other_ca.bundle()))
+    weak_only["keys"] = [k for k in weak_only["keys"] if k["use"] == "x509-svid"]
+    weak_only["keys"].append({"use": "jwt-svid", "kid": "weak", **public_key_to_jwk(WEAK_JWT)})
+    fetch.responses = [spiffe_bundle_json(other_ca.bundle()), json.dumps(weak_only).encode()]
+    sink = Rejections()
+    endpoint = BundleEndpoint("https://other.org/bundle", "https_web", refresh=100)
+    federation = FederatedBundles(
+        {OTHER: FederationConfig(bundle_endpoint=endpoint)}, clock, fetch=fetch, on_rejected=sink
+    )
+    federation.refresh({})
+    good = federation.bundles()[OTHER]
+    clock.advance(100)
+    with caplog.at_level(logging.WARNING):
+        assert federation.refresh({}) is False
+    assert federation.bundles()[OTHER] is good
+    assert dict(good.jwt_authorities) == dict(other_ca.bundle().jwt_authorities)
+    assert sink == [(OTHER, "no_usable_jwt_authority")]
+    (line,) = rejected_lines(caplog)
+    assert line["origin"] == "https://other.org/bundle"
+    assert "RSA key of 1024 bits is below the 2048-bit floor" in str(line["detail"])
+    assert federation.next_due() == clock() + 100  # fetched fine: the normal schedule, no retry storm
+
+
+def test_unusable_authorities_beside_good_ones_are_left_out_and_logged(
+    tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = json.loads(spiffe_bundle_json(other_ca.bundle()))
+    doc["keys"].append({"use": "jwt-svid", "kid": "weak", **public_key_to_jwk(WEAK_JWT)})
+    path = tmp_path / "other.json"
+    replace_file(path, json.dumps(doc).encode())
+    sink = Rejections()
+    federation = FederatedBundles({OTHER: FederationConfig(bundle_file=path)}, clock, on_rejected=sink)
+    with caplog.at_level(logging.WARNING):
+        assert federation.refresh({}) is True
+    bundle = federation.bundles()[OTHER]
+    assert dict(bundle.jwt_authorities) == dict(other_ca.bundle().jwt_authorities)
+    assert sink == []  # the update was applied; only the weak key was not
+    (line,) = [r.fields for r in caplog.records if r.getMessage() == "bundle.authority_rejected"]  # type: ignore[attr-defined]
+    assert line["trust_domain"] == "other.org"
+    assert line["reason"] == "keys[2] (jwt-svid 'weak'): RSA key of 1024 bits is below the 2048-bit floor"
+
+
+def test_bundle_files_are_read_up_to_the_cap(tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    path.write_bytes(b" " * (MAX_BUNDLE_BYTES + 1))
+    with pytest.raises(FileTooLargeError, match="larger than 1048576 bytes"):
+        WatchedFile(path).poll()
+    path.write_bytes(b" " * MAX_BUNDLE_BYTES)
+    watched = WatchedFile(path)
+    assert watched.poll() == b" " * MAX_BUNDLE_BYTES
 
 
 # -- bundle endpoints with a fake fetcher --------------------------------------------------------------
@@ -177,7 +325,8 @@ def test_endpoint_failure_keeps_the_last_bundle_and_backs_off(
         assert federation.refresh({}) is False
         assert federation.next_due() == clock() + 2 * FIRST_RETRY
     assert federation.bundles()[OTHER] is kept
-    assert caplog.messages.count("federation.fetch_failed") == 2
+    assert caplog.messages.count("federation.fetch_failed") == 1  # connection refused
+    assert caplog.messages.count("bundle.update_rejected") == 1  # answered, but not a bundle
     clock.advance(2 * FIRST_RETRY)
     assert federation.refresh({}) is False  # the same bundle again: nothing to publish
     assert federation.next_due() == clock() + 100

@@ -13,6 +13,7 @@ from svidgate.sds.resources import (
     SecretResolver,
     SecretResource,
     Subscriber,
+    Validation,
     parse_validation,
 )
 from tests.component.sds_fixtures import ADMIN, BACKEND, FED_TD, FRONTEND, TD, Identities, unpack
@@ -91,11 +92,20 @@ def test_rootca_is_own_bundle_as_trusted_ca(ids: Identities) -> None:
     assert roots == list(ids.ca.bundle().x509_authorities)
 
 
-def test_istio_compat_rootca_is_all_bundles(ids: Identities) -> None:
-    resolver = SecretResolver(ids.snapshot(), Naming(TD, istio_compat=True))
+def test_istio_compat_rootca_without_federation_is_own_trusted_ca(ids: Identities) -> None:
+    resolver = SecretResolver(ids.snapshot(federated=False), Naming(TD, istio_compat=True))
     secret = unpack(resolve(resolver, "ROOTCA", Subscriber((), "spiffe")).resource)
     roots = x509.load_pem_x509_certificates(secret.validation_context.trusted_ca.inline_bytes)
-    assert set(roots) == set(ids.ca.bundle().x509_authorities) | set(ids.fed_ca.bundle().x509_authorities)
+    assert roots == list(ids.ca.bundle().x509_authorities)
+
+
+def test_istio_compat_rootca_with_federation_binds_each_root_to_its_trust_domain(ids: Identities) -> None:
+    # Istio's agent pools every root into ROOTCA's trusted_ca; a partner CA could then sign example.org IDs.
+    resolver = SecretResolver(ids.snapshot(), Naming(TD, istio_compat=True))
+    config = spiffe_config(resolve(resolver, "ROOTCA", Subscriber((), "spiffe")))
+    assert [td.name for td in config.trust_domains] == ["example.org", "partner.test"]
+    fed = x509.load_pem_x509_certificates(config.trust_domains[1].trust_bundle.inline_bytes)
+    assert fed == list(ids.fed_ca.bundle().x509_authorities)
 
 
 def test_all_is_spiffe_validator_with_every_trust_domain(ids: Identities) -> None:
@@ -112,11 +122,114 @@ def test_trust_domain_name_is_that_bundle(ids: Identities) -> None:
     assert [td.name for td in config.trust_domains] == [FED_TD.name]
 
 
-def test_trusted_ca_validation_replaces_the_spiffe_validator(ids: Identities) -> None:
-    resolver = SecretResolver(ids.snapshot(), Naming(TD))
+def test_trusted_ca_validation_replaces_the_spiffe_validator_for_one_trust_domain(ids: Identities) -> None:
+    resolver = SecretResolver(ids.snapshot(federated=False), Naming(TD))
     secret = unpack(resolve(resolver, "ALL", Subscriber((), "trusted_ca")).resource)
     assert not secret.validation_context.HasField("custom_validator_config")
-    assert len(x509.load_pem_x509_certificates(secret.validation_context.trusted_ca.inline_bytes)) == 2
+    assert len(x509.load_pem_x509_certificates(secret.validation_context.trusted_ca.inline_bytes)) == 1
+
+
+OWN = ("example.org",)
+FED = ("partner.test",)
+BOTH = ("example.org", "partner.test")
+
+#: Every name x validation flavour (config or node metadata: both arrive as Subscriber.validation) x Istio
+#: mode x federated or not -> what the builder serves: (flavour, trust domains), or None for "unknown". The
+#: rule under test: more than one trust domain's roots are never pooled in one trusted_ca.
+BUILDER_TABLE: list[tuple[str, str, bool, bool, tuple[str, tuple[str, ...]] | None]] = [
+    # ROOTCA is a trusted_ca of the own trust domain; in Istio mode every trust domain's, so once federated
+    # it must become the SPIFFE validator.
+    ("ROOTCA", "spiffe", False, False, ("trusted_ca", OWN)),
+    ("ROOTCA", "spiffe", False, True, ("trusted_ca", OWN)),
+    ("ROOTCA", "spiffe", True, False, ("trusted_ca", OWN)),
+    ("ROOTCA", "spiffe", True, True, ("spiffe", BOTH)),
+    ("ROOTCA", "trusted_ca", False, False, ("trusted_ca", OWN)),
+    ("ROOTCA", "trusted_ca", False, True, ("trusted_ca", OWN)),
+    ("ROOTCA", "trusted_ca", True, False, ("trusted_ca", OWN)),
+    ("ROOTCA", "trusted_ca", True, True, ("spiffe", BOTH)),
+    ("ALL", "spiffe", False, False, ("spiffe", OWN)),
+    ("ALL", "spiffe", False, True, ("spiffe", BOTH)),
+    ("ALL", "spiffe", True, False, ("spiffe", OWN)),
+    ("ALL", "spiffe", True, True, ("spiffe", BOTH)),
+    ("ALL", "trusted_ca", False, False, ("trusted_ca", OWN)),
+    ("ALL", "trusted_ca", False, True, ("spiffe", BOTH)),
+    ("ALL", "trusted_ca", True, False, ("trusted_ca", OWN)),
+    ("ALL", "trusted_ca", True, True, ("spiffe", BOTH)),
+    ("spiffe://example.org", "spiffe", False, False, ("spiffe", OWN)),
+    ("spiffe://example.org", "spiffe", False, True, ("spiffe", OWN)),
+    ("spiffe://example.org", "spiffe", True, False, ("spiffe", OWN)),
+    ("spiffe://example.org", "spiffe", True, True, ("spiffe", OWN)),
+    ("spiffe://example.org", "trusted_ca", False, False, ("trusted_ca", OWN)),
+    ("spiffe://example.org", "trusted_ca", False, True, ("trusted_ca", OWN)),
+    ("spiffe://example.org", "trusted_ca", True, False, ("trusted_ca", OWN)),
+    ("spiffe://example.org", "trusted_ca", True, True, ("trusted_ca", OWN)),
+    ("spiffe://partner.test", "spiffe", False, False, None),
+    ("spiffe://partner.test", "spiffe", False, True, ("spiffe", FED)),
+    ("spiffe://partner.test", "spiffe", True, False, None),
+    ("spiffe://partner.test", "spiffe", True, True, ("spiffe", FED)),
+    ("spiffe://partner.test", "trusted_ca", False, False, None),
+    ("spiffe://partner.test", "trusted_ca", False, True, ("trusted_ca", FED)),
+    ("spiffe://partner.test", "trusted_ca", True, False, None),
+    ("spiffe://partner.test", "trusted_ca", True, True, ("trusted_ca", FED)),
+]
+
+
+def served(ids: Identities, resource: SecretResource) -> tuple[str, tuple[str, ...]]:
+    """(flavour, trust domains whose roots the validation context holds) of a bundle resource."""
+    context = unpack(resource.resource).validation_context
+    if context.HasField("custom_validator_config"):
+        config = spiffe_config(resource)
+        return "spiffe", tuple(td.name for td in config.trust_domains)
+    roots = set(x509.load_pem_x509_certificates(context.trusted_ca.inline_bytes))
+    owners = {
+        TD.name: set(ids.ca.bundle().x509_authorities),
+        FED_TD.name: set(ids.fed_ca.bundle().x509_authorities),
+    }
+    held = tuple(sorted(td for td, certs in owners.items() if certs & roots))
+    assert roots == set().union(*(owners[td] for td in held))  # nothing but whole bundles
+    return "trusted_ca", held
+
+
+@pytest.mark.parametrize(
+    ("name", "validation", "istio", "federated", "expected"),
+    BUILDER_TABLE,
+    ids=[f"{n}-{v}-{'istio' if i else 'plain'}-{'fed' if f else 'alone'}" for n, v, i, f, _ in BUILDER_TABLE],
+)
+def test_builders_never_pool_trust_domain_roots(
+    ids: Identities,
+    name: str,
+    validation: Validation,
+    istio: bool,
+    federated: bool,
+    expected: tuple[str, tuple[str, ...]] | None,
+) -> None:
+    resolver = SecretResolver(ids.snapshot(federated=federated), Naming(TD, istio_compat=istio))
+    result = resolver.resolve(name, Subscriber((), validation))
+    if expected is None:
+        assert isinstance(result, Rejection)
+        assert result.reason == "unknown"
+        return
+    assert isinstance(result, SecretResource), result
+    assert served(ids, result) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "validation", "istio", "expected"),
+    [
+        ("ROOTCA", "spiffe", True, ("trusted_ca", BOTH)),
+        ("ALL", "trusted_ca", False, ("trusted_ca", BOTH)),
+        ("ALL", "trusted_ca", True, ("trusted_ca", BOTH)),
+        # The opt-in only brings back what trusted_ca asked for; it never downgrades the SPIFFE validator.
+        ("ALL", "spiffe", False, ("spiffe", BOTH)),
+        ("ROOTCA", "spiffe", False, ("trusted_ca", OWN)),
+    ],
+)
+def test_pooling_only_with_the_unsafe_opt_in(
+    ids: Identities, name: str, validation: Validation, istio: bool, expected: tuple[str, tuple[str, ...]]
+) -> None:
+    naming = Naming(TD, istio_compat=istio, pool_trust_domain_roots=True)
+    resolver = SecretResolver(ids.snapshot(), naming)
+    assert served(ids, resolve(resolver, name, Subscriber((), validation))) == expected
 
 
 def test_configurable_names(ids: Identities) -> None:

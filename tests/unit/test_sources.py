@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from cryptography import x509
 
 from svidgate.config import Selector, Workload, parse_config
 from svidgate.errors import SourceError
-from svidgate.identity.bundle import pem_bundle, spiffe_bundle_json
+from svidgate.identity.bundle import MAX_BUNDLE_BYTES, pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.jwtsvid import validate_jwt_svid
@@ -294,6 +295,50 @@ def test_files_bad_combination_keeps_last_good_and_logs_once(
     clock.advance(5)
     assert source.refresh() is True
     assert source.feed.current().svids[FRONTEND].leaf == other.leaf
+
+
+class Rejections(list[tuple[TrustDomain, str]]):
+    def __call__(self, trust_domain: TrustDomain, reason: str) -> None:
+        self.append((trust_domain, reason))
+
+
+@pytest.mark.parametrize(
+    ("bundle", "reason"),
+    [
+        # A leaf where the CA should be: it can never be a trust anchor, and nothing else is left.
+        (lambda f: f.ca.mint_x509_svid(BACKEND, HOUR).cert_chain_pem(), "no_usable_authority"),
+        (lambda f: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "malformed"),
+        (lambda f: b"#" * (MAX_BUNDLE_BYTES + 1), "too_large"),
+    ],
+    ids=["leaf-as-ca", "malformed", "over-1MiB"],
+)
+def test_files_rejected_own_bundle_keeps_last_good(
+    files: Files,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    bundle: Callable[[Files], bytes],
+    reason: str,
+) -> None:
+    sink = Rejections()
+    source = FileSource(
+        files.cert, files.key, files.bundle, TD, None, clock, poll_interval=5, on_bundle_rejected=sink
+    )
+    good = source.feed.current()
+    replace_file(files.bundle, bundle(files))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            clock.advance(5)
+            assert source.refresh() is False
+    assert source.feed.current() is good
+    assert sink == [(TD, reason)]
+    (line,) = [r.fields for r in caplog.records if r.getMessage() == "bundle.update_rejected"]  # type: ignore[attr-defined]
+    assert (line["trust_domain"], line["reason"], line["kept_last"]) == ("example.org", reason, True)
+
+
+def test_files_start_refuses_a_bundle_without_a_usable_authority(files: Files, clock: FakeClock) -> None:
+    replace_file(files.bundle, files.ca.mint_x509_svid(BACKEND, HOUR).cert_chain_pem())
+    with pytest.raises(SourceError, match=r"no usable authority .*basicConstraints cA is false"):
+        files.source(clock)
 
 
 def test_files_accepts_a_spiffe_bundle_document(files: Files, clock: FakeClock) -> None:

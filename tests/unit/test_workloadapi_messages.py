@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from svidgate._gen import workload_pb2
 from svidgate.errors import BundleError, X509SvidError
@@ -123,3 +124,24 @@ def test_parse_rejects_an_empty_response_and_a_bad_bundle(snapshot: IdentitySnap
     response.federated_bundles["spiffe://partner.test"] = b"\x01garbage"
     with pytest.raises(BundleError, match=r"partner\.test"):
         parse_x509_svid_response(response)
+
+
+def test_agent_bundles_leave_out_what_can_never_be_an_authority(snapshot: IdentitySnapshot) -> None:
+    weak = rsa.generate_private_key(65537, 1024).public_key()  # noqa: S505 - the weak key under test
+    good = ec.generate_private_key(ec.SECP256R1()).public_key()
+    doc = {"keys": [{"kid": "weak", **public_key_to_jwk(weak)}, {"kid": "good", **public_key_to_jwk(good)}]}
+    bundle = parse_jwt_jwks(TD, json.dumps(doc).encode())
+    assert dict(bundle.jwt_authorities) == {"good": good}
+    assert bundle.rejected_authorities == (
+        "keys[0] (jwt-svid 'weak'): RSA key of 1024 bits is below the 2048-bit floor",
+    )
+    # A leaf among the partner's X.509 authorities (DER in federated_bundles) is not an anchor.
+    response = x509_svid_response(snapshot, [Identity(A)])
+    assert response is not None
+    leaf = snapshot.svids[A].leaf.public_bytes(serialization.Encoding.DER)
+    response.federated_bundles["spiffe://partner.test"] += leaf
+    partner = parse_x509_svid_response(response).bundles[PARTNER]
+    assert partner.x509_authorities == snapshot.bundles[PARTNER].x509_authorities
+    assert partner.rejected_authorities == (
+        "bundle certificate 1: not a CA certificate: basicConstraints cA is false (X509-SVID.md 4.1)",
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from svidgate.config import Config
 from svidgate.errors import SourceError
+from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.sources.base import IdentitySource
@@ -18,14 +19,20 @@ from svidgate.identity.sources.federation import FederatedBundles, fetch_bundle
 from svidgate.identity.sources.files import FileSource
 
 
-def federated_bundles(config: Config, clock: Clock = system_clock) -> FederatedBundles | None:
+def federated_bundles(
+    config: Config, clock: Clock = system_clock, on_bundle_rejected: BundleRejectionSink | None = None
+) -> FederatedBundles | None:
     """The federation watcher for `config.federation`, or None when nothing is federated."""
     if not config.federation:
         return None
-    return FederatedBundles(config.federation, clock, poll_interval=config.source.poll_interval)
+    return FederatedBundles(
+        config.federation, clock, poll_interval=config.source.poll_interval, on_rejected=on_bundle_rejected
+    )
 
 
-def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource | FileSource:
+def create_source(
+    config: Config, clock: Clock = system_clock, on_bundle_rejected: BundleRejectionSink | None = None
+) -> BuiltinSource | FileSource:
     """Build the source `config.source.kind` names (builtin or files), with federation attached.
 
     Blocks briefly: the CA state is loaded (or created), the first SVIDs are minted and federated bundles are
@@ -34,6 +41,7 @@ def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource 
     Args:
         config: the configuration.
         clock: the time source.
+        on_bundle_rejected: told of every rejected bundle update (own and federated; the runtime counts them).
 
     Returns:
         The source, its first snapshot already published.
@@ -43,7 +51,7 @@ def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource 
             gRPC) or the source cannot produce its first snapshot.
         CaError: the built-in CA state cannot be loaded or created.
     """
-    federation = federated_bundles(config, clock)
+    federation = federated_bundles(config, clock, on_bundle_rejected)
     if config.source.kind == "builtin":
         ca = BuiltinCa.load_or_create(
             config.state_dir, config.trust_domain, config.ca.key_type, clock, ca_ttl=config.ca.ca_ttl
@@ -69,6 +77,7 @@ def create_source(config: Config, clock: Clock = system_clock) -> BuiltinSource 
             federation,
             clock,
             poll_interval=src.poll_interval,
+            on_bundle_rejected=on_bundle_rejected,
         )
     raise SourceError(f"source kind {config.source.kind!r} is not built here (see svidgate.workloadapi)")
 

@@ -7,12 +7,14 @@ Nothing here publishes snapshots; the source merges `bundles()` into its own.
 
 Rules (SPIFFE_Federation.md):
 
-- A bundle document with a lower ``spiffe_sequence`` than the one held is ignored (logged): sequence numbers
-  only go up, so a lower one is a stale replica or a replay.
+- A new bundle passes `bundle_update_rejection` before it replaces the one held: no lower
+  ``spiffe_sequence`` (sequence numbers only go up, so a lower one is a stale replica or a replay), and no
+  trust domain left without a usable authority for a use it had. A rejected update keeps the last good
+  bundle and is reported once (log ``bundle.update_rejected`` and the owner's rejection sink).
 - The next fetch happens after the bundle's ``spiffe_refresh_hint`` (clamped to [10 s, 1 day]), or after the
   endpoint's configured `refresh` when the bundle has no hint.
 - A failed fetch or a bad file keeps the last good bundle; failures are retried with a backoff that starts at
-  10 s and never exceeds the refresh interval.
+  10 s and never exceeds the refresh interval. Bundle files, like endpoint bodies, are read up to 1 MiB.
 
 Blocking I/O (file reads, HTTPS) happens inside `refresh()`; an asyncio owner runs it in a worker thread.
 Never imports gRPC.
@@ -35,7 +37,18 @@ from cryptography import x509
 
 from svidgate.config import BundleEndpoint, FederationConfig
 from svidgate.errors import BundleError, SourceError, X509SvidError
-from svidgate.identity.bundle import Bundle, parse_pem_bundle, parse_spiffe_bundle, pem_bundle
+from svidgate.identity.bundle import (
+    MAX_BUNDLE_BYTES,
+    Bundle,
+    BundleRejection,
+    BundleRejectionSink,
+    bundle_update_rejection,
+    parse_pem_bundle,
+    parse_spiffe_bundle,
+    pem_bundle,
+    report_bundle_rejection,
+    report_rejected_authorities,
+)
 from svidgate.identity.clock import Clock
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import spiffe_id_of
@@ -45,8 +58,6 @@ log = logging.getLogger(__name__)
 MIN_REFRESH = 10.0
 MAX_REFRESH = 86400.0
 FIRST_RETRY = 10.0
-#: A bundle document larger than this is refused; real bundles are a few kilobytes.
-MAX_BUNDLE_BYTES = 1 << 20
 FETCH_TIMEOUT = 10.0
 RACY_SECONDS = 2.0
 
@@ -79,11 +90,21 @@ def same_bundle(a: Bundle | None, b: Bundle | None) -> bool:
     )
 
 
-class WatchedFile:
-    """A file whose content is re-read when its metadata changes and reported only when its bytes change."""
+class FileTooLargeError(SourceError):
+    """A watched file is larger than its cap (bundle files: `MAX_BUNDLE_BYTES`, as endpoint bodies)."""
 
-    def __init__(self, path: Path) -> None:
+
+class WatchedFile:
+    """A file whose content is re-read when its metadata changes and reported only when its bytes change.
+
+    Args:
+        path: the file.
+        max_bytes: the largest content accepted; more is never read into memory (at most max_bytes + 1).
+    """
+
+    def __init__(self, path: Path, max_bytes: int = MAX_BUNDLE_BYTES) -> None:
         self.path = path
+        self.max_bytes = max_bytes
         self._stat_key: tuple[int, int, int, int] | None = None
         self._digest: bytes | None = None
 
@@ -92,12 +113,14 @@ class WatchedFile:
 
         Raises:
             OSError: the file cannot be read (the next poll tries again).
+            FileTooLargeError: the new content is over `max_bytes` (reported once per change, like content).
         """
         st = os.stat(self.path)
         key = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
         if key == self._stat_key:
             return None
-        data = self.path.read_bytes()
+        with open(self.path, "rb") as file:
+            data = file.read(self.max_bytes + 1)
         digest = hashlib.sha256(data).digest()
         # File systems stamp mtimes with a coarse clock: a second write within the same tick can keep every
         # stat field. Trust the stat key only once the file is older than that ("racy git" rule); until then
@@ -106,6 +129,8 @@ class WatchedFile:
         if digest == self._digest:
             return None
         self._digest = digest
+        if len(data) > self.max_bytes:
+            raise FileTooLargeError(f"{self.path}: larger than {self.max_bytes} bytes")
         return data
 
     def forget(self) -> None:
@@ -216,6 +241,7 @@ class FederatedBundles:
         clock: the time source (refresh decisions only; HTTPS itself uses real time).
         poll_interval: seconds between checks of bundle files.
         fetch: the endpoint fetcher (tests may replace it); `fetch_bundle` by default.
+        on_rejected: told of every rejected bundle update (the runtime counts them), when given.
     """
 
     def __init__(
@@ -224,10 +250,12 @@ class FederatedBundles:
         clock: Clock,
         poll_interval: float = 5.0,
         fetch: Fetcher = fetch_bundle,
+        on_rejected: BundleRejectionSink | None = None,
     ) -> None:
         self._clock = clock
         self._poll_interval = poll_interval
         self._fetch = fetch
+        self._on_rejected = on_rejected
         self._domains = [
             _FederatedTrustDomain(
                 trust_domain=td,
@@ -273,6 +301,9 @@ class FederatedBundles:
         assert domain.file is not None
         try:
             data = domain.file.poll()
+        except FileTooLargeError as exc:
+            self._reject(domain, BundleRejection("too_large", str(exc)), str(domain.file.path))
+            return False
         except OSError as exc:
             domain.file.forget()
             if domain.failures == 0 or domain.bundle is None:
@@ -288,11 +319,8 @@ class FederatedBundles:
         try:
             bundle = parse_bundle_document(domain.trust_domain, data)
         except BundleError as exc:
-            # The bad content stays "seen", so it is logged once; a new write is read again.
-            log.warning(
-                "federation.bundle_file_invalid",
-                extra={"fields": _fields(domain, path=str(domain.file.path), error=str(exc), kept_last=True)},
-            )
+            # The bad content stays "seen", so it is reported once; a new write is read again.
+            self._reject(domain, BundleRejection("malformed", str(exc)), str(domain.file.path))
             return False
         return self._install(domain, bundle, f"file {domain.file.path}")
 
@@ -310,6 +338,10 @@ class FederatedBundles:
             domain.failures += 1
             retry = min(FIRST_RETRY * 2 ** (domain.failures - 1), endpoint.refresh)
             domain.next_fetch = now + retry
+            if isinstance(exc, BundleError):
+                # The endpoint answered, but with a document that is no bundle: a rejected update.
+                self._reject(domain, BundleRejection("malformed", str(exc)), endpoint.url)
+                return False
             log.warning(
                 "federation.fetch_failed",
                 extra={
@@ -332,28 +364,13 @@ class FederatedBundles:
 
     def _install(self, domain: _FederatedTrustDomain, bundle: Bundle, origin: str) -> bool:
         current = domain.bundle
-        if (
-            current is not None
-            and current.sequence is not None
-            and bundle.sequence is not None
-            and bundle.sequence < current.sequence
-        ):
-            log.warning(
-                "federation.sequence_regressed",
-                extra={
-                    "fields": _fields(
-                        domain, origin=origin, sequence=bundle.sequence, current_sequence=current.sequence
-                    )
-                },
-            )
-            return False
         if same_bundle(current, bundle):
             return False
-        if not bundle.x509_authorities and not bundle.jwt_authorities:
-            log.warning(
-                "federation.bundle_empty", extra={"fields": _fields(domain, origin=origin, kept_last=True)}
-            )
+        rejection = bundle_update_rejection(current, bundle)
+        if rejection is not None:
+            self._reject(domain, rejection, origin)
             return False
+        report_rejected_authorities(bundle, origin)
         domain.bundle = bundle
         log.info(
             "federation.bundle_updated",
@@ -368,6 +385,15 @@ class FederatedBundles:
             },
         )
         return True
+
+    def _reject(self, domain: _FederatedTrustDomain, rejection: BundleRejection, origin: str) -> None:
+        report_bundle_rejection(
+            domain.trust_domain,
+            rejection,
+            origin,
+            kept_last=domain.bundle is not None,
+            sink=self._on_rejected,
+        )
 
 
 def _fields(domain: _FederatedTrustDomain, **fields: object) -> dict[str, object]:

@@ -5,7 +5,10 @@ writes the certificate chain, key and bundle to disk. The files are checked ever
 re-read when their metadata changes and applied when their bytes change. Writers rarely replace three files
 atomically, so a combination that does not fit together (a new certificate with the old key, a chain that does
 not verify against the bundle) is logged once and the last good snapshot stays until a later poll sees a good
-combination. This source holds no JWT signing key, so it cannot mint JWT-SVIDs.
+combination. The bundle file passes the acceptance rules of a federated bundle (`bundle_update_rejection`,
+read up to 1 MiB): an update that is malformed or leaves the trust domain without a usable authority is
+reported and the last good combination stays. This source holds no JWT signing key, so it cannot mint
+JWT-SVIDs.
 """
 
 from __future__ import annotations
@@ -17,11 +20,24 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from svidgate.errors import BundleError, SourceError, X509SvidError
-from svidgate.identity.bundle import Bundle
+from svidgate.identity.bundle import (
+    Bundle,
+    BundleRejection,
+    BundleRejectionSink,
+    bundle_update_rejection,
+    report_bundle_rejection,
+    report_rejected_authorities,
+)
 from svidgate.identity.clock import Clock
 from svidgate.identity.jwtsvid import JwtSvid
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources.federation import FederatedBundles, WatchedFile, parse_bundle_document
+from svidgate.identity.sources.federation import (
+    FederatedBundles,
+    FileTooLargeError,
+    WatchedFile,
+    parse_bundle_document,
+    same_bundle,
+)
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid, parse_x509_svid, verify_x509_svid
 
@@ -44,6 +60,7 @@ class FileSource:
         clock: the time source.
         poll_interval: seconds between checks of the files.
         sleep: how `run()` waits (tests pass a fake).
+        on_bundle_rejected: told of every rejected update of the own bundle (the runtime counts them).
 
     Raises:
         SourceError: the files cannot be read or do not form a valid SVID at start-up.
@@ -60,8 +77,10 @@ class FileSource:
         *,
         poll_interval: float = 5.0,
         sleep: Sleep = asyncio.sleep,
+        on_bundle_rejected: BundleRejectionSink | None = None,
     ) -> None:
         self._files = (WatchedFile(cert_file), WatchedFile(key_file), WatchedFile(bundle_file))
+        self._on_bundle_rejected = on_bundle_rejected
         self._contents: list[bytes | None] = [None, None, None]
         self._trust_domain = trust_domain
         self._federation = federation
@@ -134,6 +153,11 @@ class FileSource:
         for index, watched in enumerate(self._files):
             try:
                 data = watched.poll()
+            except FileTooLargeError as exc:
+                # Seen, so reported once per change; the last good combination stays.
+                too_large = BundleRejection("too_large", str(exc)) if index == 2 else None
+                self._reject(str(exc), str(exc).encode(), too_large)
+                return str(exc)
             except OSError as exc:
                 watched.forget()
                 problem = f"cannot read {watched.path}: {exc.strerror or exc}"
@@ -151,15 +175,25 @@ class FileSource:
         combined = hashlib.sha256(b"\0".join((chain, key, bundle_data))).digest()
         try:
             bundle = parse_bundle_document(self._trust_domain, bundle_data)
+        except BundleError as exc:
+            self._reject(str(exc), combined, BundleRejection("malformed", str(exc)))
+            return str(exc)
+        rejection = bundle_update_rejection(self._bundle, bundle)
+        if rejection is not None:
+            self._reject(rejection.detail, combined, rejection)
+            return rejection.detail
+        try:
             svid = parse_x509_svid(chain, key)
             if not svid.spiffe_id.member_of(self._trust_domain):
                 raise X509SvidError(f"{svid.spiffe_id} is not in the trust domain {self._trust_domain}")
             verify_x509_svid(svid.cert_chain, {self._trust_domain: bundle}, self._clock())
-        except (BundleError, X509SvidError) as exc:
+        except X509SvidError as exc:
             problem = str(exc)
             self._reject(problem, combined)
             return problem
         self._rejected = None
+        if self._bundle is None or not same_bundle(self._bundle, bundle):
+            report_rejected_authorities(bundle, str(self._files[2].path))
         self._svid, self._bundle = svid, bundle
         log.info(
             "source.files_loaded",
@@ -167,11 +201,20 @@ class FileSource:
         )
         return None
 
-    def _reject(self, problem: str, digest: bytes) -> None:
+    def _reject(self, problem: str, digest: bytes, bundle_rejection: BundleRejection | None = None) -> None:
         # Log each bad combination once, not on every poll.
         if digest == self._rejected:
             return
         self._rejected = digest
+        if bundle_rejection is not None:
+            report_bundle_rejection(
+                self._trust_domain,
+                bundle_rejection,
+                str(self._files[2].path),
+                kept_last=self._bundle is not None,
+                sink=self._on_bundle_rejected,
+            )
+            return
         log.warning(
             "source.files_invalid",
             extra={
