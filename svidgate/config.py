@@ -96,22 +96,42 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+#: Where Check is served when a configuration does not say (``listen.check`` absent).
+DEFAULT_CHECK_ADDRESS = "tcp://127.0.0.1:8081"
+#: Selector types whose value the kernel verified (peer credentials of a unix socket connection). A caller
+#: over TCP has none of them, so a workload with at least one such selector is never handed out over TCP;
+#: every other type (``envoy:`` node claims, ``any``) is whatever the client says.
+KERNEL_VERIFIED_SELECTOR_TYPES = frozenset({"unix"})
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
-    """Where svidgate listens.
+    """Where svidgate listens (the listener contract; docs/configuration.md states the same).
+
+    Every gRPC listener answers ext_authz Check with the same decision: an Envoy pointed at any of them with
+    ``failure_mode_allow: true`` would turn an UNIMPLEMENTED into an allow.
 
     Attributes:
-        grpc: SDS (and, unless `check` is set, ext_authz Check) listeners.
-        workload_api: the SPIFFE Workload API socket, or None to not serve it.
+        grpc: SDS listeners (grpc.aio; they answer Check too). Unix sockets by default: SDS over TCP carries
+            no peer credentials, so it is opt-in by listing a ``tcp://`` address.
+        workload_api: the SPIFFE Workload API socket (unix only; it answers Check too, to requests carrying
+            the Workload Endpoint's security header), or None to not serve it.
         http: ``(host, port)`` of the metrics/health HTTP listener, or None.
-        check: a separate listener for ext_authz Check only (so the hot path can run on its own server), or
-            None to serve Check on the `grpc` listeners.
+        check: Check's own listener on grpcio's threaded server (the fast path, `DEFAULT_CHECK_ADDRESS` unless
+            the configuration says otherwise), or None (``null``) for no separate one: Check is then answered
+            on the `grpc` (and `workload_api`) listeners only.
     """
 
     grpc: tuple[Address, ...]
     workload_api: Address | None
     http: tuple[str, int] | None
     check: Address | None = None
+
+    def check_listeners(self) -> tuple[Address, ...]:
+        """Every address Check is answered on."""
+        separate = () if self.check is None else (self.check,)
+        workload_api = () if self.workload_api is None else (self.workload_api,)
+        return (*separate, *self.grpc, *workload_api)
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,22 +533,22 @@ class Config:
             for w in self.workloads
             if any(s.type == "any" for s in w.selectors)
         ]
-        tcp = [str(a) for a in self.listen.grpc if a.kind == "tcp"]
-        if tcp:
-            # Envoy's node ID and cluster are claims, not credentials: over TCP any local process can send
-            # them and receive that workload's private key. Unix peer credentials are kernel-verified.
+        tcp_sds = [str(a) for a in self.listen.grpc if a.kind == "tcp"]
+        if tcp_sds:
+            # Envoy's node ID and cluster are claims, not credentials, and `any` asks for nothing: over TCP
+            # any local process can send them and receive that workload's private key. Only a kernel-verified
+            # selector (unix peer credentials, which a TCP caller never has) keeps a workload off TCP.
             found += [
-                f"workload {w.spiffe_id} is selected only by envoy: selectors, which any client of "
-                f"{', '.join(tcp)} can claim to receive its private key; add unix:uid/unix:gid selectors "
-                "and serve SDS on a unix socket"
+                f"workload {w.spiffe_id} is selected by no kernel-verified selector "
+                f"({', '.join(str(s) for s in w.selectors)}): any client of {', '.join(tcp_sds)} can claim "
+                "it and receive its private key over SDS; add a unix:uid/unix:gid selector or serve SDS on "
+                "unix sockets only"
                 for w in self.workloads
-                if w.selectors and all(s.type == "envoy" for s in w.selectors)
+                if not any(s.type in KERNEL_VERIFIED_SELECTOR_TYPES for s in w.selectors)
             ]
-        # Check is served on listen.check when it is set, else on every listen.grpc listener. Over TCP there
-        # are no peer credentials, so an inject-mode policy either denies every such Check (the default) or,
-        # opted in, mints its identity's tokens for anyone who can connect.
-        check_listeners = (self.listen.check,) if self.listen.check is not None else self.listen.grpc
-        check_tcp = ", ".join(str(a) for a in check_listeners if a.kind == "tcp")
+        # Over TCP there are no peer credentials, so an inject-mode policy either denies every Check that
+        # arrives there (the default) or, opted in, mints its identity's tokens for anyone who can connect.
+        check_tcp = ", ".join(str(a) for a in self.listen.check_listeners() if a.kind == "tcp")
         for p in self.authz.policies:
             if p.mode != "inject" or not check_tcp:
                 continue
@@ -572,14 +592,15 @@ class Config:
     def summary(self) -> str:
         """One line for humans: what this config does."""
         endpoints = sum(1 for f in self.federation.values() if f.bundle_endpoint is not None)
-        listeners = ", ".join(str(a) for a in self.listen.grpc) or "none"
+        sds = ", ".join(str(a) for a in self.listen.grpc) or "none"
+        check = "" if self.listen.check is None else f", Check on {self.listen.check}"
         return (
             f"trust domain {self.trust_domain}, source {self.source.kind}, "
             f"{_plural(len(self.workloads), 'workload')}, "
             f"{_plural(len(self.federation), 'federated trust domain')} ({endpoints} via bundle endpoint), "
             f"{_plural(len(self.authz.policies), 'authz policy', 'authz policies')} "
             f"(default {self.authz.default}), "
-            f"gRPC on {listeners}"
+            f"SDS on {sds}{check}"
         )
 
 
@@ -615,7 +636,9 @@ def default_config_text(env: Mapping[str, str] | None = None) -> str:
     """The embedded default configuration as YAML (what `load_config(None)` parses).
 
     Development only: its one workload uses the ``any`` selector, so every caller that can reach the sockets
-    receives ``spiffe://svidgate.local/default``.
+    receives ``spiffe://svidgate.local/default``. SDS and the Workload API are served on unix sockets only
+    (0660 in a 0700 directory: svidgate's own user), Check on `DEFAULT_CHECK_ADDRESS`: nothing that hands out
+    a private key is reachable over TCP.
     """
     runtime = default_runtime_dir(env)
     return f"""\
@@ -623,9 +646,8 @@ def default_config_text(env: Mapping[str, str] | None = None) -> str:
 trust_domain: {DEFAULT_TRUST_DOMAIN}
 state_dir: {json.dumps(str(default_state_dir(env)))}
 listen:
-  grpc:
-    - {json.dumps(f"unix://{runtime}/svidgate.sock")}
-    - tcp://127.0.0.1:8081
+  grpc: {json.dumps(f"unix://{runtime}/svidgate.sock")}
+  check: {DEFAULT_CHECK_ADDRESS}
   workload_api: {json.dumps(f"unix://{runtime}/workload.sock")}
   http: 127.0.0.1:8082
 workloads:
@@ -1032,10 +1054,9 @@ class _Parser:
                 for i, item in enumerate(items)
             )
         else:
-            grpc = (
-                Address("unix", path=str(runtime / "svidgate.sock")),
-                Address("tcp", host="127.0.0.1", port=8081),
-            )
+            # SDS over TCP is opt-in: a TCP caller has no peer credentials, so only its claims would decide
+            # which private keys it receives.
+            grpc = (Address("unix", path=str(runtime / "svidgate.sock")),)
         if "workload_api" in section:
             raw_wl = section["workload_api"]
             workload_api = (
@@ -1059,13 +1080,19 @@ class _Parser:
                 http = _host_port(text, f"{path}.http: {raw_http!r}")
         else:
             http = ("127.0.0.1", 8082)
-        check_raw = section.get("check")
-        check = (
-            None if check_raw is None else parse_address(_str(check_raw, f"{path}.check"), f"{path}.check")
-        )
+        # Absent: Check's own listener at its default address, as for every other key. `null`: no separate
+        # Check listener; Check is still answered on every listen.grpc and listen.workload_api listener.
+        check_where = f"{path}.check"
+        if "check" in section:
+            check_raw = section["check"]
+            check = None if check_raw is None else parse_address(_str(check_raw, check_where), check_where)
+        else:
+            check = parse_address(DEFAULT_CHECK_ADDRESS, check_where)
+            check_where = f"{path}.check (default {DEFAULT_CHECK_ADDRESS}; set it to another address or null)"
         seen: dict[str, str] = {}
-        named: list[tuple[str, Address | None]] = [(f"{path}.grpc[{i}]", a) for i, a in enumerate(grpc)]
-        named += [(f"{path}.workload_api", workload_api), (f"{path}.check", check)]
+        named: list[tuple[str, Address | None]] = [(check_where, check)]
+        named += [(f"{path}.grpc[{i}]", a) for i, a in enumerate(grpc)]
+        named.append((f"{path}.workload_api", workload_api))
         if http is not None:
             named.append((f"{path}.http", Address("tcp", host=http[0], port=http[1])))
         for where, address in named:
@@ -1660,7 +1687,9 @@ class _Parser:
 
 __all__ = [
     "CONFIG_ENV",
+    "DEFAULT_CHECK_ADDRESS",
     "DEFAULT_TRUST_DOMAIN",
+    "KERNEL_VERIFIED_SELECTOR_TYPES",
     "Address",
     "AllowRule",
     "AuthzConfig",

@@ -1,9 +1,18 @@
 """The svidgate process: the one place that owns the lifecycle.
 
-`run(config, config_path)` (what `svidgate serve` calls) loads the identity source, starts its background
-loop, serves SDS, ext_authz Check, gRPC health and (behind a switch) reflection on every `listen.grpc`
-address, the SPIFFE Workload API on `listen.workload_api`, and `/metrics`, `/healthz`, `/readyz`
-on `listen.http`. Then it waits for a signal:
+`run(config, config_path)` (what `svidgate serve` calls) locks `state_dir`, loads the identity source, starts
+its background loop, and opens the listeners (the listener contract, docs/configuration.md):
+
+- ``listen.check``: ext_authz Check on grpcio's threaded server (the fast path);
+- ``listen.grpc``: SDS on grpc.aio;
+- ``listen.workload_api``: the SPIFFE Workload API on grpc.aio;
+- ``listen.http``: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Every gRPC listener answers Check with the same decision (`Services.register` is the only place services
+are put on a server, and it puts Check on each), because an Envoy with ``failure_mode_allow: true`` pointed at
+a listener without Check would turn UNIMPLEMENTED into an allow; each also serves gRPC health and (behind a
+switch) reflection. TCP listeners are exclusive (no SO_REUSEPORT: `grpc_server_options`). Then it waits for a
+signal:
 
 - SIGTERM / SIGINT drain: readiness and gRPC health go NOT_SERVING, unix listeners stop accepting, every
   long-lived stream (SDS, Workload API, health Watch) is ended with status OK -- Envoy treats that as a normal
@@ -15,7 +24,8 @@ on `listen.http`. Then it waits for a signal:
 
 Unix sockets are created with mode 0660 (parent directory 0700 when svidgate creates it) and removed on exit.
 A stale socket left by a crash is detected by a connect test and replaced; a socket some live process answers
-on, or a lock held by a second svidgate, makes the start fail with a clear error.
+on, a TCP address in use, or a lock held by a second svidgate (on a socket or on `state_dir`) makes the start
+fail with one clear line on stderr.
 
 Import direction: this module imports everything (sources, services, metrics, logs); nothing imports it.
 """
@@ -37,6 +47,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +83,7 @@ from svidgate.metrics import Metrics
 from svidgate.peercred import PeerCredFront, PeerRegistry
 from svidgate.sds.servicer import SERVER_OPTIONS as SDS_SERVER_OPTIONS
 from svidgate.sds.servicer import SecretDiscoveryServicer
+from svidgate.workloadapi import SECURITY_HEADER
 from svidgate.workloadapi.server import MintJwtSvid, WorkloadApiServicer
 from svidgate.workloadapi.spire_source import SpireSource
 
@@ -81,12 +93,127 @@ __all__ = [
     "DrainInterceptor",
     "HttpEndpoint",
     "ListenerError",
+    "StateDirLock",
+    "StateDirLockedError",
     "UnixSocketClaim",
+    "grpc_server_options",
 ]
 
 
 class ListenerError(SvidgateError):
     """A listener cannot be bound: the address is in use, a second instance runs, a path is not a socket."""
+
+
+class StateDirLockedError(SvidgateError):
+    """`state_dir` cannot be locked: another svidgate serves from it, or the lock file cannot be opened."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One instance per state directory and per TCP port
+# ----------------------------------------------------------------------------------------------------------
+
+
+class StateDirLock:
+    """An exclusive `flock` on ``<state_dir>/serve.lock``, held for the life of the serving process.
+
+    Two processes on one state directory would both rotate the CA and overwrite each other's state; the lock
+    makes the second one exit at start instead. The lock dies with the process (kill -9 included), so a
+    leftover lock file is harmless and stays: unlinking it would let a starting instance lock a file that is
+    no longer the one at the path. The file holds the holder's pid, for the error message.
+
+    Args:
+        state_dir: the configured ``state_dir`` (created 0700 when missing, as the CA would).
+    """
+
+    FILE_NAME = "serve.lock"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / self.FILE_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            StateDirLockedError: another process holds it, or the directory or file cannot be used.
+        """
+        try:
+            # Only created private here; an existing state_dir is the operator's and keeps its mode.
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # O_NOFOLLOW: a symlink planted at the lock path must not make svidgate lock another file.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StateDirLockedError(
+                f"state_dir {self.state_dir}: cannot open the lock file {self.path}: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                by = f" (pid {holder})" if holder else ""
+                raise StateDirLockedError(
+                    f"state_dir {self.state_dir} is locked by another svidgate instance{by}; "
+                    "stop it first or give this one another state_dir"
+                ) from None
+            raise StateDirLockedError(
+                f"state_dir {self.state_dir}: cannot lock {self.path}: {exc.strerror}"
+            ) from None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock. Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
+
+
+def ensure_tcp_address_free(name: str, address: Address) -> None:
+    """Fail with a clear line when another process listens on `address` already.
+
+    gRPC reports a failed bind only as ``RuntimeError`` plus its internal ``add_port.cc`` log line; binding a
+    plain socket first, with the options grpcio uses (SO_REUSEADDR, and no SO_REUSEPORT, see
+    `grpc_server_options`), gives the errno. A race with another process between this test and gRPC's own
+    bind still fails the start, only with gRPC's words.
+
+    Raises:
+        ListenerError: the address is in use or cannot be bound.
+    """
+    if address.port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenerError(
+            f"listen.{name} {address}: cannot resolve {address.host}: {exc.strerror}"
+        ) from None
+    for family, type_, proto, _, sockaddr in infos:
+        with socket.socket(family, type_, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ListenerError(
+                        f"listen.{name} {address}: address already in use (another process listens there: "
+                        "a second svidgate?); stop it or choose another address"
+                    ) from None
+                raise ListenerError(f"listen.{name} {address}: cannot bind: {exc.strerror}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -617,6 +744,21 @@ GRPC_SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
+def grpc_server_options(*, share_port: bool = False) -> list[tuple[str, int]]:
+    """The options of every gRPC server svidgate creates (grpc.aio and threaded alike).
+
+    grpcio sets SO_REUSEPORT on TCP listeners by default: a second process binding the same address would
+    silently receive part of the connections (measured: two `svidgate serve` on one port split them 6/14).
+    svidgate's listeners are exclusive; this is the one place to opt in, for Check worker processes of one
+    svidgate that share its port on purpose (`ensure_tcp_address_free` would then probe with SO_REUSEPORT
+    too, so that a sibling worker does not count as another process).
+
+    Args:
+        share_port: let processes bind the same TCP port (SO_REUSEPORT).
+    """
+    return [*GRPC_SERVER_OPTIONS, ("grpc.so_reuseport", 1 if share_port else 0)]
+
+
 @dataclass(slots=True)
 class _Listener:
     """One bound listening address, for logs, readiness and cleanup."""
@@ -656,6 +798,7 @@ class Server:
         self._clock = clock
         self._drain = asyncio.Event()
         self._claims: dict[str, UnixSocketClaim] = {}
+        self._state_lock = StateDirLock(config.state_dir)
         self._drain_interceptor = DrainInterceptor(self._drain)
         self._stop_requested = asyncio.Event()
         self._stop_reason = ""
@@ -735,9 +878,12 @@ class Server:
         for warning in self.config.warnings():
             log.warning("config.warning", extra={"fields": {"warning": warning}})
         try:
-            # Claim every unix socket before anything else exists: a second instance is refused before it
-            # loads a CA or creates a gRPC server (half-built grpc.aio objects are fragile to tear down).
+            # Lock state_dir and claim every unix socket and TCP address before anything else exists: a second
+            # instance is refused before it loads a CA or creates a gRPC server (half-built grpc.aio objects
+            # are fragile to tear down).
+            self._state_lock.acquire()
             self._claim_unix_sockets()
+            self._check_tcp_addresses()
             self.source = await build_source(self.config, self._clock, self.metrics.bundle_update_rejected)
             self.metrics.watch_feed(self.source.feed)
             self._spawn(self._run_source(self.source), "source")
@@ -802,24 +948,18 @@ class Server:
     async def _start_grpc(self) -> None:
         services = self.services
         assert services is not None
-        main_server = self._new_grpc_server()
-        main_names = services.add_main(main_server, separate_check=self.config.listen.check is not None)
-        await self._add_health_and_reflection(main_server, main_names)
-        for address in self.config.listen.grpc:
-            await self._bind(main_server, "grpc", address, services.peers)
-        await main_server.start()
-
-        if self.config.listen.check is not None:
+        listen = self.config.listen
+        if listen.check is not None:
             # The threaded server: measured faster than grpc.aio for unary calls (~136 vs ~309 us of server
             # CPU per empty RPC here), and Check is the per-request hot path.
             check_server = grpc.server(
                 ThreadPoolExecutor(
                     max_workers=self.settings.check_workers, thread_name_prefix="svidgate-check"
                 ),
-                options=list(GRPC_SERVER_OPTIONS),
+                options=grpc_server_options(),
             )
             self._sync_servers.append(check_server)
-            check_names = services.add_check(check_server)
+            check_names = services.register(check_server, "check")
             health = health_sync.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health, check_server)
             for name in ["", *check_names]:
@@ -829,22 +969,29 @@ class Server:
                 reflection.enable_server_reflection(
                     [*check_names, HEALTH_SERVICE, reflection.SERVICE_NAME], check_server
                 )
-            await self._bind(check_server, "check", self.config.listen.check, services.peers)
+            await self._bind(check_server, "check", listen.check, services.peers)
             check_server.start()
 
-        if self.config.listen.workload_api is not None:
-            # Its own server: the Workload API socket serves only the Workload API
-            # (SPIFFE_Workload_Endpoint.md), and its callers are identified by peer credentials on it alone.
+        if listen.grpc:
+            main_server = self._new_grpc_server()
+            main_names = services.register(main_server, "grpc")
+            await self._add_health_and_reflection(main_server, main_names)
+            for address in listen.grpc:
+                await self._bind(main_server, "grpc", address, services.peers)
+            await main_server.start()
+
+        if listen.workload_api is not None:
+            # Its own server: Workload API callers are identified by peer credentials on this socket alone.
             wl_server = self._new_grpc_server()
-            wl_names = services.add_workload_api(wl_server)
+            wl_names = services.register(wl_server, "workload_api")
             await self._add_health_and_reflection(wl_server, wl_names)
-            await self._bind(wl_server, "workload_api", self.config.listen.workload_api, services.peers)
+            await self._bind(wl_server, "workload_api", listen.workload_api, services.peers)
             await wl_server.start()
 
     def _new_grpc_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
             interceptors=[self.metrics.interceptor(), self._drain_interceptor],
-            options=list(GRPC_SERVER_OPTIONS),
+            options=grpc_server_options(),
         )
         self._grpc_servers.append(server)
         return server
@@ -868,6 +1015,13 @@ class Server:
                 claim = UnixSocketClaim(Path(address.path), self.settings.socket_mode)
                 claim.claim()
                 self._claims[address.path] = claim
+
+    def _check_tcp_addresses(self) -> None:
+        listen = self.config.listen
+        named = [("check", listen.check), *(("grpc", address) for address in listen.grpc)]
+        for name, address in named:
+            if address is not None and address.kind == "tcp":
+                ensure_tcp_address_free(name, address)
 
     async def _bind(
         self, server: grpc.aio.Server | grpc.Server, name: str, address: Address, peers: PeerRegistry
@@ -1030,6 +1184,7 @@ class Server:
         if self._inner is not None:
             shutil.rmtree(self._inner, ignore_errors=True)
             self._inner = None
+        self._state_lock.release()
         self._listening = False
         self._stopped.set()
 
@@ -1234,28 +1389,39 @@ class Services:
             self._kubernetes = wanted
             self._attestor = None if wanted is None else KubernetesAttestor(wanted, self._metrics)
 
-    def add_main(self, server: grpc.aio.Server, *, separate_check: bool) -> list[str]:
-        """SDS (and Check unless it has its own listener) on the ``listen.grpc`` server.
+    def register(self, server: grpc.aio.Server | grpc.Server, listener: str) -> list[str]:
+        """Put the services of one listener on its gRPC server: Check on every one, then its own.
+
+        This is the only place services are registered, so no listener (and no combination of listeners)
+        can lack Check: an Envoy pointed with ``failure_mode_allow: true`` at a listener that answered
+        UNIMPLEMENTED would let every request through, unlogged and uncounted. Every listener answers with
+        the one `AuthorizationServicer` (same policies, cache, metrics and decision log). On the Workload API
+        socket Check also requires the Workload Endpoint's security header, as every call there must carry
+        (SPIFFE_Workload_Endpoint.md 3); without it the answer is a denial, never an RPC error.
+
+        Args:
+            server: a grpc.aio server, or the threaded server of ``listen.check``.
+            listener: ``check``, ``grpc`` (adds SDS) or ``workload_api`` (adds the SPIFFE Workload API).
 
         Returns:
             The full names of the services added (for health and reflection).
         """
-        self.sds.add_to_server(server)
-        names = [SDS_SERVICE]
-        if not separate_check:
-            self.authz.add_to_server(server)
-            names.append(AUTHZ_SERVICE)
-        return names
-
-    def add_check(self, server: grpc.Server) -> list[str]:
-        """Check alone, on the threaded server of ``listen.check`` (the faster path for unary calls)."""
-        self.authz.add_to_sync_server(server)
-        return [AUTHZ_SERVICE]
-
-    def add_workload_api(self, server: grpc.aio.Server) -> list[str]:
-        """The SPIFFE Workload API on its own server."""
-        self.workload_api.add_to_server(server)
-        return [WORKLOAD_API_SERVICE]
+        if not isinstance(server, grpc.aio.Server):
+            if listener != "check":  # SDS and the Workload API stream: they run on grpc.aio only
+                raise ValueError(f"listener {listener!r} needs a grpc.aio server")
+            self.authz.add_to_sync_server(server)
+            return [AUTHZ_SERVICE]
+        header = SECURITY_HEADER if listener == "workload_api" else None
+        self.authz.add_to_server(server, required_metadata=header)
+        if listener == "grpc":
+            self.sds.add_to_server(server)
+            return [AUTHZ_SERVICE, SDS_SERVICE]
+        if listener == "workload_api":
+            self.workload_api.add_to_server(server)
+            return [AUTHZ_SERVICE, WORKLOAD_API_SERVICE]
+        if listener == "check":
+            return [AUTHZ_SERVICE]
+        raise ValueError(f"unknown gRPC listener {listener!r}")
 
     def prepare_reload(self, new: Config) -> Callable[[], None]:
         """Validate what a reload would apply; return the function that applies it.
@@ -1376,6 +1542,8 @@ def run(config: Config, config_path: Path | None) -> int:
         return asyncio.run(serve(config, config_path))
     except SvidgateError as exc:
         log.error("server.failed", extra={"fields": {"error": str(exc)}})
+        # One plain line besides the structured log: what a person starting `svidgate serve` reads first.
+        sys.stderr.write(f"svidgate: error: {exc}\n")
         return 1
     except KeyboardInterrupt:  # only before the handlers are installed
         return 130

@@ -116,13 +116,9 @@ class KubernetesAttestor:
                 raise AttestationError(
                     "no_pid", "the caller's PID is not visible in svidgate's PID namespace"
                 )
-            async with asyncio.timeout(self._timeout):
-                workload = await self._attest(pid)
+            workload = await self._attest(pid)
         except AttestationError as exc:
             self._failed(caller, exc.reason, exc.detail)
-            return caller
-        except TimeoutError:
-            self._failed(caller, "timeout", f"no answer within kubernetes.attest_timeout ({self._timeout}s)")
             return caller
         self._count("attested")
         log.info("k8s.attested", extra={"fields": {"pid": pid, **workload.describe()}})
@@ -143,7 +139,15 @@ class KubernetesAttestor:
             wanted = pod_container(cgroups)
             if wanted is None:
                 raise AttestationError("not_in_pod", "the process's cgroups name no pod container")
-            workload = await self._pods.lookup(wanted, self._clock() + self._timeout)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    workload = await self._pods.lookup(wanted, self._clock() + self._timeout)
+            except TimeoutError:
+                # The deadline may cut the last refresh short: say what the list answered until then (a pod
+                # the kubelet does not list), and "timeout" only when there was no list to answer at all.
+                raise self._pods.miss(wanted) or AttestationError(
+                    "timeout", f"no pod list within kubernetes.attest_timeout ({self._timeout}s)"
+                ) from None
             self._check_same_process(proc, dir_fd, started)
             return workload
         finally:

@@ -258,6 +258,13 @@ class KubeletPods:
             if self._clock() + MIN_REFRESH_INTERVAL >= deadline:
                 raise _miss(index, wanted)
 
+    def miss(self, wanted: PodContainer) -> AttestationError | None:
+        """Why the last fetched list does not hold `wanted` (None: no list yet, or it does hold it)."""
+        index = self._index
+        if index is None or index.find(wanted) is not None:
+            return None
+        return _miss(index, wanted)
+
     async def _refresh(self) -> PodIndex:
         if self._inflight is not None:
             return await asyncio.shield(self._inflight)

@@ -1,10 +1,12 @@
 """`envoy.service.auth.v3.Authorization/Check`: the thin gRPC edge around the pure decision.
 
 The core is one plain, synchronous method, `AuthorizationServicer.check(request) -> CheckResponse`, so that
-the same code is served by the ``grpc.aio`` server on ``listen.grpc`` (`add_to_server`) and by a threaded
-``grpc.server`` on the optional ``listen.check`` listener (`add_to_sync_server`, `new_sync_check_server`):
-measured here, the threaded server answers the same Check with about a fifth fewer instructions and less CPU
-than ``grpc.aio`` (bench/check_bench.py, bench/check_bench_callgrind.py).
+the same code is served by the ``grpc.aio`` servers of ``listen.grpc`` and ``listen.workload_api``
+(`add_to_server`) and by a threaded ``grpc.server`` on ``listen.check`` (`add_to_sync_server`,
+`new_sync_check_server`). Every gRPC listener svidgate opens answers Check with the same decision (see
+`svidgate.server.Services.register`); ``listen.check`` is the fast path: measured here, the threaded server
+answers the same Check with about a fifth fewer instructions and less CPU than ``grpc.aio``
+(bench/check_bench.py, bench/check_bench_callgrind.py).
 
 Fail closed, always with a response: a denial is a normal `CheckResponse` with a non-OK status and never an
 RPC error, because Envoy with ``failure_mode_allow: true`` lets a request through when the RPC fails. Any
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     from svidgate.metrics import Metrics
 
 __all__ = [
+    "MISSING_SECURITY_HEADER",
     "AuthorizationServicer",
     "DecisionLog",
     "PeerResolver",
@@ -76,6 +79,8 @@ _INJECT_UNAVAILABLE: Final = "inject_unavailable"
 #: Memoised (policy, subject) decisions kept per configuration; a bound against unbounded subject sets.
 _MEMO_LIMIT: Final = 10_000
 _SERVICE: Final = "envoy.service.auth.v3.Authorization"
+#: The reason of a Check refused on the Workload API socket for lack of its security header.
+MISSING_SECURITY_HEADER: Final = "missing_security_header"
 # Decision IDs are 16 hex digits: a random prefix per process (IDs of two processes, or of a restart, do not
 # collide in one log store) and a counter, instead of os.urandom per Check.
 _ID_PREFIX: Final = os.urandom(4).hex()
@@ -565,12 +570,59 @@ class AuthorizationServicer:
         """`Authorization/Check` on a ``grpc.aio`` server (answers the encoded response, see `_register`)."""
         return self.check_wire(request, context.peer)
 
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        """Register Check on a ``grpc.aio`` server (``listen.grpc``)."""
-        _register(server, self.Check)
+    def refuse_wire(self, reason: str) -> bytes:
+        """A 403 denial that no policy decides: the listener refuses the call; never raises.
+
+        Recorded like every decision (``svidgate_authz_decisions_total``, the decision log), so that an Envoy
+        pointed at the wrong listener shows up as a stream of denials with `reason`, never as allows.
+
+        Args:
+            reason: the stable reason code (e.g. ``missing_security_header``).
+
+        Returns:
+            The serialized CheckResponse.
+        """
+        started = time.perf_counter()
+        decision_id = f"{_ID_PREFIX}{next(self._ids) & 0xFFFFFFFF:08x}"
+        try:
+            hide = self._policies.current.config.hide_details
+            prepared = _Prepared(deny(403, reason, hide_details=hide))
+            wire = prepared.wire(decision_id.encode("ascii"))
+            self._record(prepared, decision_id, None, started)
+            return wire
+        except Exception as err:
+            return self._fail_closed(err, decision_id, started)
+
+    def add_to_server(
+        self, server: grpc.aio.Server, *, required_metadata: tuple[str, str] | None = None
+    ) -> None:
+        """Register Check on a ``grpc.aio`` server (``listen.grpc``, ``listen.workload_api``).
+
+        Args:
+            server: the server.
+            required_metadata: a ``(key, value)`` every call must carry exactly once (the Workload Endpoint's
+                ``workload.spiffe.io: true``); a call without it is refused with a 403 CheckResponse
+                (`MISSING_SECURITY_HEADER`) -- a denial, not the InvalidArgument RPC error the Workload API
+                answers, because Envoy's ``failure_mode_allow`` turns an RPC error into an allow.
+        """
+        if required_metadata is None:
+            _register(server, self.Check)
+            return
+        key, expected = required_metadata
+        check_wire, refuse_wire = self.check_wire, self.refuse_wire
+
+        async def check(
+            request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> bytes:
+            values = [value for name, value in (context.invocation_metadata() or ()) if name == key]
+            if values != [expected]:
+                return refuse_wire(MISSING_SECURITY_HEADER)
+            return check_wire(request, context.peer)
+
+        _register(server, check)
 
     def add_to_sync_server(self, server: grpc.Server) -> None:
-        """Register Check on a threaded ``grpc.server`` (the optional ``listen.check`` listener)."""
+        """Register Check on a threaded ``grpc.server`` (the ``listen.check`` listener)."""
         check_wire = self.check_wire
         metrics = self._metrics
         if metrics is None:

@@ -76,8 +76,10 @@ def config_text(
     poll: str = "0s",
     log_level: str = "info",
     extra: str = "",
+    check: str = "tcp://127.0.0.1:0",
 ) -> str:
-    """A complete config: SDS on a unix socket and TCP, the Workload API, HTTP, one validate policy."""
+    """A complete config: SDS on a unix socket and TCP, Check's own listener, the Workload API, HTTP, one
+    validate policy."""
     uid = os.getuid()
     allow_yaml = json.dumps(list(allow))
     return f"""\
@@ -85,6 +87,7 @@ trust_domain: {TRUST_DOMAIN}
 state_dir: {layout.state}
 listen:
   grpc: [unix://{layout.sds_socket}, tcp://127.0.0.1:0]
+  check: {check}
   workload_api: unix://{layout.workload_socket}
   http: 127.0.0.1:{http_port}
 workloads:
@@ -251,17 +254,27 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 class ServeProcess:
     """`svidgate serve --config FILE` as a child process, its JSON log lines collected from stderr."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(
+        self, config: Path | None, *, prefix: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> None:
+        """Args:
+        config: the config file (None: the embedded default).
+        prefix: a command that runs svidgate (e.g. ``unshare --net``).
+        env: the environment (default: this process's).
+        """
         self.config = config
+        self.prefix = tuple(prefix)
+        self.env = env
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ if self.env is None else self.env, PYTHONUNBUFFERED="1")
+        config = () if self.config is None else ("--config", str(self.config))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "svidgate", "serve", "--config", str(self.config)],
+            [*self.prefix, sys.executable, "-m", "svidgate", "serve", *config],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
@@ -307,7 +320,11 @@ class ServeProcess:
 
     def grpc_tcp_target(self) -> str:
         started = self.events("grpc.listening")
-        (address,) = [e["address"] for e in started if str(e["address"]).startswith("tcp://")]
+        (address,) = [
+            e["address"]
+            for e in started
+            if e["listener"] == "grpc" and str(e["address"]).startswith("tcp://")
+        ]
         return str(address).removeprefix("tcp://")
 
     def http_port(self) -> int:

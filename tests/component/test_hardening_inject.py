@@ -30,6 +30,7 @@ trust_domain: example.org
 state_dir: {dir}/state
 listen:
   grpc: [unix://{dir}/svidgate.sock, tcp://127.0.0.1:0]
+  check: null
   workload_api: null
   http: null
 workloads:

@@ -244,3 +244,31 @@ async def test_pid_zero_is_not_attested(kubelet: FakeKubelet) -> None:
     attest, metrics = attestor(kubelet)
     assert (await attest.attest(CallerInfo(uid=0, gid=0, pid=0))).k8s is None
     assert result_count(metrics, "no_pid") == 1
+
+
+@pytest.mark.skipif(_V1_SKIP is not None, reason=_V1_SKIP or "")
+async def test_a_hanging_kubelet_times_out_without_holding_the_event_loop(
+    kubelet: FakeKubelet, sleeper: subprocess.Popen[bytes]
+) -> None:
+    with PodCgroup(V1_HIERARCHY) as cgroup:
+        cgroup.add(sleeper.pid)
+        kubelet.pods = [pod(uid=cgroup.pod_uid, name="a", containers=[("c", "i", cgroup.container_id)])]
+        attest, metrics = attestor(kubelet, attest_timeout=0.5)
+        kubelet.release.clear()  # the kubelet accepts and never answers (until the test ends)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            caller = await attest.attest(caller_of(sleeper))
+        finally:
+            ticker.cancel()
+            kubelet.release.set()
+    assert caller.k8s is None
+    assert result_count(metrics, "timeout") == 1
+    assert ticks > 5  # the loop kept running other work while the kubelet call waited

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import stat
@@ -58,7 +59,9 @@ async def test_stale_socket_from_a_crash_does_not_block_the_start(layout: Layout
 
 async def test_second_instance_on_the_same_socket_is_refused(layout: Layout) -> None:
     async with running_server(layout.config):
-        second = Server(load_config(layout.config), layout.config, registry=CollectorRegistry())
+        # Its own state_dir, so that the socket's lock (not the state_dir's) is what refuses it.
+        config = dataclasses.replace(load_config(layout.config), state_dir=layout.root / "state-2")
+        second = Server(config, layout.config, registry=CollectorRegistry())
         with pytest.raises(ListenerError, match="another svidgate instance is already serving"):
             await second.start()
         # The refused instance removed nothing of the first one's.

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from svidgate.config import (
     Address,
     Config,
+    ListenConfig,
     Selector,
     config_path_from_env,
     default_config_text,
@@ -137,16 +138,52 @@ def test_config_is_frozen() -> None:
         config.federation[TrustDomain("x.org")] = config.federation[TrustDomain("web.org")]  # type: ignore[index]
 
 
+#: The listener contract's defaults: SDS and the Workload API on unix sockets only, Check on TCP.
+DEFAULT_LISTEN = ListenConfig(
+    grpc=(Address("unix", path="/run/user/1000/svidgate/svidgate.sock"),),
+    workload_api=Address("unix", path="/run/user/1000/svidgate/workload.sock"),
+    http=("127.0.0.1", 8082),
+    check=Address("tcp", host="127.0.0.1", port=8081),
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "listen: {}\n", "listen: null\n", "listen: {http: 127.0.0.1:8082}\n"],
+    ids=["empty-file", "empty-listen", "null-listen", "partial-listen"],
+)
+def test_default_listeners_serve_sds_and_workload_api_on_unix_only(text: str) -> None:
+    # Issue 9 item 2: the old default served SDS on tcp://127.0.0.1:8081, where any local user fetched the
+    # `any`-selected SVID and its key. Every way of not saying gets the same safe listeners.
+    config = parse(text)
+    assert config.listen == DEFAULT_LISTEN
+    assert load_config(None, env=ENV).listen == DEFAULT_LISTEN
+    assert [a for a in config.listen.check_listeners() if a.kind == "tcp"] == [DEFAULT_LISTEN.check]
+
+
+def test_null_check_means_no_separate_check_listener_but_check_on_grpc() -> None:
+    config = parse("listen: {check: null, grpc: [unix:///run/s.sock, tcp://127.0.0.1:9000]}\n")
+    assert config.listen.check is None
+    assert [str(a) for a in config.listen.check_listeners()] == [
+        "unix:///run/s.sock",
+        "tcp://127.0.0.1:9000",
+        "unix:///run/user/1000/svidgate/workload.sock",
+    ]
+
+
+def test_old_default_sds_port_collides_with_the_default_check_listener_by_name() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse("listen: {grpc: [tcp://127.0.0.1:8081]}\n")
+    assert str(err.value) == (
+        "test.yaml: listen.grpc[0]: tcp://127.0.0.1:8081 is already used by listen.check "
+        "(default tcp://127.0.0.1:8081; set it to another address or null)"
+    )
+
+
 def test_empty_file_gives_defaults_without_workloads() -> None:
     config = parse("")
     assert config.trust_domain == TrustDomain("svidgate.local")
     assert config.state_dir == Path("/home/u/.local/state/svidgate")
-    assert config.listen.grpc == (
-        Address("unix", path="/run/user/1000/svidgate/svidgate.sock"),
-        Address("tcp", host="127.0.0.1", port=8081),
-    )
-    assert config.listen.workload_api == Address("unix", path="/run/user/1000/svidgate/workload.sock")
-    assert config.listen.http == ("127.0.0.1", 8082)
     assert config.workloads == ()
     assert config.authz.policies == ()
     assert config.authz.default == "deny"
@@ -599,13 +636,18 @@ def test_every_key_is_documented() -> None:
 @pytest.mark.parametrize(
     ("grpc", "selectors", "warned"),
     [
-        ("[tcp://127.0.0.1:8081]", '["envoy:node_id:backend"]', True),
-        ("[unix:///run/s.sock, tcp://127.0.0.1:8081]", '["envoy:node_id:backend", "envoy:cluster:b"]', True),
-        ("[tcp://127.0.0.1:8081]", '["envoy:node_id:backend", "unix:uid:1001"]', False),
+        ("[tcp://127.0.0.1:9000]", '["envoy:node_id:backend"]', True),
+        ("[unix:///run/s.sock, tcp://127.0.0.1:9000]", '["envoy:node_id:backend", "envoy:cluster:b"]', True),
+        ("[tcp://127.0.0.1:9000]", "[any]", True),
+        ("[tcp://127.0.0.1:9000]", '["envoy:node_id:backend", "unix:uid:1001"]', False),
+        ("[tcp://127.0.0.1:9000]", '["unix:gid:1001"]', False),
         ("[unix:///run/s.sock]", '["envoy:node_id:backend"]', False),
+        ("[unix:///run/s.sock]", "[any]", False),
     ],
 )
-def test_envoy_only_selectors_over_tcp_warn(grpc: str, selectors: str, warned: bool) -> None:
+def test_tcp_sds_warns_when_no_kernel_verified_selector_constrains_a_workload(
+    grpc: str, selectors: str, warned: bool
+) -> None:
     config = parse(
         f"""\
         trust_domain: example.org
@@ -615,11 +657,12 @@ def test_envoy_only_selectors_over_tcp_warn(grpc: str, selectors: str, warned: b
             selectors: {selectors}
         """
     )
-    found = [w for w in config.warnings() if "only by envoy: selectors" in w]
+    found = [w for w in config.warnings() if "no kernel-verified selector" in w]
     assert bool(found) is warned
     if warned:
-        assert "spiffe://example.org/backend" in found[0]
-        assert "tcp://127.0.0.1:8081" in found[0]
+        (warning,) = found
+        assert warning.startswith("workload spiffe://example.org/backend is selected by no kernel-verified")
+        assert "any client of tcp://127.0.0.1:9000 can claim it and receive its private key" in warning
 
 
 # -- hardening: inject-mode callers and the TCP warning ------------------------------------------------------
@@ -671,12 +714,15 @@ authz:
 @pytest.mark.parametrize(
     ("grpc", "check", "extra", "expected"),
     [
-        ("[unix:///run/s.sock]", "", "", None),
-        ("[unix:///run/s.sock, tcp://127.0.0.1:8081]", "", "", "denied (unverified_caller)"),
-        ("[tcp://127.0.0.1:8081]", "", "      inject_allow_unverified_callers: true\n", "any client of"),
-        # Check on its own unix listener: the TCP SDS listener does not serve Check.
-        ("[tcp://127.0.0.1:8081]", "unix:///run/check.sock", "", None),
+        ("[unix:///run/s.sock]", "null", "", None),
+        ("[unix:///run/s.sock]", "unix:///run/check.sock", "", None),
+        ("[unix:///run/s.sock, tcp://127.0.0.1:9000]", "null", "", "denied (unverified_caller)"),
+        ("[tcp://127.0.0.1:9000]", "null", "      inject_allow_unverified_callers: true\n", "any client of"),
+        # Every gRPC listener answers Check: a TCP SDS listener is a TCP Check listener too.
+        ("[tcp://127.0.0.1:9000]", "unix:///run/check.sock", "", "denied (unverified_caller)"),
         ("[unix:///run/s.sock]", "tcp://127.0.0.1:9001", "", "denied (unverified_caller)"),
+        # listen.check absent: its default, tcp://127.0.0.1:8081.
+        ("[unix:///run/s.sock]", "", "", "denied (unverified_caller)"),
     ],
 )
 def test_inject_policy_with_check_over_tcp_warns(
