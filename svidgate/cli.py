@@ -8,6 +8,7 @@ never a traceback. The config file is ``--config FILE``, else ``$SVIDGATE_CONFIG
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import tempfile
@@ -264,8 +265,8 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
 
 
 def _bundles(config: Config) -> dict[TrustDomain, Bundle]:
-    """Own and federated bundles, as the server would hold them right after start (files read, endpoints
-    fetched once)."""
+    """Own and federated bundles, as the server holds them once its first fetches are done (files read,
+    endpoints fetched once, each under its deadline)."""
     from svidgate.identity.sources import federated_bundles
 
     own: dict[TrustDomain, Bundle] = {}
@@ -278,7 +279,8 @@ def _bundles(config: Config) -> dict[TrustDomain, Bundle]:
         )
     federation = federated_bundles(config)
     if federation is not None:
-        federation.refresh(own)
+        # Every endpoint once, concurrently, each under its total deadline (`bundle_endpoint.timeout`).
+        asyncio.run(federation.refresh(own))
         return {**federation.bundles(), **own}
     return own
 

@@ -275,6 +275,7 @@ class BundleEndpoint:
         endpoint_spiffe_id: the SPIFFE ID the server must present (https_spiffe only).
         refresh: seconds between fetches when the bundle carries no ``spiffe_refresh_hint``.
         ca_file: PEM roots to trust instead of the system store (https_web only; for private PKIs).
+        timeout: total deadline of one fetch, seconds: connect, TLS, request, headers and body together.
     """
 
     url: str
@@ -282,6 +283,7 @@ class BundleEndpoint:
     endpoint_spiffe_id: SpiffeId | None = None
     refresh: float = 300.0
     ca_file: Path | None = None
+    timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,6 +774,8 @@ _DNS_RE = re.compile(
 )
 _LEVELS: tuple[Literal["debug", "info", "warning", "error"], ...] = ("debug", "info", "warning", "error")
 _PROFILES: tuple[Literal["https_web", "https_spiffe"], ...] = ("https_web", "https_spiffe")
+#: Upper bound of `bundle_endpoint.timeout`: a bundle is a few kilobytes.
+MAX_FETCH_TIMEOUT = 300.0
 _MODES: tuple[Literal["validate", "inject"], ...] = ("validate", "inject")
 _SOURCE_KINDS: tuple[Literal["builtin", "spire", "files"], ...] = ("builtin", "spire", "files")
 _VALIDATIONS: tuple[Literal["spiffe", "trusted_ca"], ...] = ("spiffe", "trusted_ca")
@@ -1259,7 +1263,9 @@ class _Parser:
         return result
 
     def bundle_endpoint(self, value: object, path: str) -> BundleEndpoint:
-        section = _mapping(value, path, ("url", "profile", "endpoint_spiffe_id", "refresh", "ca_file"))
+        section = _mapping(
+            value, path, ("url", "profile", "endpoint_spiffe_id", "refresh", "ca_file", "timeout")
+        )
         if "url" not in section:
             raise ConfigError(f"{path}.url: required")
         url = _str(section["url"], f"{path}.url")
@@ -1279,7 +1285,12 @@ class _Parser:
         if ca_file is not None and profile != "https_web":
             raise ConfigError(f"{path}.ca_file: only meaningful with profile https_web")
         refresh = parse_duration(section.get("refresh", 300), f"{path}.refresh")
-        return BundleEndpoint(url, profile, endpoint_id, refresh, ca_file)
+        timeout = parse_duration(section.get("timeout", 10), f"{path}.timeout")
+        if timeout > MAX_FETCH_TIMEOUT:
+            raise ConfigError(
+                f"{path}.timeout: at most {MAX_FETCH_TIMEOUT:g}s (a fetch that needs longer is a stuck one)"
+            )
+        return BundleEndpoint(url, profile, endpoint_id, refresh, ca_file, timeout)
 
     # -- sds -------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import hashlib
 import inspect
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -31,7 +31,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from svidgate import __version__
@@ -41,6 +41,7 @@ from svidgate.identity.clock import Clock, system_clock
 if TYPE_CHECKING:
     from svidgate.identity.bundle import Bundle
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+    from svidgate.identity.sources.base import SourceStatus
     from svidgate.identity.spiffe_id import TrustDomain
 
 __all__ = ["CHECK_BUCKETS", "CheckRecorder", "Metrics", "MetricsInterceptor"]
@@ -332,7 +333,7 @@ class Metrics:
         )
         self.ready = Gauge(
             "svidgate_ready",
-            "1 when identity and bundles are loaded and every listener is bound (as /readyz).",
+            "1 when /readyz answers ready (identity loaded and fresh, every listener bound, not draining).",
             registry=registry,
         )
         self.source_errors = Counter(
@@ -379,6 +380,8 @@ class Metrics:
 
         self._snapshots = _SnapshotCollector(clock)
         registry.register(self._snapshots)
+        self._sources = _SourceCollector()
+        registry.register(self._sources)
 
         if process_metrics:
             ProcessCollector(registry=registry)
@@ -392,6 +395,12 @@ class Metrics:
         """
         self._snapshots.feed = feed
         self._snapshots.observe(feed.current())
+
+    def watch_sources(self, statuses: Callable[[], Sequence[SourceStatus]]) -> None:
+        """Read `statuses` at every scrape for `svidgate_source_up`, `..._last_success_timestamp_seconds` and
+        `svidgate_source_failures_total` (one series per upstream: the own source and each federated trust
+        domain)."""
+        self._sources.statuses = statuses
 
     def observe_snapshot(self, snapshot: IdentitySnapshot) -> None:
         """Note a newly published snapshot: bundle ages restart when a bundle's content changes.
@@ -484,6 +493,46 @@ class _SnapshotCollector(Collector):
         yield age
         yield svid_count
         yield bundle_count
+
+
+class _SourceCollector(Collector):
+    """Scrape-time health of every upstream of identity, from the source's `statuses()`."""
+
+    def __init__(self) -> None:
+        self.statuses: Callable[[], Sequence[SourceStatus]] | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["source", "trust_domain"]
+        up = GaugeMetricFamily(
+            "svidgate_source_up",
+            "1 while an upstream of identity delivers: the own source (builtin, files, spire) and each "
+            "federated trust domain (source=federation).",
+            labels=labels,
+        )
+        last = GaugeMetricFamily(
+            "svidgate_source_last_success_timestamp_seconds",
+            "When each upstream last delivered (epoch seconds; a connected stream: now; 0: never).",
+            labels=labels,
+        )
+        failures = CounterMetricFamily(
+            "svidgate_source_failures",
+            "Failed attempts of each upstream, by reason (ca_state_write, mint, files, fetch, file, "
+            "stream_lost).",
+            labels=[*labels, "reason"],
+        )
+        statuses = self.statuses
+        for status in statuses() if statuses is not None else ():
+            key = [status.source, status.trust_domain]
+            up.add_metric(key, 1.0 if status.up else 0.0)
+            last.add_metric(key, status.last_success or 0.0)
+            for reason, count in sorted(status.failures.items()):
+                failures.add_metric([*key, reason], count)
+        yield up
+        yield last
+        yield failures
 
 
 def _split_method(full_method: str) -> tuple[str, str]:

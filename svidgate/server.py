@@ -17,7 +17,10 @@ signal:
 - SIGTERM / SIGINT drain: readiness and gRPC health go NOT_SERVING, unix listeners stop accepting, every
   long-lived stream (SDS, Workload API, health Watch) is ended with status OK -- Envoy treats that as a normal
   end and reconnects elsewhere, where a cancelled stream would be logged as an error -- and in-flight Check
-  calls are answered, all within `drain_grace`; then the process exits 0.
+  calls are answered, all within `drain_grace`; then the process exits 0. In every state -- while the source
+  still waits for a SPIRE agent at start-up, while a federation fetch is in progress -- the process is gone
+  within `drain_grace` + `STOP_MARGIN`: start-up is cancelled by a stop request, nothing waits on the network
+  without a deadline, and a watchdog ends the process (exit 1, `server.stop_overrun`) if a step ever overruns.
 - SIGHUP (and a change of the config file's content, polled): the file is re-read and validated; the authz
   policies and the workloads are swapped atomically. An invalid file is rejected with one clear log line and
   the last good configuration stays in force.
@@ -49,6 +52,7 @@ import socket
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,8 +79,9 @@ from svidgate.grpcutil import wrap_handler
 from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo
+from svidgate.identity.snapshot import IdentitySnapshot
 from svidgate.identity.sources import create_source
-from svidgate.identity.sources.base import IdentitySource, TemplatedSvids
+from svidgate.identity.sources.base import IdentitySource, SourceStatus, TemplatedSvids
 from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
@@ -563,6 +568,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 # ----------------------------------------------------------------------------------------------------------
 
 Readiness = Callable[[], tuple[bool, str]]
+Details = Callable[[], dict[str, object]]
 
 _REASONS = {
     200: "OK",
@@ -582,17 +588,26 @@ class HttpEndpoint:
         port: port to bind (0: the kernel picks; see `port`).
         registry: served on ``/metrics``.
         readiness: returns ``(ready, reason)`` for ``/readyz``.
+        details: more fields for the ``/readyz`` JSON body (the health of every source).
     """
 
     #: Probes and Prometheus send a few hundred bytes; anything bigger is not for us.
     MAX_REQUEST = 8192
     READ_TIMEOUT = 5.0
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, readiness: Readiness) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        details: Details | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self._registry = registry
         self._readiness = readiness
+        self._details = details
         self._server: asyncio.Server | None = None
         self.alive = True
 
@@ -656,7 +671,10 @@ class HttpEndpoint:
             return 503, b"stopping\n", "text/plain; charset=utf-8"
         if path == "/readyz":
             ready, reason = self._readiness()
-            body = json.dumps({"ready": ready, "reason": reason}).encode() + b"\n"
+            document: dict[str, object] = {"ready": ready, "reason": reason}
+            if self._details is not None:
+                document.update(self._details())
+            body = json.dumps(document).encode() + b"\n"
             return (200 if ready else 503), body, "application/json"
         return 404, b"not found\n", "text/plain; charset=utf-8"
 
@@ -759,6 +777,15 @@ def grpc_server_options(*, share_port: bool = False) -> list[tuple[str, int]]:
     return [*GRPC_SERVER_OPTIONS, ("grpc.so_reuseport", 1 if share_port else 0)]
 
 
+#: `/readyz` turns unready when a served X.509-SVID has less than this fraction of its lifetime left. Every
+#: source renews at half-life (SPIRE's agent too; cert-manager's csi-driver-spiffe at two thirds), so an SVID
+#: this old means its upstream has not delivered for at least a quarter of the SVID's lifetime: time to route
+#: callers elsewhere before the certificate expires under them.
+READY_MIN_LIFETIME_LEFT = 0.25
+#: On SIGTERM/SIGINT the process exits within `server.drain_grace` plus this, in every state.
+STOP_MARGIN = 5.0
+
+
 @dataclass(slots=True)
 class _Listener:
     """One bound listening address, for logs, readiness and cleanup."""
@@ -816,6 +843,9 @@ class Server:
         self._config_fingerprint = file_fingerprint(config_path) if config_path is not None else None
         self.source: IdentitySource | None = None
         self.services: Services | None = None
+        # Computed at scrape time: readiness also turns false as time passes (SVIDs running low).
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
+        self.metrics.watch_sources(self.source_statuses)
 
     # -- state for probes and tests -------------------------------------------------------------------------
 
@@ -832,8 +862,17 @@ class Server:
     def http_port(self) -> int | None:
         return self._http.port if self._http is not None else None
 
+    def source_statuses(self) -> list[SourceStatus]:
+        """The health of every upstream: the own source, then each federated trust domain (none yet: [])."""
+        return list(self.source.statuses()) if self.source is not None else []
+
     def readiness(self) -> tuple[bool, str]:
-        """``/readyz``: ready when identity and bundles are loaded and every listener is bound.
+        """``/readyz``: ready when the own identity is loaded and fresh and every listener is bound.
+
+        Not ready while draining, before the listeners are bound, before the own trust domain's bundle and
+        (with workloads configured) an X.509-SVID are loaded, and whenever a served X.509-SVID has less than
+        `READY_MIN_LIFETIME_LEFT` of its lifetime left (its source has stopped renewing it). A federated trust
+        domain without a bundle is reported in the reason but keeps the node ready.
 
         Returns:
             ``(ready, reason)``; the reason names what is missing.
@@ -849,12 +888,49 @@ class Server:
             return False, f"no bundle for the own trust domain {self.config.trust_domain} yet"
         if any(not w.templated for w in self.config.workloads) and not snapshot.svids:
             return False, "no X.509-SVID loaded yet"
+        stale = self._stale_svid(snapshot)
+        if stale is not None:
+            return False, stale
         # A federated trust domain whose endpoint is down does not make this node useless for its own
         # workloads, so it is reported but does not hold readiness (a DaemonSet rollout would stall on it).
         missing = sorted(str(td) for td in self.config.federation if td not in snapshot.bundles)
         if missing:
             return True, "ok; no bundle yet for federated trust domain(s) " + ", ".join(missing)
         return True, "ok"
+
+    def _stale_svid(self, snapshot: IdentitySnapshot) -> str | None:
+        now = self._clock()
+        for spiffe_id, svid in snapshot.svids.items():
+            lifetime = svid.expires_at - svid.leaf.not_valid_before_utc.timestamp()
+            left = svid.expires_at - now
+            if left >= lifetime * READY_MIN_LIFETIME_LEFT:
+                continue
+            when = "has expired" if left <= 0 else f"expires in {left:.0f}s"
+            own = self.source_statuses()[:1]
+            upstream = ""
+            if own:
+                state = "up" if own[0].up else f"down: {own[0].error}"
+                upstream = f"; source {own[0].source} is {state}"
+            return (
+                f"X.509-SVID {spiffe_id} {when} (less than {READY_MIN_LIFETIME_LEFT:.0%} of its lifetime "
+                f"left) and has not been renewed{upstream}"
+            )
+        return None
+
+    def readiness_details(self) -> dict[str, object]:
+        """The ``sources`` field of ``/readyz``: every upstream's health (federation per trust domain)."""
+        return {
+            "sources": [
+                {
+                    "source": status.source,
+                    "trust_domain": status.trust_domain,
+                    "up": status.up,
+                    "last_success": status.last_success,
+                    **({"error": status.error} if status.error else {}),
+                }
+                for status in self.source_statuses()
+            ]
+        }
 
     # -- start ----------------------------------------------------------------------------------------------
 
@@ -898,7 +974,6 @@ class Server:
         if self.config_path is not None and self.settings.config_poll_interval > 0:
             self._spawn(self._watch_config_file(self.config_path), "config-watch")
         ready, reason = self.readiness()
-        self.metrics.ready.set(1 if ready else 0)
         self.metrics.config_last_reload_success.set(self._clock())
         log.info(
             "server.started",
@@ -910,6 +985,34 @@ class Server:
                 }
             },
         )
+
+    async def start_unless_stopped(self) -> bool:
+        """`start()`, abandoned when a stop is requested meanwhile (SIGTERM must not wait for start-up: a
+        SPIRE source waits up to 30 s for an absent agent). What was started is stopped again.
+
+        Returns:
+            True once started; False when a stop request ended start-up (logged as ``server.stopped``).
+
+        Raises:
+            SvidgateError: as `start()`.
+        """
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            starting.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if starting.done():
+            starting.result()  # start-up errors propagate
+            return True
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("server.stopped", extra={"fields": {"reason": self._stop_reason, "during": "start-up"}})
+        return False
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)
@@ -942,8 +1045,6 @@ class Server:
             snapshot = await source.feed.wait_newer(version)
             version = snapshot.version
             self.metrics.observe_snapshot(snapshot)
-            ready, _ = self.readiness()
-            self.metrics.ready.set(1 if ready else 0)
 
     async def _start_grpc(self) -> None:
         services = self.services
@@ -1086,7 +1187,7 @@ class Server:
         if self.config.listen.http is None:
             return
         host, port = self.config.listen.http
-        self._http = HttpEndpoint(host, port, self.registry, self.readiness)
+        self._http = HttpEndpoint(host, port, self.registry, self.readiness, self.readiness_details)
         bound = await self._http.start()
         address = f"{_bracket_host(host)}:{bound}"
         self._listeners.append(_Listener("http", f"{_bracket_host(host)}:{port}", address))
@@ -1127,7 +1228,6 @@ class Server:
         self._stop_requested.set()
         # Readiness first, so that probes stop routing here before anything closes.
         self._drain.set()
-        self.metrics.ready.set(0)
         for health in self._health:
             with contextlib.suppress(Exception):
                 await health.enter_graceful_shutdown()
@@ -1335,7 +1435,9 @@ async def build_spire_source(
     endpoint = config.source.spire_socket
     if endpoint is None:  # the config loader guarantees it; keep mypy and a future refactor honest
         raise SourceError("source.spire_socket: required with kind: spire")
-    return await SpireSource.connect(endpoint, clock=clock, on_bundle_rejected=on_bundle_rejected)
+    return await SpireSource.connect(
+        endpoint, clock=clock, trust_domain=config.trust_domain, on_bundle_rejected=on_bundle_rejected
+    )
 
 
 class Services:
@@ -1491,6 +1593,7 @@ async def serve(
     registry: CollectorRegistry | None = None,
     install_signals: bool = True,
     on_started: Callable[[Server], None] | None = None,
+    stop_watchdog: bool = False,
 ) -> int:
     """Run one svidgate process until SIGTERM/SIGINT, then drain.
 
@@ -1500,9 +1603,11 @@ async def serve(
         registry: the Prometheus registry (a fresh one by default).
         install_signals: route SIGTERM/SIGINT/SIGHUP to the server (off when embedded in a test loop).
         on_started: called once everything listens (tests read the bound addresses from it).
+        stop_watchdog: on the first stop signal, arm a watchdog that ends the whole process (exit 1) if it is
+            still running `drain_grace` + `STOP_MARGIN` later. Only for a process of its own (`run()`).
 
     Returns:
-        The exit code: 0 after a clean drain.
+        The exit code: 0 after a clean drain (or a stop requested during start-up).
 
     Raises:
         SvidgateError: the source cannot load or a listener cannot bind.
@@ -1510,17 +1615,51 @@ async def serve(
     server = Server(config, config_path, registry=registry)
     remove: Callable[[], None] | None = None
     if install_signals:
-        remove = install_signal_handlers(
-            asyncio.get_running_loop(), server.request_stop, server.request_reload
-        )
+        bound = server.settings.drain_grace + STOP_MARGIN
+
+        def on_stop(reason: str) -> None:
+            if stop_watchdog:
+                _arm_stop_watchdog(bound)
+            server.request_stop(reason)
+
+        remove = install_signal_handlers(asyncio.get_running_loop(), on_stop, server.request_reload)
     try:
-        await server.start()
+        if not await server.start_unless_stopped():
+            return 0
         if on_started is not None:
             on_started(server)
         return await server.wait()
     finally:
         if remove is not None:
             remove()
+
+
+_watchdog_armed = threading.Event()
+
+
+def _arm_stop_watchdog(seconds: float) -> None:
+    """End the process `seconds` from now unless it has exited by then (a backstop: no drain step is meant to
+    take that long, but a thread stuck in the kernel -- a DNS lookup, a hung disk -- must not keep a process
+    that was told to stop). Armed once."""
+    if _watchdog_armed.is_set():
+        return
+    _watchdog_armed.set()
+
+    def overrun() -> None:
+        # The log line gets a second of its own: a handler lock held by a stuck thread must not keep us alive.
+        reported = threading.Event()
+
+        def report() -> None:
+            log.error("server.stop_overrun", extra={"fields": {"bound_seconds": seconds}})
+            reported.set()
+
+        threading.Thread(target=report, daemon=True).start()
+        reported.wait(1.0)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, overrun)
+    timer.daemon = True
+    timer.start()
 
 
 def run(config: Config, config_path: Path | None) -> int:
@@ -1539,7 +1678,7 @@ def run(config: Config, config_path: Path | None) -> int:
     # streams took 1.8-2.8 s to receive a rotation with the default and ~0.84 s with this threshold.
     gc.set_threshold(50_000, 10, 10)
     try:
-        return asyncio.run(serve(config, config_path))
+        return asyncio.run(serve(config, config_path, stop_watchdog=True))
     except SvidgateError as exc:
         log.error("server.failed", extra={"fields": {"error": str(exc)}})
         # One plain line besides the structured log: what a person starting `svidgate serve` reads first.

@@ -144,8 +144,9 @@ class BuiltinCa:
             The CA.
 
         Raises:
-            CaError: the state cannot be read or written, is corrupt, was not written by svidgate, or belongs
-                to another trust domain.
+            CaError: the state cannot be read or written (a rotation that cannot be persisted is tolerated
+                while the current authority is valid), is corrupt, was not written by svidgate, or belongs to
+                another trust domain.
         """
         if not ca_ttl > 2 * BACKDATE_SECONDS:
             raise CaError(f"ca_ttl must be more than {2 * BACKDATE_SECONDS:.0f} seconds, not {ca_ttl!r}")
@@ -184,7 +185,17 @@ class BuiltinCa:
                 extra={"fields": _authority_fields(trust_domain, state.current, state_file=str(state_file))},
             )
         ca = cls(trust_domain, key_type, clock, ca_ttl, state_file, state)
-        ca.rotate_if_due()
+        try:
+            ca.rotate_if_due()
+        except CaError as exc:
+            # A full or read-only disk must not stop a CA that can still sign: the source retries the rotation
+            # (and logs and counts each failure). Only an expired current authority is fatal here.
+            if ca.current.not_after <= clock():
+                raise
+            log.warning(
+                "ca.state_write_failed",
+                extra={"fields": {"trust_domain": trust_domain.name, "error": str(exc), "at": "load"}},
+            )
         return ca
 
     @classmethod

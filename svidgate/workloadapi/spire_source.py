@@ -14,6 +14,11 @@ SPIFFE_Workload_API.md 4.2 expects of a client.
 The agent's bundles pass the acceptance rules of every other source (svidgate.identity.bundle): authorities
 that can never be trust anchors are left out, and an update that would leave a trust domain without a usable
 authority for a use it had is reported and the last good bundle of that trust domain kept.
+
+Health (`statuses()`): the source is up while both streams are delivering; its last success is "now" while
+they are, and the moment one was lost once it is not. A lost agent therefore shows in
+`svidgate_source_up{source="spire"}` at once, and in `/readyz` once the SVIDs it left behind run low (see
+`svidgate.server`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from svidgate.identity.bundle import (
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+from svidgate.identity.sources.base import SourceStatus
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
 from svidgate.workloadapi import SECURITY_HEADER, SERVICE_NAME
@@ -113,6 +119,7 @@ class SpireSource:
         backoff_initial: first reconnect delay, seconds (doubles per failure, jittered).
         backoff_max: longest reconnect delay, seconds.
         timeout: deadline of each FetchJWTSVID call to the agent, seconds.
+        trust_domain: the own trust domain, for the health label (None: taken from the agent's first SVID).
         on_bundle_rejected: told of every rejected bundle update (the runtime counts them).
     """
 
@@ -124,6 +131,7 @@ class SpireSource:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         timeout: float = 5.0,
+        trust_domain: TrustDomain | None = None,
         on_bundle_rejected: BundleRejectionSink | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -146,6 +154,9 @@ class SpireSource:
         self._reported: dict[TrustDomain, tuple[object, ...]] = {}
         #: Whether each upstream stream is currently delivering (for readiness checks and logs).
         self.connected = {"FetchX509SVID": False, "FetchJWTBundles": False}
+        self._trust_domain = trust_domain
+        self._last_success: float | None = None
+        self._streams_lost = 0
 
     @classmethod
     async def connect(
@@ -157,6 +168,7 @@ class SpireSource:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         timeout: float = 5.0,
+        trust_domain: TrustDomain | None = None,
         on_bundle_rejected: BundleRejectionSink | None = None,
     ) -> SpireSource:
         """Create a source and wait (retrying with backoff) until the agent has given it its X.509-SVIDs.
@@ -166,7 +178,8 @@ class SpireSource:
         Args:
             endpoint: as for the constructor.
             ready_timeout: give up after this many seconds.
-            clock, backoff_initial, backoff_max, timeout, on_bundle_rejected: as for the constructor.
+            clock, backoff_initial, backoff_max, timeout, trust_domain, on_bundle_rejected: as for the
+                constructor.
 
         Returns:
             The source, its first snapshot published.
@@ -180,6 +193,7 @@ class SpireSource:
             backoff_initial=backoff_initial,
             backoff_max=backoff_max,
             timeout=timeout,
+            trust_domain=trust_domain,
             on_bundle_rejected=on_bundle_rejected,
         )
         try:
@@ -196,6 +210,7 @@ class SpireSource:
             try:
                 async with WorkloadApiClient(self.endpoint) as client:
                     self._on_x509(await client.fetch_x509_context())
+                    self._last_success = self._clock()
                     try:
                         self._on_jwt_bundles(await client.fetch_jwt_bundles())
                     except SvidgateError as exc:
@@ -230,6 +245,24 @@ class SpireSource:
     def refresh(self) -> bool:
         """Nothing to poll: the agent pushes every change on the streams `run()` follows. Always False."""
         return False
+
+    def statuses(self) -> list[SourceStatus]:
+        """The agent's health: up while both streams deliver. (The agent brings federated bundles itself.)"""
+        up = all(self.connected.values())
+        trust_domain = self._trust_domain
+        if trust_domain is None and self._x509 is not None and self._x509.svids:
+            trust_domain = self._x509.svids[0].spiffe_id.trust_domain
+        return [
+            SourceStatus(
+                "spire",
+                trust_domain.name if trust_domain is not None else "",
+                up,
+                # A connected stream is the agent saying "nothing changed": it is fresh now.
+                self._clock() if up else self._last_success,
+                "" if up else self._last_error,
+                {"stream_lost": self._streams_lost} if self._streams_lost else {},
+            )
+        ]
 
     def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
         """A JWT-SVID from the agent (FetchJWTSVID), re-used until half its lifetime has passed.
@@ -308,7 +341,11 @@ class SpireSource:
                         delay(True)
             except SvidgateError as exc:
                 error = str(exc)
+            if self.connected[method]:
+                self._streams_lost += 1
+                self._last_success = self._clock()  # it was delivering until now
             self.connected[method] = False
+            self._last_error = f"{method}: {error}"
             pause = delay(False)
             log.warning(
                 "spire_source.stream_lost",

@@ -270,7 +270,8 @@ class ServeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, wait_for: str | None = "server.started") -> None:
+        """Start the process; wait for the log event `wait_for` (None: return at once)."""
         env = dict(os.environ if self.env is None else self.env, PYTHONUNBUFFERED="1")
         config = () if self.config is None else ("--config", str(self.config))
         self.proc = subprocess.Popen(
@@ -280,7 +281,8 @@ class ServeProcess:
             env=env,
         )
         self._reader = asyncio.ensure_future(self._read())
-        await self.wait_for_event("server.started", timeout=30)
+        if wait_for is not None:
+            await self.wait_for_event(wait_for, timeout=30)
 
     async def _read(self) -> None:
         assert self.proc is not None

@@ -6,7 +6,9 @@ gRPC listeners, `/metrics` over HTTP), driven by a FakeClock: the test advances 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import grpc.aio
 from cryptography import x509
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from svidgate.config import load_config
 from svidgate.identity.bundle import public_key_to_jwk, spiffe_bundle_json
 from svidgate.identity.clock import FakeClock
+from svidgate.identity.spiffe_id import TrustDomain
 from svidgate.server import Server
 from tests.component.runtime_support import (
     AUDIENCE,
@@ -62,7 +65,19 @@ async def test_rejected_partner_update_keeps_check_and_sds_on_the_last_good_bund
             doc = {"keys": [{"use": "jwt-svid", "kid": "weak", **public_key_to_jwk(weak)}]}
             replace_file(bundle_file, json.dumps(doc).encode())
             clock.advance(5)
-            assert server.source.refresh() is False  # nothing new to publish
+            # The partner's own task reads the file (now, rather than at its next poll); nothing is published.
+            version = server.source.feed.current().version
+            federation = getattr(server.source, "federation", None)
+            assert federation is not None
+            federation.fetch_now(TrustDomain(PARTNER))
+            rejected = {"trust_domain": PARTNER, "reason": "no_usable_authority"}
+            deadline = time.monotonic() + 10
+            while ("svidgate_bundle_updates_rejected_total", tuple(sorted(rejected.items()))) not in (
+                await scrape(port)
+            ):
+                assert time.monotonic() < deadline, "the rejected update was never counted"
+                await asyncio.sleep(0.02)
+            assert server.source.feed.current().version == version
 
             # A token the validated-token cache has never seen: checked against the bundle held now.
             fresh = partner.create_jwt_svid(PARTNER_CLIENT, AUDIENCE, ttl=600)

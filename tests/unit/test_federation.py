@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import re
 import ssl
 import threading
 import time
@@ -18,8 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from svidgate.config import BundleEndpoint, FederationConfig
-from svidgate.errors import BundleError, SourceError
+from svidgate.config import BundleEndpoint, FederationConfig, parse_config
+from svidgate.errors import BundleError, ConfigError, SourceError
 from svidgate.identity.bundle import (
     MAX_BUNDLE_BYTES,
     Bundle,
@@ -57,7 +59,7 @@ def with_sequence(bundle: Bundle, sequence: int | None, refresh_hint: int | None
 # -- documents -----------------------------------------------------------------------------------------
 
 
-def test_parse_bundle_document_detects_the_format(other_ca: TestCA) -> None:
+async def test_parse_bundle_document_detects_the_format(other_ca: TestCA) -> None:
     bundle = other_ca.bundle()
     from_json = parse_bundle_document(OTHER, b"  \n" + spiffe_bundle_json(bundle))
     from_pem = parse_bundle_document(OTHER, pem_bundle(bundle))
@@ -75,56 +77,56 @@ def file_federation(path: Path, clock: FakeClock) -> FederatedBundles:
     return FederatedBundles({OTHER: FederationConfig(bundle_file=path)}, clock, poll_interval=5)
 
 
-def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, other_ca: TestCA) -> None:
+async def test_bundle_file_is_loaded_and_watched(tmp_path: Path, clock: FakeClock, other_ca: TestCA) -> None:
     path = tmp_path / "other.json"
     replace_file(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 1)))
     federation = file_federation(path, clock)
     assert federation.bundles() == {}
-    assert federation.refresh({}) is True
+    assert await federation.refresh({}) is True
     assert federation.bundles()[OTHER].sequence == 1
     assert federation.next_due() == clock() + 5
-    assert federation.refresh({}) is False  # not due
+    assert await federation.refresh({}) is False  # not due
     clock.advance(5)
-    assert federation.refresh({}) is False  # due, unchanged
+    assert await federation.refresh({}) is False  # due, unchanged
     replace_file(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 2)))
     clock.advance(5)
-    assert federation.refresh({}) is True
+    assert await federation.refresh({}) is True
     assert federation.bundles()[OTHER].sequence == 2
 
 
-def test_bad_bundle_file_keeps_the_last_bundle(
+async def test_bad_bundle_file_keeps_the_last_bundle(
     tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "other.pem"
     replace_file(path, pem_bundle(other_ca.bundle()))
     federation = file_federation(path, clock)
-    federation.refresh({})
+    await federation.refresh({})
     good = federation.bundles()[OTHER]
     replace_file(path, b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             clock.advance(5)
-            assert federation.refresh({}) is False
+            assert await federation.refresh({}) is False
         path.unlink()
         clock.advance(5)
-        assert federation.refresh({}) is False
+        assert await federation.refresh({}) is False
     assert federation.bundles()[OTHER] is good
     assert caplog.messages.count("bundle.update_rejected") == 1
     assert "federation.bundle_file_unreadable" in caplog.messages
 
 
-def test_lower_sequence_is_ignored(
+async def test_lower_sequence_is_ignored(
     tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "other.json"
     replace_file(path, spiffe_bundle_json(with_sequence(other_ca.bundle(), 7)))
     federation = file_federation(path, clock)
-    federation.refresh({})
+    await federation.refresh({})
     rotated = TestCA(OTHER)
     replace_file(path, spiffe_bundle_json(with_sequence(rotated.bundle(), 6)))
     clock.advance(5)
     with caplog.at_level(logging.WARNING):
-        assert federation.refresh({}) is False
+        assert await federation.refresh({}) is False
     assert federation.bundles()[OTHER].sequence == 7
     assert federation.bundles()[OTHER].x509_authorities == other_ca.bundle().x509_authorities
     (record,) = [r for r in caplog.records if r.getMessage() == "bundle.update_rejected"]
@@ -182,7 +184,7 @@ def with_x509(ca: TestCA, certificate: x509.Certificate) -> bytes:
     ],
     ids=["rsa-1024-jwt-only", "jwt-keys-gone", "leaf-as-x509-authority", "empty", "malformed", "over-1MiB"],
 )
-def test_rejected_file_update_keeps_the_last_good_bundle(
+async def test_rejected_file_update_keeps_the_last_good_bundle(
     tmp_path: Path,
     clock: FakeClock,
     other_ca: TestCA,
@@ -194,13 +196,13 @@ def test_rejected_file_update_keeps_the_last_good_bundle(
     replace_file(path, spiffe_bundle_json(other_ca.bundle()))
     sink = Rejections()
     federation = FederatedBundles({OTHER: FederationConfig(bundle_file=path)}, clock, on_rejected=sink)
-    assert federation.refresh({}) is True
+    assert await federation.refresh({}) is True
     good = federation.bundles()[OTHER]
     replace_file(path, update(other_ca))
     with caplog.at_level(logging.WARNING):
         for _ in range(3):  # reported once per change, not once per poll
             clock.advance(5)
-            assert federation.refresh({}) is False
+            assert await federation.refresh({}) is False
     assert federation.bundles()[OTHER] is good
     assert sink == [(OTHER, reason)]
     (line,) = rejected_lines(caplog)
@@ -209,7 +211,7 @@ def test_rejected_file_update_keeps_the_last_good_bundle(
     assert line["kept_last"] is True
 
 
-def test_rejected_endpoint_update_keeps_the_last_good_bundle(
+async def test_rejected_endpoint_update_keeps_the_last_good_bundle(
     clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     fetch = FakeFetcher()
@@ -222,11 +224,11 @@ def test_rejected_endpoint_update_keeps_the_last_good_bundle(
     federation = FederatedBundles(
         {OTHER: FederationConfig(bundle_endpoint=endpoint)}, clock, fetch=fetch, on_rejected=sink
     )
-    federation.refresh({})
+    await federation.refresh({})
     good = federation.bundles()[OTHER]
     clock.advance(100)
     with caplog.at_level(logging.WARNING):
-        assert federation.refresh({}) is False
+        assert await federation.refresh({}) is False
     assert federation.bundles()[OTHER] is good
     assert dict(good.jwt_authorities) == dict(other_ca.bundle().jwt_authorities)
     assert sink == [(OTHER, "no_usable_jwt_authority")]
@@ -236,7 +238,7 @@ def test_rejected_endpoint_update_keeps_the_last_good_bundle(
     assert federation.next_due() == clock() + 100  # fetched fine: the normal schedule, no retry storm
 
 
-def test_unusable_authorities_beside_good_ones_are_left_out_and_logged(
+async def test_unusable_authorities_beside_good_ones_are_left_out_and_logged(
     tmp_path: Path, clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     doc = json.loads(spiffe_bundle_json(other_ca.bundle()))
@@ -246,7 +248,7 @@ def test_unusable_authorities_beside_good_ones_are_left_out_and_logged(
     sink = Rejections()
     federation = FederatedBundles({OTHER: FederationConfig(bundle_file=path)}, clock, on_rejected=sink)
     with caplog.at_level(logging.WARNING):
-        assert federation.refresh({}) is True
+        assert await federation.refresh({}) is True
     bundle = federation.bundles()[OTHER]
     assert dict(bundle.jwt_authorities) == dict(other_ca.bundle().jwt_authorities)
     assert sink == []  # the update was applied; only the weak key was not
@@ -255,7 +257,7 @@ def test_unusable_authorities_beside_good_ones_are_left_out_and_logged(
     assert line["reason"] == "keys[2] (jwt-svid 'weak'): RSA key of 1024 bits is below the 2048-bit floor"
 
 
-def test_bundle_files_are_read_up_to_the_cap(tmp_path: Path) -> None:
+async def test_bundle_files_are_read_up_to_the_cap(tmp_path: Path) -> None:
     path = tmp_path / "big"
     path.write_bytes(b" " * (MAX_BUNDLE_BYTES + 1))
     with pytest.raises(FileTooLargeError, match="larger than 1048576 bytes"):
@@ -273,7 +275,7 @@ class FakeFetcher:
         self.responses: list[bytes | Exception] = []
         self.calls = 0
 
-    def __call__(self, endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
+    async def __call__(self, endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
         self.calls += 1
         response = self.responses.pop(0)
         if isinstance(response, Exception):
@@ -286,7 +288,7 @@ def endpoint_federation(clock: FakeClock, fetch: FakeFetcher, refresh: float = 3
     return FederatedBundles({OTHER: FederationConfig(bundle_endpoint=endpoint)}, clock, fetch=fetch)
 
 
-def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: TestCA) -> None:
+async def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: TestCA) -> None:
     fetch = FakeFetcher()
     fetch.responses = [
         spiffe_bundle_json(with_sequence(other_ca.bundle(), 1, refresh_hint=60)),
@@ -294,41 +296,41 @@ def test_endpoint_refresh_hint_sets_the_next_fetch(clock: FakeClock, other_ca: T
         spiffe_bundle_json(with_sequence(other_ca.bundle(), 2)),
     ]
     federation = endpoint_federation(clock, fetch)
-    assert federation.refresh({}) is True
+    assert await federation.refresh({}) is True
     assert federation.next_due() == clock() + 60  # the hint, not the configured 300 s
     clock.advance(59)
-    assert federation.refresh({}) is False
+    assert await federation.refresh({}) is False
     assert fetch.calls == 1
     clock.advance(1)
-    assert federation.refresh({}) is True  # same keys, new hint: a new Bundle value
+    assert await federation.refresh({}) is True  # same keys, new hint: a new Bundle value
     assert federation.next_due() == clock() + MIN_REFRESH  # a hint of 1 s is clamped
     clock.advance(MIN_REFRESH)
-    assert federation.refresh({}) is True
+    assert await federation.refresh({}) is True
     assert federation.next_due() == clock() + 300  # no hint: the configured refresh
     assert federation.bundles()[OTHER].sequence == 2
 
 
-def test_endpoint_failure_keeps_the_last_bundle_and_backs_off(
+async def test_endpoint_failure_keeps_the_last_bundle_and_backs_off(
     clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
     fetch = FakeFetcher()
     good = spiffe_bundle_json(with_sequence(other_ca.bundle(), 3))
     fetch.responses = [good, SourceError("connection refused"), b"{not json", good]
     federation = endpoint_federation(clock, fetch, refresh=100)
-    federation.refresh({})
+    await federation.refresh({})
     kept = federation.bundles()[OTHER]
     clock.advance(100)
     with caplog.at_level(logging.WARNING):
-        assert federation.refresh({}) is False
+        assert await federation.refresh({}) is False
         assert federation.next_due() == clock() + FIRST_RETRY
         clock.advance(FIRST_RETRY)
-        assert federation.refresh({}) is False
+        assert await federation.refresh({}) is False
         assert federation.next_due() == clock() + 2 * FIRST_RETRY
     assert federation.bundles()[OTHER] is kept
     assert caplog.messages.count("federation.fetch_failed") == 1  # connection refused
     assert caplog.messages.count("bundle.update_rejected") == 1  # answered, but not a bundle
     clock.advance(2 * FIRST_RETRY)
-    assert federation.refresh({}) is False  # the same bundle again: nothing to publish
+    assert await federation.refresh({}) is False  # the same bundle again: nothing to publish
     assert federation.next_due() == clock() + 100
 
 
@@ -359,10 +361,15 @@ class BundleServer:
         context.load_cert_chain(cert_file, key_file)
         self.body = b""
         self.status = 200
+        #: When set, sent as the whole response (status line, headers and body) instead of `body`.
+        self.raw: bytes | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if server.raw is not None:
+                    self.wfile.write(server.raw)
+                    return
                 self.send_response(server.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(server.body)))
@@ -403,62 +410,185 @@ def spiffe_endpoint(port: int, endpoint_id: SpiffeId = ENDPOINT_ID) -> BundleEnd
     return BundleEndpoint(f"https://127.0.0.1:{port}/bundle", "https_spiffe", endpoint_id)
 
 
-def test_https_spiffe_fetch_authenticates_the_endpoint_id(
+async def test_https_spiffe_fetch_authenticates_the_endpoint_id(
     server: BundleServer, own_ca: TestCA, other_ca: TestCA
 ) -> None:
     server.body = spiffe_bundle_json(other_ca.bundle())
-    data = fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+    data = await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
     assert parse_bundle_document(OTHER, data).x509_authorities == other_ca.bundle().x509_authorities
 
 
-def test_https_spiffe_rejects_another_spiffe_id(server: BundleServer, own_ca: TestCA) -> None:
+async def test_https_spiffe_rejects_another_spiffe_id(server: BundleServer, own_ca: TestCA) -> None:
     server.body = b"{}"
     wrong = SpiffeId.parse("spiffe://example.org/somebody-else")
     with pytest.raises(SourceError, match=r"presented spiffe://example\.org/bundle-endpoint, expected"):
-        fetch_bundle(spiffe_endpoint(server.port, wrong), {OWN: own_ca.bundle()})
+        await fetch_bundle(spiffe_endpoint(server.port, wrong), {OWN: own_ca.bundle()})
 
 
-def test_https_spiffe_rejects_a_server_the_bundle_does_not_vouch_for(server: BundleServer) -> None:
+async def test_https_spiffe_rejects_a_server_the_bundle_does_not_vouch_for(server: BundleServer) -> None:
     now = time.time()
     stranger = TestCA(OWN, not_before=now - 3600, not_after=now + 86400)
     with pytest.raises(SourceError, match="TLS failed"):
-        fetch_bundle(spiffe_endpoint(server.port), {OWN: stranger.bundle()})
+        await fetch_bundle(spiffe_endpoint(server.port), {OWN: stranger.bundle()})
 
 
-def test_https_spiffe_needs_a_bundle_for_the_endpoint_trust_domain(server: BundleServer) -> None:
+async def test_https_spiffe_needs_a_bundle_for_the_endpoint_trust_domain(server: BundleServer) -> None:
     with pytest.raises(SourceError, match=r"no X\.509 authorities for example\.org"):
-        fetch_bundle(spiffe_endpoint(server.port), {})
+        await fetch_bundle(spiffe_endpoint(server.port), {})
 
 
-def test_https_web_with_ca_file(
+async def test_https_web_with_ca_file(
     server: BundleServer, own_ca: TestCA, other_ca: TestCA, tmp_path: Path
 ) -> None:
     roots = tmp_path / "roots.pem"
     roots.write_bytes(pem_bundle(own_ca.bundle()))
     server.body = pem_bundle(other_ca.bundle())
     endpoint = BundleEndpoint(f"https://localhost:{server.port}/b", "https_web", ca_file=roots)
-    assert fetch_bundle(endpoint, {}) == server.body
+    assert await fetch_bundle(endpoint, {}) == server.body
     # Without the private root, Web PKI (the system store) does not trust the server.
     with pytest.raises(SourceError, match="TLS failed"):
-        fetch_bundle(replace(endpoint, ca_file=None), {})
+        await fetch_bundle(replace(endpoint, ca_file=None), {})
 
 
-def test_https_http_error_status(server: BundleServer, own_ca: TestCA) -> None:
+async def test_https_http_error_status(server: BundleServer, own_ca: TestCA) -> None:
     server.status = 404
     with pytest.raises(SourceError, match="HTTP 404"):
-        fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+        await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
 
 
-def test_federation_over_https_end_to_end(server: BundleServer, own_ca: TestCA, other_ca: TestCA) -> None:
+async def test_federation_over_https_end_to_end(
+    server: BundleServer, own_ca: TestCA, other_ca: TestCA
+) -> None:
     server.body = spiffe_bundle_json(with_sequence(other_ca.bundle(), 5, refresh_hint=120))
     clock = FakeClock(system_clock())
     federation = FederatedBundles(
         {OTHER: FederationConfig(bundle_endpoint=spiffe_endpoint(server.port))}, clock, poll_interval=5
     )
-    assert federation.refresh({OWN: own_ca.bundle()}) is True
+    assert await federation.refresh({OWN: own_ca.bundle()}) is True
     assert federation.bundles()[OTHER].sequence == 5
     assert federation.next_due() == clock() + 120
     server.body = spiffe_bundle_json(with_sequence(other_ca.bundle(), 4))  # a stale replica
     clock.advance(120)
-    assert federation.refresh({OWN: own_ca.bundle()}) is False
+    assert await federation.refresh({OWN: own_ca.bundle()}) is False
     assert federation.bundles()[OTHER].sequence == 5
+
+
+# -- response framing (a real TLS server sends the bytes) ----------------------------------------------
+
+
+def _chunked(data: bytes, size: int) -> bytes:
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\nX-Trailer: t\r\n\r\n"
+
+
+async def test_fetch_reads_chunked_and_close_delimited_bodies(
+    server: BundleServer, own_ca: TestCA, other_ca: TestCA
+) -> None:
+    document = spiffe_bundle_json(other_ca.bundle())
+    # Go's net/http (SPIRE's bundle endpoint) sends bodies over 2 KiB chunked.
+    server.raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(document, 700)
+    assert await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()}) == document
+    server.raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + document
+    assert await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()}) == document
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"SSH-2.0-OpenSSH\r\n", "not an HTTP/1.1 response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n", "bundle larger than 1048576 bytes"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}", "closed before the response was complete"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "conflicting"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "malformed Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "unsupported Transfer-Encoding"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed chunked body"),
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", "longer than 65536 bytes"),
+        (b"HTTP/1.1 302 Found\r\nLocation: https://elsewhere/\r\n\r\n", "HTTP 302 Found"),
+    ],
+)
+async def test_fetch_refuses_bad_responses_with_one_precise_error(
+    server: BundleServer, own_ca: TestCA, raw: bytes, error: str
+) -> None:
+    server.raw = raw
+    with pytest.raises(SourceError, match=re.escape(error)):
+        await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+
+
+# -- one task per trust domain, each fetch under a total deadline --------------------------------------
+
+
+async def test_a_hanging_partner_delays_nobody_else_and_fails_at_its_deadline(
+    clock: FakeClock, other_ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    slow, fast = TrustDomain("slow.org"), OTHER
+    released = asyncio.Event()
+    fetched: list[str] = []
+
+    async def fetch(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
+        fetched.append(endpoint.url)
+        if "slow" in endpoint.url:
+            await released.wait()  # never, within its deadline
+        return spiffe_bundle_json(other_ca.bundle())
+
+    federation = FederatedBundles(
+        {
+            slow: FederationConfig(
+                bundle_endpoint=BundleEndpoint("https://slow.org/b", "https_web", timeout=0.2)
+            ),
+            fast: FederationConfig(bundle_endpoint=BundleEndpoint("https://other.org/b", "https_web")),
+        },
+        clock,
+        fetch=fetch,
+    )
+    changed = asyncio.Event()
+    with caplog.at_level(logging.WARNING):
+        task = asyncio.create_task(federation.run(dict, changed.set))
+        try:
+            await asyncio.wait_for(changed.wait(), 10)
+            # The fast partner's bundle arrived while the slow one's fetch still hangs.
+            assert set(federation.bundles()) == {fast}
+            while "federation.fetch_failed" not in caplog.messages:
+                await asyncio.sleep(0.01)
+            statuses = {s.trust_domain: s for s in federation.statuses()}
+            assert statuses["slow.org"].up is False
+            assert "no complete response within the 0.2s deadline" in statuses["slow.org"].error
+            assert dict(statuses["slow.org"].failures) == {"fetch": 1}
+            assert statuses["other.org"].up is True
+            # "Fetch this trust domain now" wakes only that trust domain's task.
+            calls = len(fetched)
+            federation.fetch_now(fast)
+            while len(fetched) == calls:
+                await asyncio.sleep(0.01)
+            assert fetched[calls:] == ["https://other.org/b"]
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+
+# -- bundle_endpoint.timeout ---------------------------------------------------------------------------
+
+
+def _endpoint_config(extra: str) -> str:
+    return (
+        "trust_domain: example.org\nfederation:\n  other.org:\n    bundle_endpoint:\n"
+        f"      url: https://other.org/bundle\n      profile: https_web\n{extra}"
+    )
+
+
+def test_the_fetch_deadline_defaults_to_10s_and_is_configurable() -> None:
+    (default,) = parse_config(_endpoint_config("")).federation.values()
+    assert default.bundle_endpoint is not None
+    assert default.bundle_endpoint.timeout == 10.0
+    (short,) = parse_config(_endpoint_config("      timeout: 500ms\n")).federation.values()
+    assert short.bundle_endpoint is not None
+    assert short.bundle_endpoint.timeout == 0.5
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("0s", "federation.other.org.bundle_endpoint.timeout"), ("6m", "timeout: at most 300s")],
+)
+def test_the_fetch_deadline_is_validated(value: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        parse_config(_endpoint_config(f"      timeout: {value}\n"))

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from svidgate.config import Selector, Workload, parse_config
+from svidgate.config import BundleEndpoint, FederationConfig, Selector, Workload, parse_config
 from svidgate.errors import SourceError
-from svidgate.identity.bundle import MAX_BUNDLE_BYTES, pem_bundle, spiffe_bundle_json
+from svidgate.identity.bundle import MAX_BUNDLE_BYTES, Bundle, pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.jwtsvid import validate_jwt_svid
@@ -142,7 +142,7 @@ def test_builtin_mint_jwt_svid_refuses_unknown_ids(ca: BuiltinCa, clock: FakeClo
         source.mint_jwt_svid(FRONTEND, [])
 
 
-def test_builtin_refresh_failure_keeps_the_last_snapshot(
+async def test_builtin_refresh_failure_keeps_the_last_snapshot(
     ca: BuiltinCa, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = builtin(ca, clock)
@@ -382,7 +382,7 @@ def test_create_source_files(files: Files, clock: FakeClock) -> None:
     assert list(source.feed.current().svids) == [FRONTEND]
 
 
-def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> None:
+async def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> None:
     root = TestCA(TD)
     svid = root.child_ca().create_x509_svid(FRONTEND)
     cert, key, bundle = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "b.pem"
@@ -391,3 +391,51 @@ def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> N
     replace_file(bundle, pem_bundle(root.bundle()))
     source = FileSource(cert, key, bundle, TD, None, clock)
     assert len(source.feed.current().svids[FRONTEND].cert_chain) == 2
+
+
+# -- federation under a source: its own tasks, published by the source --------------------------------
+
+OTHER_TD = TrustDomain("other.org")
+
+
+def _endpoint_federation(clock: FakeClock, document: bytes, hang: asyncio.Event) -> FederatedBundles:
+    async def fetch(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
+        await hang.wait()
+        return document
+
+    endpoint = BundleEndpoint("https://other.org/bundle", "https_web", timeout=30)
+    return FederatedBundles({OTHER_TD: FederationConfig(bundle_endpoint=endpoint)}, clock, fetch=fetch)
+
+
+@pytest.mark.parametrize("kind", ["builtin", "files"])
+async def test_a_source_publishes_federated_bundles_its_tasks_fetch(
+    kind: str, ca: BuiltinCa, clock: FakeClock, tmp_path: Path
+) -> None:
+    other = BuiltinCa.in_memory(OTHER_TD, KeyType.EC_P256, clock)
+    released = asyncio.Event()
+    federation = _endpoint_federation(clock, spiffe_bundle_json(other.bundle()), released)
+    source: BuiltinSource | FileSource
+    if kind == "builtin":
+        # Construction never waits for the endpoint (the fetch would hang until released).
+        source = BuiltinSource(ca, [workload(FRONTEND)], federation, clock)
+    else:
+        files = Files(tmp_path, ca)
+        files.write_svid()
+        source = FileSource(files.cert, files.key, files.bundle, TD, federation, clock)
+    first = source.feed.current()
+    assert set(first.bundles) == {TD}
+    task = asyncio.create_task(source.run())
+    try:
+        # While the fetch hangs, the own identity still refreshes at once.
+        await asyncio.sleep(0)
+        assert source.refresh() is False
+        assert [s.source for s in source.statuses()] == [kind, "federation"]
+        released.set()
+        snapshot = await asyncio.wait_for(source.feed.wait_newer(first.version), 10)
+        assert set(snapshot.bundles) == {TD, OTHER_TD}
+        assert snapshot.svids.keys() == first.svids.keys()
+        assert source.statuses()[1].up
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -13,7 +13,7 @@ from svidgate.errors import SourceError
 from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.sources.base import IdentitySource
+from svidgate.identity.sources.base import IdentitySource, SourceHealth, SourceStatus
 from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.identity.sources.federation import FederatedBundles, fetch_bundle
 from svidgate.identity.sources.files import FileSource
@@ -35,8 +35,9 @@ def create_source(
 ) -> BuiltinSource | FileSource:
     """Build the source `config.source.kind` names (builtin or files), with federation attached.
 
-    Blocks briefly: the CA state is loaded (or created), the first SVIDs are minted and federated bundles are
-    read or fetched once, so the returned source's feed is complete.
+    Blocks briefly: the CA state is loaded (or created), the first SVIDs are minted and federated bundle files
+    are read. Bundle endpoints are never waited for here: `run()` fetches them, each trust domain in its own
+    task, so a slow partner cannot hold up start-up.
 
     Args:
         config: the configuration.
@@ -87,6 +88,8 @@ __all__ = [
     "FederatedBundles",
     "FileSource",
     "IdentitySource",
+    "SourceHealth",
+    "SourceStatus",
     "create_source",
     "federated_bundles",
     "fetch_bundle",

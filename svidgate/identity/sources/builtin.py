@@ -6,6 +6,15 @@ configured TTL), and all of them are re-minted when the CA's signing authority c
 driven from here (`BuiltinCa.rotate_if_due`). A new snapshot is published only when an SVID or a bundle
 actually changed, so subscribers are never woken for nothing.
 
+Minting never waits on anything but the CA: federated bundles are fetched by their own tasks
+(`FederatedBundles.run`), and a CA state that cannot be written (a full or read-only disk when the next
+authority is prepared or activated) does not stop minting from the current authority while it is valid -- the
+rotation is retried with backoff (`CA_RETRY_FIRST` doubling to `CA_RETRY_MAX`), logged
+(`ca.state_write_failed`) and counted
+(`svidgate_source_failures_total{source="builtin",reason="ca_state_write"}`). Persisting a new authority
+before using it stays the rule: a root that signed something but is lost at the next restart would cut off
+every peer that trusts what it signed.
+
 Templated workloads (``spiffe://td/ns/{k8s:ns}/sa/{k8s:sa}``) have no SVID until a caller they entitle asks:
 the services `acquire` the filled-in ID for as long as a stream serves it (the first acquire mints it, off the
 event loop) and `release` it when the stream ends. An SVID that is held is rotated like every other; one that
@@ -29,6 +38,7 @@ from svidgate.identity.ca import ACTIVATE_AT, PREPARE_AT, BuiltinCa
 from svidgate.identity.clock import Clock
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+from svidgate.identity.sources.base import SourceHealth, SourceStatus
 from svidgate.identity.sources.federation import FederatedBundles
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
@@ -38,8 +48,12 @@ log = logging.getLogger(__name__)
 #: The background loop wakes at least this often (cheap: nothing is published unless something changed), so
 #: that a suspended laptop or a stepped clock is noticed soon.
 MAX_SLEEP = 60.0
-#: After a failed step (e.g. the CA state cannot be written) retry after this long.
+#: After a failed step (e.g. the current authority expired and its successor cannot be persisted) retry after
+#: this long.
 RETRY_AFTER = 5.0
+#: A CA rotation whose state could not be written is retried after this long, doubling up to `CA_RETRY_MAX`.
+CA_RETRY_FIRST = 5.0
+CA_RETRY_MAX = 300.0
 #: JWT-SVIDs minted for the same (ID, audience) are reused until half their lifetime; bounded cache.
 JWT_CACHE_SIZE = 1024
 #: A templated SVID that no stream holds is dropped after this long. Long enough that an Envoy restarting (or
@@ -97,29 +111,43 @@ class BuiltinSource:
         # Templated SVIDs in use (`acquire`/`release` on the event loop, read by steps in a worker thread).
         self._held: dict[SpiffeId, _Held] = {}
         self._held_lock = threading.Lock()
-        # Guards `_svids` against a snapshot copy on the event loop while a worker thread mints (held only for
-        # a dict assignment or copy, never across minting or network I/O).
-        self._svids_lock = threading.Lock()
         self._pending_publish: asyncio.Future[None] | None = None
         self._svids: dict[SpiffeId, X509Svid] = {}
         self._due: dict[SpiffeId, float] = {}
         self._signing_cert = ca.current.certificate
         self._jwt_cache: dict[tuple[SpiffeId, tuple[str, ...]], tuple[float, JwtSvid]] = {}
         self._jwt_lock = threading.Lock()
-        # `run()` steps in a worker thread while a reload may call `set_workloads()` on the event loop.
+        # `run()` steps in a worker thread while a reload may call `set_workloads()` on the event loop. Only
+        # the CA and minting happen under it, never network I/O.
         self._step_lock = threading.RLock()
+        self._health = SourceHealth("builtin", ca.trust_domain.name, clock)
+        self._ca_retry_at = float("-inf")
+        self._ca_failures = 0
         try:
             self._step(initial=True)
         except SvidgateError as exc:
             raise SourceError(f"built-in source: cannot mint the first SVIDs: {exc}") from None
+        if federation is not None:
+            federation.load_files()  # local bootstrap bundles; endpoints are fetched by `run()`
         self.feed = SnapshotFeed(self._snapshot(version=1))
 
     @property
     def trust_domain(self) -> TrustDomain:
         return self._ca.trust_domain
 
+    @property
+    def federation(self) -> FederatedBundles | None:
+        """The federated trust domains' watcher (e.g. to `fetch_now()` one of them), None without any."""
+        return self._federation
+
+    def statuses(self) -> list[SourceStatus]:
+        """The built-in CA's health (down while a CA rotation cannot be persisted), then federation's."""
+        federated = self._federation.statuses() if self._federation is not None else []
+        return [self._health.status(), *federated]
+
     def refresh(self) -> bool:
-        """Rotate the CA if due, re-mint SVIDs that are due, re-read federated bundles; publish on change.
+        """Rotate the CA if due and re-mint SVIDs that are due, now; publish on change. Never waits on the
+        network (federated bundles have their own tasks).
 
         Returns:
             True when a new snapshot was published. On failure the last snapshot stays and False is returned
@@ -149,11 +177,9 @@ class BuiltinSource:
             # Templated SVIDs are not configured IDs: they go when their streams (re-evaluated against the new
             # workloads by the services) release them.
             removed = [i for i in self._svids if i not in updated and i not in held]
-            with self._svids_lock:
-                for spiffe_id in removed:
-                    del self._svids[spiffe_id]
             for spiffe_id in removed:
                 self._due.pop(spiffe_id, None)
+            self._svids = {k: v for k, v in self._svids.items() if k in updated or k in held}
             for spiffe_id, workload in updated.items():
                 old = previous.get(spiffe_id)
                 if old is not None and (old.dns_names, old.hint) != (workload.dns_names, workload.hint):
@@ -170,6 +196,7 @@ class BuiltinSource:
         return False
 
     def _publish(self) -> None:
+        """Publish own SVIDs and bundle with the federated bundles as they are now (on the event loop)."""
         snapshot = self._snapshot(self.feed.current().version + 1)
         self.feed.publish(snapshot)
         log.info(
@@ -180,16 +207,15 @@ class BuiltinSource:
         )
 
     def next_due(self) -> float:
-        """The clock time of the next scheduled change (SVID half-life, CA rotation step, bundle check, a
+        """The clock time of the next scheduled change (SVID half-life, CA rotation step or retry, a
         templated SVID's idle expiry)."""
         current = self._ca.current
         ca_due = current.lifetime_point(PREPARE_AT if self._ca.next is None else ACTIVATE_AT)
-        federation_due = self._federation.next_due() if self._federation is not None else float("inf")
         with self._held_lock:
             idle_due = [
                 h.idle_since + TEMPLATED_IDLE for h in self._held.values() if h.idle_since is not None
             ]
-        return min([ca_due, federation_due, *self._due.values(), *idle_due])
+        return min([max(ca_due, self._ca_retry_at), *self._due.values(), *idle_due])
 
     @property
     def templated_svids(self) -> int:
@@ -204,7 +230,7 @@ class BuiltinSource:
         the caller can resolve it at once. Call from the event loop.
 
         Raises:
-            SourceError: it cannot be minted (the lease is kept: a later step retries, and `release` is
+            SourceError: it cannot be minted (the hold is kept: a later step retries, and `release` is
                 still owed).
         """
         with self._held_lock:
@@ -238,7 +264,9 @@ class BuiltinSource:
                 held = self._held.get(spiffe_id)
             if held is None or spiffe_id in self._svids:
                 return
-            self._mint(spiffe_id, held.workload, self._clock())
+            svids = dict(self._svids)  # copy on write, as in `_step_locked`
+            svids[spiffe_id] = self._mint(spiffe_id, held.workload, self._clock())
+            self._svids = svids
             log.info("source.templated_svid_minted", extra={"fields": {"spiffe_id": str(spiffe_id)}})
 
     async def _publish_soon(self) -> None:
@@ -257,11 +285,17 @@ class BuiltinSource:
             pending.set_result(None)
 
     async def run(self) -> None:
-        """Call `refresh()` whenever something is due, until cancelled.
+        """Mint and rotate when due, and keep federated bundles current (their own tasks), until cancelled."""
+        if self._federation is None:
+            await self._keep_minting()
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._federation.run(self._own_bundles, self._publish))
+            group.create_task(self._keep_minting())
 
-        Federated bundle fetches block on the network, so each step runs in a worker thread; the snapshot is
-        published from the event loop (the feed is not thread-safe).
-        """
+    async def _keep_minting(self) -> None:
+        # Key generation and signing are CPU work, so each step runs in a worker thread; the snapshot is
+        # published from the event loop (the feed is not thread-safe).
         while True:
             try:
                 changed = await asyncio.to_thread(self._step_safely)
@@ -319,10 +353,51 @@ class BuiltinSource:
 
     def _step(self, *, initial: bool) -> bool:
         with self._step_lock:
-            return self._step_locked(initial=initial)
+            try:
+                return self._step_locked(initial=initial)
+            except SvidgateError as exc:
+                self._health.failed("mint", str(exc))
+                raise
+
+    def _rotate_ca(self) -> tuple[bool, bool]:
+        """Advance the CA's rotation unless a failed write is waiting for its retry time.
+
+        Returns:
+            (whether the bundle or the signing authority changed, whether the CA state is persisted).
+        """
+        now = self._clock()
+        # Once the current authority has expired nothing can be minted without the rotation: no backoff then.
+        if now < self._ca_retry_at and now < self._ca.current.not_after:
+            return False, False
+        try:
+            changed = self._ca.rotate_if_due()
+        except CaError as exc:
+            self._ca_failures += 1
+            retry = min(CA_RETRY_FIRST * 2 ** (self._ca_failures - 1), CA_RETRY_MAX)
+            self._ca_retry_at = now + retry
+            self._health.failed("ca_state_write", str(exc))
+            current = self._ca.current
+            log.error(
+                "ca.state_write_failed",
+                extra={
+                    "fields": {
+                        "trust_domain": self._ca.trust_domain.name,
+                        "error": str(exc),
+                        "retry_seconds": retry,
+                        "signing_with": "the current authority",
+                        "current_valid_seconds": round(current.not_after - now),
+                    }
+                },
+            )
+            return False, False
+        self._ca_failures = 0
+        self._ca_retry_at = float("-inf")
+        return changed, True
 
     def _step_locked(self, *, initial: bool) -> bool:
-        changed = self._ca.rotate_if_due()
+        # A rotation that cannot be persisted leaves the current authority signing; minting below fails
+        # (closed) only once that authority has expired.
+        changed, persisted = self._rotate_ca()
         if self._ca.current.certificate is not self._signing_cert:
             # Signing moved to the next authority: re-mint everything so that no SVID depends on the old root
             # (which leaves the bundle at its notAfter), and drop JWT-SVIDs signed with the old key.
@@ -340,33 +415,36 @@ class BuiltinSource:
             for spiffe_id in idle:
                 del self._held[spiffe_id]
             held_workloads = {spiffe_id: held.workload for spiffe_id, held in self._held.items()}
+        # Copy on write: the event loop reads `_svids` for a snapshot while this may run in a worker thread.
+        svids = dict(self._svids)
         for spiffe_id in idle:
-            if spiffe_id not in self._workloads and spiffe_id in self._svids:
-                with self._svids_lock:
-                    del self._svids[spiffe_id]
+            if spiffe_id not in self._workloads and spiffe_id in svids:
+                del svids[spiffe_id]
                 self._due.pop(spiffe_id, None)
                 changed = True
                 log.info("source.templated_svid_dropped", extra={"fields": {"spiffe_id": str(spiffe_id)}})
-        for spiffe_id, workload in itertools.chain(self._workloads.items(), held_workloads.items()):
-            if spiffe_id in self._svids and now < self._due[spiffe_id]:
-                continue
-            svid = self._mint(spiffe_id, workload, now)
-            changed = True
-            if not initial:
-                log.info(
-                    "source.svid_minted",
-                    extra={"fields": {"spiffe_id": str(spiffe_id), "expires_at": int(svid.expires_at)}},
-                )
-        if self._federation is not None:
-            changed |= self._federation.refresh(self._own_bundles())
+        try:
+            for spiffe_id, workload in itertools.chain(self._workloads.items(), held_workloads.items()):
+                if spiffe_id in svids and now < self._due[spiffe_id]:
+                    continue
+                svid = svids[spiffe_id] = self._mint(spiffe_id, workload, now)
+                changed = True
+                if not initial:
+                    log.info(
+                        "source.svid_minted",
+                        extra={"fields": {"spiffe_id": str(spiffe_id), "expires_at": int(svid.expires_at)}},
+                    )
+        finally:
+            self._svids = svids
+        if persisted:
+            self._health.succeeded()
         return changed
 
     def _mint(self, spiffe_id: SpiffeId, workload: Workload, now: float) -> X509Svid:
+        """One X.509-SVID for `spiffe_id` with `workload`'s DNS names and hint; schedules its re-mint."""
         svid = self._ca.mint_x509_svid(spiffe_id, self._x509_ttl, workload.dns_names)
         if workload.hint:
             svid = replace(svid, hint=workload.hint)
-        with self._svids_lock:
-            self._svids[spiffe_id] = svid
         self._due[spiffe_id] = now + (svid.expires_at - now) / 2
         return svid
 
@@ -378,9 +456,7 @@ class BuiltinSource:
         if self._federation is not None:
             bundles.update(self._federation.bundles())
         bundles.update(self._own_bundles())
-        with self._svids_lock:
-            svids = dict(self._svids)
-        return IdentitySnapshot(svids=svids, bundles=bundles, version=version)
+        return IdentitySnapshot(svids=dict(self._svids), bundles=bundles, version=version)
 
 
 def _static(workloads: Sequence[Workload]) -> dict[SpiffeId, Workload]:

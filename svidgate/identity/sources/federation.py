@@ -1,9 +1,18 @@
 """Trust bundles of federated trust domains: watched files and SPIFFE bundle endpoints.
 
-A `FederatedBundles` keeps one bundle per configured foreign trust domain and is driven by its owner (a
-source): `refresh()` does whatever is due at the clock's current time (re-read changed files, fetch endpoints
-whose refresh time has come) and says whether any bundle changed; `next_due()` says when to call it again.
-Nothing here publishes snapshots; the source merges `bundles()` into its own.
+A `FederatedBundles` keeps one bundle per configured foreign trust domain. Under `run()` every trust domain
+has its own task and schedule, independent of the owner's minting and CA rotation and of every other trust
+domain: a partner whose endpoint hangs delays nothing but its own bundle. Each task re-reads its bundle file
+when it changes and fetches its endpoint when the refresh time has come, then tells the owner (a source) that
+a bundle changed; the source merges `bundles()` into its next snapshot. `fetch_now()` asks one trust domain's
+task to fetch at once; adding or removing a trust domain is starting or cancelling one task.
+
+Each step has two halves: getting the document (`fetch_bundle`, or reading the file) and applying it
+(`_install`, which decides whether a parsed bundle replaces the one held). Fetching is asyncio all the way, so
+it never blocks the event loop, and it runs under a **total deadline** (`bundle_endpoint.timeout`, default
+10 s) covering connect, TLS, request, headers and body: a per-read timeout would let an endpoint that sends
+one byte every few seconds hold the fetch for as long as it likes. Cancelling the task (SIGTERM) ends a fetch
+at once. File reads and document parsing run in a worker thread.
 
 Rules (SPIFFE_Federation.md):
 
@@ -16,21 +25,22 @@ Rules (SPIFFE_Federation.md):
 - A failed fetch or a bad file keeps the last good bundle; failures are retried with a backoff that starts at
   10 s and never exceeds the refresh interval. Bundle files, like endpoint bodies, are read up to 1 MiB.
 
-Blocking I/O (file reads, HTTPS) happens inside `refresh()`; an asyncio owner runs it in a worker thread.
 Never imports gRPC.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import http.client
 import logging
 import os
+import re
 import ssl
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -50,6 +60,7 @@ from svidgate.identity.bundle import (
     report_rejected_authorities,
 )
 from svidgate.identity.clock import Clock
+from svidgate.identity.sources.base import SourceHealth, SourceStatus
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import spiffe_id_of
 
@@ -58,11 +69,15 @@ log = logging.getLogger(__name__)
 MIN_REFRESH = 10.0
 MAX_REFRESH = 86400.0
 FIRST_RETRY = 10.0
-FETCH_TIMEOUT = 10.0
+#: A response head (status line and headers) larger than this is refused.
+MAX_HEAD_BYTES = 64 * 1024
 RACY_SECONDS = 2.0
+#: A trust domain's task looks at its schedule at least this often, so that a stepped clock is noticed soon.
+MAX_SLEEP = 60.0
 
 #: Fetches a bundle endpoint: (endpoint, trust bundles to authenticate https_spiffe with) -> document bytes.
-Fetcher = Callable[[BundleEndpoint, Mapping[TrustDomain, Bundle]], bytes]
+#: The caller applies the endpoint's total deadline.
+Fetcher = Callable[[BundleEndpoint, Mapping[TrustDomain, Bundle]], Awaitable[bytes]]
 
 
 def parse_bundle_document(trust_domain: TrustDomain, data: bytes) -> Bundle:
@@ -138,8 +153,8 @@ class WatchedFile:
         self._stat_key = None
 
 
-def fetch_bundle(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
-    """GET a SPIFFE bundle endpoint and return the document.
+async def fetch_bundle(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
+    """GET a SPIFFE bundle endpoint and return the document (no deadline of its own: the caller sets one).
 
     Profiles (SPIFFE_Federation.md 5):
 
@@ -151,7 +166,9 @@ def fetch_bundle(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]
       bundle update, as the spec intends), and the leaf's one URI SAN must be exactly that ID. The URL's host
       name is not checked; SVIDs need not carry DNS names.
 
-    Redirects are not followed and bodies over 1 MiB are refused.
+    Redirects are not followed and bodies over 1 MiB are refused. The response is read with
+    ``Connection: close``; its body is framed by Content-Length, chunked encoding or the end of the
+    connection.
 
     Args:
         endpoint: the endpoint configuration.
@@ -183,35 +200,112 @@ def fetch_bundle(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]
         context.load_verify_locations(cadata=pem_bundle(anchor).decode("ascii"))
     else:
         cafile = str(endpoint.ca_file) if endpoint.ca_file is not None else None
-        context = ssl.create_default_context(cafile=cafile)
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise SourceError(f"{endpoint.url}: cannot load ca_file {cafile}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     path = url.path or "/"
     if url.query:
         path += "?" + url.query
-    conn = http.client.HTTPSConnection(url.hostname, url.port or 443, timeout=FETCH_TIMEOUT, context=context)
+    host = url.netloc.rpartition("@")[2]
+    writer: asyncio.StreamWriter | None = None
     try:
-        conn.connect()
+        reader, writer = await asyncio.open_connection(
+            url.hostname, url.port or 443, ssl=context, limit=MAX_HEAD_BYTES
+        )
         if expected_id is not None:
-            _check_peer_spiffe_id(conn, expected_id, endpoint.url)
-        conn.request("GET", path, headers={"Accept": "application/json"})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise SourceError(f"{endpoint.url}: HTTP {response.status} {response.reason}")
-        body = response.read(MAX_BUNDLE_BYTES + 1)
-        if len(body) > MAX_BUNDLE_BYTES:
-            raise SourceError(f"{endpoint.url}: bundle larger than {MAX_BUNDLE_BYTES} bytes")
-        return body
+            _check_peer_spiffe_id(writer.get_extra_info("ssl_object"), expected_id, endpoint.url)
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n"
+            "User-Agent: svidgate\r\nConnection: close\r\n\r\n".encode("latin-1")
+        )
+        await writer.drain()
+        status, reason, headers = await _read_head(reader, endpoint.url)
+        if status != 200:
+            raise SourceError(f"{endpoint.url}: HTTP {status} {reason}")
+        return await _read_body(reader, headers, endpoint.url)
     except ssl.SSLError as exc:
         raise SourceError(f"{endpoint.url}: TLS failed: {exc.reason or exc}") from None
-    except (OSError, http.client.HTTPException) as exc:
+    except asyncio.IncompleteReadError:
+        raise SourceError(f"{endpoint.url}: the connection closed before the response was complete") from None
+    except (asyncio.LimitOverrunError, ValueError):
+        raise SourceError(f"{endpoint.url}: a response line is longer than {MAX_HEAD_BYTES} bytes") from None
+    except OSError as exc:
         raise SourceError(f"{endpoint.url}: {type(exc).__name__}: {exc}") from None
     finally:
-        conn.close()
+        if writer is not None:
+            # No graceful TLS close: the response is read (or abandoned), and a close_notify exchange with a
+            # misbehaving peer is one more thing that could wait.
+            writer.transport.abort()
 
 
-def _check_peer_spiffe_id(conn: http.client.HTTPSConnection, expected: SpiffeId, url: str) -> None:
-    sock = conn.sock
-    der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+async def _read_head(reader: asyncio.StreamReader, url: str) -> tuple[int, str, dict[str, str]]:
+    status_line = await reader.readuntil(b"\r\n")
+    match = re.fullmatch(rb"HTTP/1\.[01] (\d{3})(?: ([^\r\n]*))?\r\n", status_line)
+    if match is None:
+        raise SourceError(f"{url}: not an HTTP/1.1 response")
+    headers: dict[str, str] = {}
+    size = len(status_line)
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size += len(line)
+        if size > MAX_HEAD_BYTES:
+            raise SourceError(f"{url}: response headers larger than {MAX_HEAD_BYTES} bytes")
+        if line == b"\r\n":
+            break
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep or not name or name != name.strip():
+            raise SourceError(f"{url}: malformed response header")
+        key = name.lower()
+        value = value.strip()
+        if key in headers and headers[key] != value:
+            if key == "content-length":
+                raise SourceError(f"{url}: conflicting Content-Length headers")
+            value = f"{headers[key]}, {value}"
+        headers[key] = value
+    reason = (match.group(2) or b"").decode("latin-1")
+    return int(match.group(1)), reason, headers
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: Mapping[str, str], url: str) -> bytes:
+    too_large = SourceError(f"{url}: bundle larger than {MAX_BUNDLE_BYTES} bytes")
+    transfer_encoding = headers.get("transfer-encoding")
+    if transfer_encoding is not None:
+        # RFC 9112 6.1: chunked must be the final (here: the only, we asked for no compression) coding.
+        if transfer_encoding.lower() != "chunked":
+            raise SourceError(f"{url}: unsupported Transfer-Encoding {transfer_encoding!r}")
+        body = bytearray()
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size_text = size_line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size_text):
+                raise SourceError(f"{url}: malformed chunked body")
+            size = int(size_text, 16)
+            if size == 0:
+                return bytes(body)  # trailers, if any, are not needed
+            if len(body) + size > MAX_BUNDLE_BYTES:
+                raise too_large
+            body += await reader.readexactly(size)
+            if await reader.readexactly(2) != b"\r\n":
+                raise SourceError(f"{url}: malformed chunked body")
+    length = headers.get("content-length")
+    if length is not None:
+        if not re.fullmatch(r"\d{1,12}", length):
+            raise SourceError(f"{url}: malformed Content-Length {length[:20]!r}")
+        if int(length) > MAX_BUNDLE_BYTES:
+            raise too_large
+        return await reader.readexactly(int(length))
+    body = bytearray()
+    while chunk := await reader.read(65536):
+        body += chunk
+        if len(body) > MAX_BUNDLE_BYTES:
+            raise too_large
+    return bytes(body)
+
+
+def _check_peer_spiffe_id(ssl_object: ssl.SSLObject | None, expected: SpiffeId, url: str) -> None:
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         raise SourceError(f"{url}: the server presented no certificate")
     try:
@@ -227,10 +321,13 @@ class _FederatedTrustDomain:
     trust_domain: TrustDomain
     config: FederationConfig
     file: WatchedFile | None
+    health: SourceHealth
     bundle: Bundle | None = None
     next_file_check: float = 0.0
     next_fetch: float = 0.0
     failures: int = 0
+    #: Set to make the trust domain's task look at its schedule now (`fetch_now`).
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class FederatedBundles:
@@ -238,9 +335,10 @@ class FederatedBundles:
 
     Args:
         federation: `Config.federation`.
-        clock: the time source (refresh decisions only; HTTPS itself uses real time).
+        clock: the time source (schedules and health; HTTPS itself uses real time).
         poll_interval: seconds between checks of bundle files.
-        fetch: the endpoint fetcher (tests may replace it); `fetch_bundle` by default.
+        fetch: the endpoint fetcher (tests may replace it); `fetch_bundle` by default. Each call runs under
+            the endpoint's total deadline.
         on_rejected: told of every rejected bundle update (the runtime counts them), when given.
     """
 
@@ -256,27 +354,47 @@ class FederatedBundles:
         self._poll_interval = poll_interval
         self._fetch = fetch
         self._on_rejected = on_rejected
-        self._domains = [
-            _FederatedTrustDomain(
+        self._domains = {
+            td: _FederatedTrustDomain(
                 trust_domain=td,
                 config=cfg,
                 file=WatchedFile(cfg.bundle_file) if cfg.bundle_file is not None else None,
+                health=SourceHealth("federation", td.name, clock),
             )
             for td, cfg in federation.items()
-        ]
+        }
 
     def bundles(self) -> dict[TrustDomain, Bundle]:
         """The current bundle of every federated trust domain that has one yet."""
-        return {d.trust_domain: d.bundle for d in self._domains if d.bundle is not None}
+        return {td: d.bundle for td, d in self._domains.items() if d.bundle is not None}
+
+    def statuses(self) -> list[SourceStatus]:
+        """Per trust domain: the health of its endpoint (or of its file, when it has no endpoint)."""
+        return [d.health.status() for d in self._domains.values()]
 
     def next_due(self) -> float:
-        """The earliest clock time at which `refresh()` has something to do (inf when never)."""
-        times = [d.next_file_check for d in self._domains if d.file is not None]
-        times += [d.next_fetch for d in self._domains if d.config.bundle_endpoint is not None]
-        return min(times, default=float("inf"))
+        """The earliest clock time at which some trust domain has something to do (inf when never)."""
+        return min((self._due(d) for d in self._domains.values()), default=float("inf"))
 
-    def refresh(self, local_bundles: Mapping[TrustDomain, Bundle]) -> bool:
-        """Do everything that is due now: re-read changed bundle files, fetch due endpoints.
+    def load_files(self) -> bool:
+        """Read every bundle file once, now, in the calling thread (start-up: local files, no network).
+
+        Returns:
+            True when any federated bundle changed.
+        """
+        changed = False
+        for domain in self._domains.values():
+            if domain.file is not None:
+                domain.next_file_check = self._clock() + self._poll_interval
+                bundle = self._read_file(domain)
+                if bundle is not None:
+                    changed |= self._install(domain, bundle, f"file {domain.file.path}")
+        return changed
+
+    async def refresh(self, local_bundles: Mapping[TrustDomain, Bundle]) -> bool:
+        """Do everything that is due now, every trust domain concurrently (each fetch under its deadline).
+
+        For one-shot callers (``svidgate bundle``) and tests; a server runs `run()`.
 
         Args:
             local_bundles: bundles the owner holds besides the federated ones (its own trust domain's), used
@@ -285,46 +403,123 @@ class FederatedBundles:
         Returns:
             True when any federated bundle changed.
         """
+        results = await asyncio.gather(*(self._step(d, local_bundles) for d in self._domains.values()))
+        return any(results)
+
+    def fetch_now(self, trust_domain: TrustDomain) -> None:
+        """Make `trust_domain`'s task fetch its endpoint (and check its file) at once, whatever its schedule.
+
+        Raises:
+            KeyError: the trust domain is not federated.
+        """
+        domain = self._domains[trust_domain]
+        domain.next_fetch = domain.next_file_check = float("-inf")
+        domain.wake.set()
+
+    async def run(
+        self,
+        local_bundles: Callable[[], Mapping[TrustDomain, Bundle]],
+        on_change: Callable[[], None],
+    ) -> None:
+        """Keep every trust domain's bundle current, one task per trust domain, until cancelled.
+
+        Args:
+            local_bundles: returns the owner's own bundles (for https_spiffe authentication), at each fetch.
+            on_change: called on the event loop whenever a federated bundle changed.
+        """
+        tasks = [
+            asyncio.create_task(self._watch(domain, local_bundles, on_change), name=f"federation-{td}")
+            for td, domain in self._domains.items()
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _due(self, domain: _FederatedTrustDomain) -> float:
+        times = [domain.next_file_check] if domain.file is not None else []
+        if domain.config.bundle_endpoint is not None:
+            times.append(domain.next_fetch)
+        return min(times, default=float("inf"))
+
+    async def _watch(
+        self,
+        domain: _FederatedTrustDomain,
+        local_bundles: Callable[[], Mapping[TrustDomain, Bundle]],
+        on_change: Callable[[], None],
+    ) -> None:
+        while True:
+            domain.wake.clear()
+            try:
+                if await self._step(domain, local_bundles()):
+                    on_change()
+                delay = min(max(self._due(domain) - self._clock(), 0.0), MAX_SLEEP)
+            except Exception as exc:
+                # A bug must not end this trust domain's updates for good (nor anybody else's).
+                domain.health.failed("internal", f"{type(exc).__name__}: {exc}")
+                log.exception("federation.watch_failed", extra={"fields": _fields(domain)})
+                delay = FIRST_RETRY
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(domain.wake.wait(), delay)
+
+    async def _step(self, domain: _FederatedTrustDomain, local_bundles: Mapping[TrustDomain, Bundle]) -> bool:
+        now = self._clock()
         changed = False
-        for domain in self._domains:
-            now = self._clock()
-            if domain.file is not None and now >= domain.next_file_check:
-                domain.next_file_check = now + self._poll_interval
-                changed |= self._check_file(domain)
-            endpoint = domain.config.bundle_endpoint
-            if endpoint is not None and now >= domain.next_fetch:
-                anchors = {**local_bundles, **self.bundles()}
-                changed |= self._fetch_endpoint(domain, endpoint, anchors, now)
+        if domain.file is not None and now >= domain.next_file_check:
+            domain.next_file_check = now + self._poll_interval
+            bundle = await asyncio.to_thread(self._read_file, domain)
+            if bundle is not None:
+                changed |= self._install(domain, bundle, f"file {domain.file.path}")
+        endpoint = domain.config.bundle_endpoint
+        if endpoint is not None and now >= domain.next_fetch:
+            anchors = {**local_bundles, **self.bundles()}
+            changed |= await self._fetch_endpoint(domain, endpoint, anchors, now)
         return changed
 
-    def _check_file(self, domain: _FederatedTrustDomain) -> bool:
+    def _read_file(self, domain: _FederatedTrustDomain) -> Bundle | None:
+        """Read and parse the bundle file when its content changed; None when unchanged or bad (logged)."""
         assert domain.file is not None
+        # The file is the trust domain's upstream only when there is no endpoint (then it is the bootstrap).
+        health = domain.health if domain.config.bundle_endpoint is None else None
         try:
             data = domain.file.poll()
         except FileTooLargeError as exc:
+            if health is not None:
+                health.failed("file", str(exc))
             self._reject(domain, BundleRejection("too_large", str(exc)), str(domain.file.path))
-            return False
+            return None
         except OSError as exc:
             domain.file.forget()
+            error = exc.strerror or str(exc)
+            if health is not None:
+                health.failed("file", f"{domain.file.path}: {error}")
             if domain.failures == 0 or domain.bundle is None:
                 log.warning(
                     "federation.bundle_file_unreadable",
-                    extra={
-                        "fields": _fields(domain, path=str(domain.file.path), error=exc.strerror or str(exc))
-                    },
+                    extra={"fields": _fields(domain, path=str(domain.file.path), error=error)},
                 )
-            return False
+            return None
         if data is None:
-            return False
+            if health is not None and domain.bundle is not None:
+                health.succeeded()
+            return None
         try:
             bundle = parse_bundle_document(domain.trust_domain, data)
         except BundleError as exc:
+            if health is not None:
+                health.failed("file", f"{domain.file.path}: {exc}")
             # The bad content stays "seen", so it is reported once; a new write is read again.
             self._reject(domain, BundleRejection("malformed", str(exc)), str(domain.file.path))
-            return False
-        return self._install(domain, bundle, f"file {domain.file.path}")
+            return None
+        if health is not None:
+            health.succeeded()
+        return bundle
 
-    def _fetch_endpoint(
+    async def _fetch_endpoint(
         self,
         domain: _FederatedTrustDomain,
         endpoint: BundleEndpoint,
@@ -332,10 +527,17 @@ class FederatedBundles:
         now: float,
     ) -> bool:
         try:
-            data = self._fetch(endpoint, anchors)
-            bundle = parse_bundle_document(domain.trust_domain, data)
+            try:
+                async with asyncio.timeout(endpoint.timeout):
+                    data = await self._fetch(endpoint, anchors)
+            except TimeoutError:
+                raise SourceError(
+                    f"{endpoint.url}: no complete response within the {endpoint.timeout:g}s deadline"
+                ) from None
+            bundle = await asyncio.to_thread(parse_bundle_document, domain.trust_domain, data)
         except (SourceError, BundleError) as exc:
             domain.failures += 1
+            domain.health.failed("fetch", str(exc))
             retry = min(FIRST_RETRY * 2 ** (domain.failures - 1), endpoint.refresh)
             domain.next_fetch = now + retry
             if isinstance(exc, BundleError):
@@ -356,6 +558,7 @@ class FederatedBundles:
             )
             return False
         domain.failures = 0
+        domain.health.succeeded()
         interval = endpoint.refresh
         if bundle.refresh_hint is not None:
             interval = min(max(float(bundle.refresh_hint), MIN_REFRESH), MAX_REFRESH)

@@ -8,7 +8,8 @@ not verify against the bundle) is logged once and the last good snapshot stays u
 combination. The bundle file passes the acceptance rules of a federated bundle (`bundle_update_rejection`,
 read up to 1 MiB): an update that is malformed or leaves the trust domain without a usable authority is
 reported and the last good combination stays. This source holds no JWT signing key, so it cannot mint
-JWT-SVIDs.
+JWT-SVIDs. Federated bundles are kept current by their own tasks (`FederatedBundles.run`), never in the same
+step as the files.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from svidgate.identity.bundle import (
 from svidgate.identity.clock import Clock
 from svidgate.identity.jwtsvid import JwtSvid
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+from svidgate.identity.sources.base import SourceHealth, SourceStatus
 from svidgate.identity.sources.federation import (
     FederatedBundles,
     FileTooLargeError,
@@ -89,22 +91,35 @@ class FileSource:
         self._sleep = sleep
         self._next_check = 0.0
         self._rejected: bytes | None = None
-        self._svid: X509Svid | None = None
-        self._bundle: Bundle | None = None
+        self._combination_bad = False
+        # The SVID and the bundle that verifies it, replaced together by one assignment: the event loop reads
+        # them for a snapshot while a worker thread may be reading the files.
+        self._loaded: tuple[X509Svid, Bundle] | None = None
+        self._health = SourceHealth("files", trust_domain.name, clock)
         error = self._read_files()
         self._next_check = clock() + poll_interval
         if error is not None:
             raise SourceError(f"files source: {error}")
         if federation is not None:
-            federation.refresh(self._own_bundles())
+            federation.load_files()  # local bootstrap bundles; endpoints are fetched by `run()`
         self.feed = SnapshotFeed(self._snapshot(version=1))
 
     @property
     def trust_domain(self) -> TrustDomain:
         return self._trust_domain
 
+    @property
+    def federation(self) -> FederatedBundles | None:
+        """The federated trust domains' watcher (e.g. to `fetch_now()` one of them), None without any."""
+        return self._federation
+
+    def statuses(self) -> list[SourceStatus]:
+        """The files' health (down while they cannot be read or do not fit together), then federation's."""
+        federated = self._federation.statuses() if self._federation is not None else []
+        return [self._health.status(), *federated]
+
     def refresh(self) -> bool:
-        """Check the files (and federated bundles) now; publish when the SVID or a bundle changed.
+        """Check the files now; publish when the SVID or the bundle changed.
 
         Returns:
             True when a new snapshot was published.
@@ -115,11 +130,19 @@ class FileSource:
         return changed
 
     def next_due(self) -> float:
-        federation_due = self._federation.next_due() if self._federation is not None else float("inf")
-        return min(self._next_check, federation_due)
+        return self._next_check
 
     async def run(self) -> None:
-        """Poll the files until cancelled (reads run in a worker thread; publishing on the loop)."""
+        """Poll the files, and keep federated bundles current (their own tasks), until cancelled."""
+        if self._federation is None:
+            await self._poll_files()
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._federation.run(self._own_bundles, self._publish))
+            group.create_task(self._poll_files())
+
+    async def _poll_files(self) -> None:
+        # Reads run in a worker thread; publishing on the loop.
         while True:
             if await asyncio.to_thread(self._step):
                 self._publish()
@@ -136,16 +159,13 @@ class FileSource:
     # -- internals -------------------------------------------------------------------------------------
 
     def _step(self) -> bool:
-        changed = False
         now = self._clock()
-        if now >= self._next_check:
-            self._next_check = now + self._poll_interval
-            before = self._svid, self._bundle
-            self._read_files()
-            changed = (self._svid, self._bundle) != before
-        if self._federation is not None:
-            changed |= self._federation.refresh(self._own_bundles())
-        return changed
+        if now < self._next_check:
+            return False
+        self._next_check = now + self._poll_interval
+        before = self._loaded
+        self._read_files()
+        return self._loaded is not before
 
     def _read_files(self) -> str | None:
         """Re-read changed files; install them when they form a valid SVID. Returns the problem, if any."""
@@ -156,6 +176,7 @@ class FileSource:
             except FileTooLargeError as exc:
                 # Seen, so reported once per change; the last good combination stays.
                 too_large = BundleRejection("too_large", str(exc)) if index == 2 else None
+                self._combination_bad = True
                 self._reject(str(exc), str(exc).encode(), too_large)
                 return str(exc)
             except OSError as exc:
@@ -167,19 +188,26 @@ class FileSource:
                 self._contents[index] = data
                 any_new = True
         if not any_new:
+            # Readable again and unchanged: what is loaded is still what the files hold.
+            if not self._combination_bad:
+                self._rejected = None
+                self._health.succeeded()
             return None
         chain, key, bundle_data = self._contents
         assert chain is not None
         assert key is not None
         assert bundle_data is not None
         combined = hashlib.sha256(b"\0".join((chain, key, bundle_data))).digest()
+        held = self._loaded[1] if self._loaded is not None else None
         try:
             bundle = parse_bundle_document(self._trust_domain, bundle_data)
         except BundleError as exc:
+            self._combination_bad = True
             self._reject(str(exc), combined, BundleRejection("malformed", str(exc)))
             return str(exc)
-        rejection = bundle_update_rejection(self._bundle, bundle)
+        rejection = bundle_update_rejection(held, bundle)
         if rejection is not None:
+            self._combination_bad = True
             self._reject(rejection.detail, combined, rejection)
             return rejection.detail
         try:
@@ -189,12 +217,15 @@ class FileSource:
             verify_x509_svid(svid.cert_chain, {self._trust_domain: bundle}, self._clock())
         except X509SvidError as exc:
             problem = str(exc)
+            self._combination_bad = True
             self._reject(problem, combined)
             return problem
         self._rejected = None
-        if self._bundle is None or not same_bundle(self._bundle, bundle):
+        if held is None or not same_bundle(held, bundle):
             report_rejected_authorities(bundle, str(self._files[2].path))
-        self._svid, self._bundle = svid, bundle
+        self._combination_bad = False
+        self._loaded = (svid, bundle)
+        self._health.succeeded()
         log.info(
             "source.files_loaded",
             extra={"fields": {"spiffe_id": str(svid.spiffe_id), "expires_at": int(svid.expires_at)}},
@@ -202,6 +233,7 @@ class FileSource:
         return None
 
     def _reject(self, problem: str, digest: bytes, bundle_rejection: BundleRejection | None = None) -> None:
+        self._health.failed("files", problem)
         # Log each bad combination once, not on every poll.
         if digest == self._rejected:
             return
@@ -211,7 +243,7 @@ class FileSource:
                 self._trust_domain,
                 bundle_rejection,
                 str(self._files[2].path),
-                kept_last=self._bundle is not None,
+                kept_last=self._loaded is not None,
                 sink=self._on_bundle_rejected,
             )
             return
@@ -221,20 +253,23 @@ class FileSource:
                 "fields": {
                     "cert_file": str(self._files[0].path),
                     "error": problem,
-                    "kept_last_good": self._svid is not None,
+                    "kept_last_good": self._loaded is not None,
                 }
             },
         )
 
     def _own_bundles(self) -> dict[TrustDomain, Bundle]:
-        return {self._trust_domain: self._bundle} if self._bundle is not None else {}
+        loaded = self._loaded
+        return {self._trust_domain: loaded[1]} if loaded is not None else {}
 
     def _snapshot(self, version: int) -> IdentitySnapshot:
         bundles: dict[TrustDomain, Bundle] = {}
         if self._federation is not None:
             bundles.update(self._federation.bundles())
-        bundles.update(self._own_bundles())
-        svids = {self._svid.spiffe_id: self._svid} if self._svid is not None else {}
+        loaded = self._loaded
+        if loaded is not None:
+            bundles[self._trust_domain] = loaded[1]
+        svids = {loaded[0].spiffe_id: loaded[0]} if loaded is not None else {}
         return IdentitySnapshot(svids=svids, bundles=bundles, version=version)
 
     def _publish(self) -> None:
