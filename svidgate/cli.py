@@ -19,12 +19,13 @@ from typing import NoReturn, TextIO
 
 from svidgate import __version__
 from svidgate.config import Config, config_path_from_env, load_config, parse_duration
-from svidgate.errors import ConfigError, SourceError, SpiffeIdError, SvidgateError
+from svidgate.errors import CaError, ConfigError, SourceError, SpiffeIdError, SvidgateError
 from svidgate.identity.bundle import Bundle, pem_bundle, spiffe_bundle_json
-from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.ca import BuiltinCa, ca_state_file
 from svidgate.identity.clock import system_clock
 from svidgate.identity.sources.federation import parse_bundle_document
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.preflight import preflight
 
 PROG = "svidgate"
 EXIT_OK = 0
@@ -202,14 +203,30 @@ def _quiet_logging() -> None:
 
 
 def _builtin_ca(config: Config) -> BuiltinCa:
+    """The CA the server of `config` created, read only.
+
+    Never created here: under another HOME, XDG_STATE_HOME or user (sudo) the state_dir differs from the
+    server's, and a CA made there would sign tokens and certificates the running server rejects.
+    """
     if config.source.kind != "builtin":
         raise SourceError(
             f"this command needs the built-in CA, but source.kind is {config.source.kind!r} "
             "(mint with the upstream issuer instead)"
         )
-    return BuiltinCa.load_or_create(
+    ca = BuiltinCa.load_existing(
         config.state_dir, config.trust_domain, config.ca.key_type, system_clock, ca_ttl=config.ca.ca_ttl
     )
+    if ca is None:
+        raise CaError(
+            f"no built-in CA at {ca_state_file(config.state_dir)}: `svidgate serve` creates it; run this "
+            "command as the server's user with its configuration (--config or $SVIDGATE_CONFIG)"
+        )
+    if ca.current.not_after <= system_clock():
+        raise CaError(
+            f"the built-in CA at {ca_state_file(config.state_dir)} has expired; "
+            "`svidgate serve` rotates it when it starts"
+        )
+    return ca
 
 
 def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -306,6 +323,8 @@ def _cmd_bundle(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_check_config(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     path: Path | None = args.file or config_path_from_env()
     config = load_config(path)
+    # The same checks `serve` makes before it starts (CA state, source files, CA files, socket directories).
+    preflight(config, str(path) if path is not None else None)
     out.write(f"OK: {path if path is not None else '<embedded default>'}: {config.summary()}\n")
     for warning in config.warnings():
         err.write(f"{PROG}: warning: {warning}\n")

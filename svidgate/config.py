@@ -25,6 +25,7 @@ import yaml
 
 from svidgate.canonical import canonical_host, normalize_path
 from svidgate.errors import ConfigError, SpiffeIdError
+from svidgate.identity.ca import BACKDATE_SECONDS
 from svidgate.identity.entitlement import KubernetesWorkload
 from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
@@ -61,6 +62,15 @@ DEFAULT_K8S_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/tok
 DEFAULT_K8S_CA_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
 
 _T = TypeVar("_T")
+
+#: `sockaddr_un.sun_path` holds 108 bytes on Linux, the terminating NUL included.
+MAX_UNIX_PATH_BYTES = 107
+#: A listening unix socket is bound under a temporary name in its directory (``.<8 hex digits>.tmp``, see
+#: `svidgate.peercred.bind_unix_socket`), given its mode and renamed into place.
+UNIX_TEMP_NAME_BYTES = len(".0123abcd.tmp")
+
+#: The built-in CA backdates every authority by `BACKDATE_SECONDS` and needs a lifetime beyond twice that.
+MIN_CA_TTL_EXCLUSIVE = 2 * BACKDATE_SECONDS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -611,6 +621,71 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Reload: what a running process can take over, and what waits for the next start
+# ----------------------------------------------------------------------------------------------------
+
+#: Top-level keys a reload cannot apply to a running process (listeners are bound, the CA and the source are
+#: built, SDS streams hold their validation-context flavour). The one list: a section that becomes live on
+#: reload is removed here and applied in the runtime's `prepare_reload`. Everything else (``authz``,
+#: ``workloads``, ``log``, ``kubernetes`` -- for connections attested after the reload) is applied live.
+RESTART_REQUIRED_KEYS: tuple[str, ...] = (
+    "trust_domain",
+    "state_dir",
+    "listen",
+    "ca",
+    "source",
+    "federation",
+    "sds",
+    "server",
+)
+
+
+def restart_required_changes(old: Config, new: Config) -> tuple[str, ...]:
+    """The key paths under `RESTART_REQUIRED_KEYS` whose values differ between `old` and `new`.
+
+    Returns:
+        Paths as written in the file (``ca.x509_svid_ttl``, ``listen.grpc``, ``federation.partner.org``), in
+        config order; empty when a reload can apply everything.
+    """
+    changed: list[str] = []
+    for key in RESTART_REQUIRED_KEYS:
+        changed += _changed_paths(getattr(old, key), getattr(new, key), key)
+    return tuple(changed)
+
+
+def _changed_paths(old: object, new: object, path: str) -> list[str]:
+    if old == new:
+        return []
+    # Descend into config sections (their fields are keys of the file); any other value -- an address, a
+    # trust domain, a list -- is one key's value and is reported whole.
+    if type(old) is type(new) and isinstance(old, _SECTION_TYPES):
+        found: list[str] = []
+        for name in old.__dataclass_fields__:
+            found += _changed_paths(getattr(old, name), getattr(new, name), f"{path}.{name}")
+        return found
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        found = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            found += _changed_paths(old.get(key), new.get(key), f"{path}.{key}")
+        return found
+    return [path]
+
+
+_SECTION_TYPES = (
+    ListenConfig,
+    CaConfig,
+    FederationConfig,
+    BundleEndpoint,
+    SdsConfig,
+    AuthzConfig,
+    DecisionLogConfig,
+    SourceConfig,
+    ServerConfig,
+    LogConfig,
+)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Defaults that depend on the environment
 # ----------------------------------------------------------------------------------------------------
 
@@ -729,16 +804,57 @@ def parse_config(
         raise ConfigError(f"{origin}: {where}{problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: invalid YAML: {exc}") from None
+    except RecursionError:
+        # Unreachable while _StrictLoader bounds the nesting; kept so that no input ever escapes as a crash.
+        raise ConfigError(f"{origin}: the YAML is nested too deeply to read") from None
+    except Exception as exc:  # any other parser failure is still a config error, never a crash
+        raise ConfigError(f"{origin}: cannot read the YAML: {type(exc).__name__}: {exc}") from None
     if data is None:
-        data = {}
+        # An empty file is far more often a truncated write or a failed ConfigMap mount than a wish for the
+        # defaults, and applying it would drop every workload and policy. `{}` says "all defaults" on purpose.
+        raise ConfigError(
+            f"{origin}: the file holds no YAML document (it is empty or only comments); "
+            "write {} to run on the defaults"
+        )
     try:
         return _Parser(base_dir or Path.cwd(), env if env is not None else os.environ).config(data)
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
 
 
+#: How deeply YAML collections may nest. svidgate's deepest key
+#: (``authz.policies[i].match.context_extensions``) sits at 5; PyYAML composes and constructs recursively,
+#: and a few hundred levels exhaust Python's stack.
+MAX_YAML_DEPTH = 64
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one), nesting deeper
+    than `MAX_YAML_DEPTH`, and reports a value its constructors cannot build (``2001-13-45`` read as a date)
+    as a YAML error at the value's line instead of a bare `ValueError`.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self._depth >= MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value: {exc}", node.start_mark
+            ) from None
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -939,15 +1055,36 @@ def parse_address(text: str, path: str = "address") -> Address:
             raise ConfigError(f"{path}: {text!r}: a unix socket path must be absolute (unix:///run/x.sock)")
         if "\0" in sock:
             raise ConfigError(f"{path}: {text!r}: NUL in a socket path")
-        # sun_path is 108 bytes on Linux including the terminating NUL.
-        if len(os.fsencode(sock)) > 107:
-            raise ConfigError(f"{path}: {text!r}: unix socket paths are limited to 107 bytes")
+        if len(os.fsencode(sock)) > MAX_UNIX_PATH_BYTES:
+            raise ConfigError(
+                f"{path}: {text!r}: unix socket paths are limited to {MAX_UNIX_PATH_BYTES} bytes"
+            )
         return Address("unix", path=os.path.normpath(sock))
     rest = text[len("tcp://") :] if text.startswith("tcp://") else text
     if "://" in rest:
         raise ConfigError(f"{path}: {text!r}: expected unix:///path, tcp://host:port or host:port")
     host, port = _host_port(rest, f"{path}: {text!r}")
     return Address("tcp", host=host, port=port)
+
+
+def _check_unix_listen_paths(listen: ListenConfig) -> None:
+    """Refuse a listening socket whose temporary sibling name would not fit in `sun_path`.
+
+    Raises:
+        ConfigError: naming the listener's key.
+    """
+    named: list[tuple[str, Address | None]] = [(f"listen.grpc[{i}]", a) for i, a in enumerate(listen.grpc)]
+    named += [("listen.workload_api", listen.workload_api), ("listen.check", listen.check)]
+    for where, address in named:
+        if address is None or address.kind != "unix":
+            continue
+        directory = os.fsencode(os.path.dirname(address.path))
+        if len(directory) + 1 + UNIX_TEMP_NAME_BYTES > MAX_UNIX_PATH_BYTES:
+            raise ConfigError(
+                f"{where}: {address}: the directory is too long: the socket is bound under a temporary "
+                f"name next to it first, so its directory may have at most "
+                f"{MAX_UNIX_PATH_BYTES - 1 - UNIX_TEMP_NAME_BYTES} bytes"
+            )
 
 
 def _host_port(text: str, where: str) -> tuple[str, int]:
@@ -1021,6 +1158,7 @@ class _Parser:
             self._path(top["state_dir"], "state_dir") if "state_dir" in top else default_state_dir(self._env)
         )
         listen = self.listen(top.get("listen"), "listen")
+        _check_unix_listen_paths(listen)
         ca = self.ca(top.get("ca"), "ca")
         source = self.source(top.get("source"), "source")
         workloads = self.workloads(top.get("workloads"), "workloads", trust_domain, source.kind)
@@ -1126,6 +1264,10 @@ class _Parser:
         )
         jwt_ttl = parse_duration(section.get("jwt_svid_ttl", defaults.jwt_svid_ttl), f"{path}.jwt_svid_ttl")
         ca_ttl = parse_duration(section.get("ca_ttl", defaults.ca_ttl), f"{path}.ca_ttl")
+        if ca_ttl <= MIN_CA_TTL_EXCLUSIVE:
+            # The CA refuses it too (`BuiltinCa.load_or_create`); checked here so that check-config, a reload
+            # and serve agree.
+            raise ConfigError(f"{path}.ca_ttl: must be more than {MIN_CA_TTL_EXCLUSIVE:.0f}s")
         # An SVID must not outlive its CA, and the CA rotates ahead of expiry: keep room for a whole SVID
         # lifetime on both sides of the switch.
         if ca_ttl < 2 * max(x509_ttl, jwt_ttl):
@@ -1701,6 +1843,7 @@ __all__ = [
     "DEFAULT_CHECK_ADDRESS",
     "DEFAULT_TRUST_DOMAIN",
     "KERNEL_VERIFIED_SELECTOR_TYPES",
+    "RESTART_REQUIRED_KEYS",
     "Address",
     "AllowRule",
     "AuthzConfig",
@@ -1726,4 +1869,5 @@ __all__ = [
     "parse_address",
     "parse_config",
     "parse_duration",
+    "restart_required_changes",
 ]

@@ -322,7 +322,8 @@ class Metrics:
         # --- process lifecycle (server.py)
         self.config_reloads = Counter(
             "svidgate_config_reloads_total",
-            "Configuration reloads (SIGHUP or file change), by result: applied, rejected, unchanged.",
+            "Configuration reloads (SIGHUP or file change), by result: applied, restart_required (applied "
+            "but for keys that need a restart), unchanged, rejected.",
             ["result"],
             registry=registry,
         )

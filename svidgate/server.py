@@ -51,13 +51,12 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 import grpc.aio
@@ -69,7 +68,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from svidgate import __version__
 from svidgate.attest.k8s import KubernetesAttestor
-from svidgate.config import Address, Config, KubernetesConfig, ServerConfig, load_config
+from svidgate.config import (
+    RESTART_REQUIRED_KEYS,
+    Address,
+    Config,
+    KubernetesConfig,
+    ServerConfig,
+    load_config,
+    restart_required_changes,
+)
 from svidgate.errors import SourceError, SvidgateError
 from svidgate.extauthz.inject import TokenInjector
 from svidgate.extauthz.policy import compile_authz
@@ -85,7 +92,14 @@ from svidgate.identity.sources.base import IdentitySource, SourceStatus, Templat
 from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
-from svidgate.peercred import PeerCredFront, PeerRegistry
+from svidgate.peercred import (
+    PeerCredFront,
+    PeerRegistry,
+    make_inner_dir,
+    remove_stale_inner_dir,
+    socket_dir_problem,
+)
+from svidgate.preflight import preflight
 from svidgate.sds.servicer import SERVER_OPTIONS as SDS_SERVER_OPTIONS
 from svidgate.sds.servicer import SecretDiscoveryServicer
 from svidgate.workloadapi import SECURITY_HEADER
@@ -186,39 +200,60 @@ def _read_pid(fd: int) -> str:
     return text if text.isdigit() else ""
 
 
-def ensure_tcp_address_free(name: str, address: Address) -> None:
-    """Fail with a clear line when another process listens on `address` already.
+def bind_error(name: str, address: str, exc: OSError) -> ListenerError:
+    """The one line a listener that cannot bind is reported with, e.g.
+    ``listen.check: 127.0.0.1:8081: address already in use``.
 
-    gRPC reports a failed bind only as ``RuntimeError`` plus its internal ``add_port.cc`` log line; binding a
-    plain socket first, with the options grpcio uses (SO_REUSEADDR, and no SO_REUSEPORT, see
-    `grpc_server_options`), gives the errno. A race with another process between this test and gRPC's own
-    bind still fails the start, only with gRPC's words.
+    Args:
+        name: the listener's key under ``listen`` (``grpc``, ``check``, ``workload_api``, ``http``).
+        address: the address as the operator wrote it (``host:port`` or a path).
+        exc: what `bind()` raised.
+    """
+    if isinstance(exc, socket.gaierror) or not exc.errno:  # resolver errors carry negative EAI_* codes
+        reason = exc.strerror or str(exc)
+    else:
+        reason = os.strerror(exc.errno)
+    line = f"listen.{name}: {address}: {reason[:1].lower()}{reason[1:]}"
+    if exc.errno == errno.EADDRINUSE:
+        line += " (another process listens there: a second svidgate?); stop it or choose another address"
+    return ListenerError(line)
+
+
+def ensure_tcp_address_free(name: str, address: Address) -> None:
+    """Bind `address` once before gRPC does, to report a taken port as such.
+
+    grpcio reports a failed bind only as internal log lines (``add_port.cc``) on stderr and a RuntimeError
+    without the errno. The probe sets the options grpcio uses: SO_REUSEADDR (a previous run's TIME_WAIT
+    connections do not count) and no SO_REUSEPORT (see `grpc_server_options`), so a port another process
+    listens on is always refused. A race with another process between this probe and gRPC's own bind still
+    fails the start, only with gRPC's words.
 
     Raises:
-        ListenerError: the address is in use or cannot be bound.
+        ListenerError: the port is taken or not ours to bind (`bind_error`'s line).
     """
-    if address.port == 0:
+    if address.kind != "tcp" or address.port == 0:
         return
     try:
-        infos = socket.getaddrinfo(
+        candidates = socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as exc:
+        # gRPC could not bind it either, and would say so only in its own log lines.
         raise ListenerError(
-            f"listen.{name} {address}: cannot resolve {address.host}: {exc.strerror}"
+            f"listen.{name}: {address.grpc_target()}: cannot resolve {address.host}: {exc.strerror}"
         ) from None
-    for family, type_, proto, _, sockaddr in infos:
-        with socket.socket(family, type_, proto) as probe:
+    for family, kind, proto, _, sockaddr in candidates:
+        with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 probe.bind(sockaddr)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ListenerError(
-                        f"listen.{name} {address}: address already in use (another process listens there: "
-                        "a second svidgate?); stop it or choose another address"
-                    ) from None
-                raise ListenerError(f"listen.{name} {address}: cannot bind: {exc.strerror}") from None
+                # Only what certainly stops gRPC too: "localhost" also resolves to ::1, which a host without
+                # IPv6 cannot bind while gRPC happily serves on 127.0.0.1.
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise bind_error(name, address.grpc_target(), exc) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,36 +262,14 @@ def ensure_tcp_address_free(name: str, address: Address) -> None:
 
 
 def check_socket_dir(directory: Path) -> None:
-    """Refuse a socket directory that another user controls.
-
-    Whoever can write to the directory can replace svidgate's socket with their own and hand Envoy their
-    certificates, or receive Workload API callers. The default path (``/tmp/svidgate-<uid>``) is predictable,
-    so another user could create it first. The directory (and a symlink to it) must belong to svidgate's
-    user or root, and must not be writable by others unless the sticky bit protects entries (as in /tmp).
+    """Refuse a socket directory that another user controls (`socket_dir_problem`).
 
     Raises:
         ListenerError: the directory is not safe to put sockets in.
     """
-    trusted = {os.geteuid(), 0}
-    try:
-        link = os.lstat(directory)
-        st = os.stat(directory)
-    except OSError as exc:
-        raise ListenerError(f"{directory}: cannot inspect the socket directory: {exc.strerror}") from None
-    if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
-        raise ListenerError(f"{directory}: is a symlink owned by uid {link.st_uid}; refusing to use it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise ListenerError(f"{directory}: is not a directory")
-    if st.st_uid not in trusted:
-        raise ListenerError(
-            f"{directory}: is owned by uid {st.st_uid}, not by svidgate's user ({os.geteuid()}) or root; "
-            "another user could replace the sockets in it"
-        )
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise ListenerError(
-            f"{directory}: is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}); "
-            "another user could replace the sockets in it"
-        )
+    problem = socket_dir_problem(directory)
+    if problem is not None:
+        raise ListenerError(problem)
 
 
 class UnixSocketClaim:
@@ -349,6 +362,33 @@ class UnixSocketClaim:
             f"unix://{self.path}: another process is accepting connections on this socket "
             "(a second svidgate?); refusing to start"
         )
+
+    def recorded_inner_dir(self) -> Path | None:
+        """The inner-socket directory the last holder of this lock recorded (`record_inner_dir`), if any.
+
+        Read after `claim()`: holding the lock proves that holder is gone, so a directory still there was left
+        by a crash (kill -9) and no live instance uses it.
+        """
+        if self._lock_fd is None:
+            return None
+        try:
+            text = os.pread(self._lock_fd, 4096, 0).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+        return Path(text) if text.startswith("/") and "\0" not in text else None
+
+    def record_inner_dir(self, directory: Path) -> None:
+        """Write `directory` into the lock file, for the next instance to clean up after a crash."""
+        if self._lock_fd is None:
+            return
+        try:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"{directory}\n".encode(), 0)
+        except OSError as exc:
+            log.warning(
+                "socket.lock_record_failed",
+                extra={"fields": {"path": str(self.lock_path), "error": exc.strerror or str(exc)}},
+            )
 
     def bound(self) -> None:
         """Record the freshly bound socket and give it `mode`."""
@@ -623,7 +663,7 @@ class HttpEndpoint:
         try:
             self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
         except OSError as exc:
-            raise ListenerError(f"listen.http {self.host}:{self.port}: cannot bind: {exc.strerror}") from None
+            raise bind_error("http", f"{_bracket_host(self.host)}:{self.port}", exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -1116,10 +1156,22 @@ class Server:
                 claim = UnixSocketClaim(Path(address.path), self.settings.socket_mode)
                 claim.claim()
                 self._claims[address.path] = claim
+        if not self._claims:
+            return
+        # A kill -9 leaves the previous instance's inner-socket directory behind. Each socket lock records the
+        # directory of its holder; holding the lock now, that holder is dead, so its directory can go.
+        leftovers = {claim.recorded_inner_dir() for claim in self._claims.values()}
+        for leftover in sorted(p for p in leftovers if p is not None):
+            remove_stale_inner_dir(leftover)
+        inner = self._inner_dir()
+        for claim in self._claims.values():
+            claim.record_inner_dir(inner)
 
     def _check_tcp_addresses(self) -> None:
         listen = self.config.listen
         named = [("check", listen.check), *(("grpc", address) for address in listen.grpc)]
+        if listen.http is not None:
+            named.append(("http", Address("tcp", host=listen.http[0], port=listen.http[1])))
         for name, address in named:
             if address is not None and address.kind == "tcp":
                 ensure_tcp_address_free(name, address)
@@ -1178,9 +1230,7 @@ class Server:
 
     def _inner_dir(self) -> Path:
         if self._inner is None:
-            # mkdtemp creates the directory 0700: only this user can reach the inner sockets, so every
-            # connection on them came through a front (and carries registered credentials).
-            self._inner = Path(tempfile.mkdtemp(prefix="svidgate-"))
+            self._inner = make_inner_dir()
         return self._inner
 
     async def _start_http(self) -> None:
@@ -1298,9 +1348,11 @@ class Server:
         """Re-read, validate and apply the config file; keep the configuration in force on any error.
 
         What can change live: ``authz`` (policies swapped atomically), ``workloads`` (entitlements of SDS,
-        Workload API and token injection), ``kubernetes`` (for connections made after the reload), ``log``.
-        Listeners, trust domain, state directory, source and CA settings need a restart; a change there is
-        reported and ignored.
+        What can change live: ``authz`` (policies swapped atomically), ``workloads`` (entitlements of SDS,
+        Workload API and token injection), ``kubernetes`` (for connections made after the reload), ``log``. A
+        change under `RESTART_REQUIRED_KEYS` is kept for the next start and named in one warning line. Never
+        raises (except cancellation): whatever goes wrong -- bad YAML, a bug -- is logged and counted as
+        ``rejected``, and the last good configuration stays.
 
         Args:
             trigger: ``SIGHUP``, ``file_change`` or ``requested`` (for the log line).
@@ -1320,77 +1372,85 @@ class Server:
                 return False
             if self.services is None or self.source is None:
                 return False
-            fingerprint = file_fingerprint(path)
-            self._config_fingerprint = fingerprint
             try:
-                new = load_config(path)
-                plan = self.services.prepare_reload(new)
-            except SvidgateError as exc:
-                self.metrics.config_reloads.labels(result="rejected").inc()
-                log.error(
-                    "config.reload_rejected",
-                    extra={
-                        "fields": {
-                            "trigger": trigger,
-                            "path": str(path),
-                            "error": str(exc),
-                            "kept": "the last good configuration stays in force",
-                        }
-                    },
-                )
+                return self._reload_from(path, trigger)
+            except Exception as exc:  # one bad reload must never end reloading for good
+                self._reject_reload(path, trigger, exc)
                 return False
-            restart_needed = [
-                name for name in _RESTART_ONLY if getattr(new, name) != getattr(self.config, name)
-            ]
-            if new == self.config:
-                self.metrics.config_reloads.labels(result="unchanged").inc()
-                log.info("config.reload_unchanged", extra={"fields": {"trigger": trigger, "path": str(path)}})
-                return False
-            plan()
-            if new.log != self.config.log:
-                configure_logging(new.log.format, new.log.level)
-            kept = {name: getattr(self.config, name) for name in restart_needed}
-            self.config = dataclasses.replace(new, **kept)
+
+    def _reload_from(self, path: Path, trigger: str) -> bool:
+        assert self.services is not None
+        self._config_fingerprint = file_fingerprint(path)
+        new = load_config(path)
+        plan = self.services.prepare_reload(new)
+        if new == self.config:
+            self.metrics.config_reloads.labels(result="unchanged").inc()
+            log.info("config.reload_unchanged", extra={"fields": {"trigger": trigger, "path": str(path)}})
+            return False
+        restart_required = restart_required_changes(self.config, new)
+        plan()
+        if new.log != self.config.log:
+            configure_logging(new.log.format, new.log.level)
+        kept = {key: getattr(self.config, key) for key in RESTART_REQUIRED_KEYS}
+        self.config = dataclasses.replace(new, **kept)
+        self.metrics.config_last_reload_success.set(self._clock())
+        fields: dict[str, object] = {"trigger": trigger, "path": str(path), "summary": self.config.summary()}
+        if not restart_required:
             self.metrics.config_reloads.labels(result="applied").inc()
-            self.metrics.config_last_reload_success.set(self._clock())
-            fields: dict[str, object] = {
-                "trigger": trigger,
-                "path": str(path),
-                "summary": self.config.summary(),
-            }
-            if restart_needed:
-                fields["needs_restart"] = restart_needed
             log.info("config.reloaded", extra={"fields": fields})
-            if restart_needed:
-                log.warning(
-                    "config.reload_partial",
-                    extra={
-                        "fields": {
-                            "ignored": restart_needed,
-                            "reason": "these settings take effect on the next start",
-                        }
-                    },
-                )
             return True
+        self.metrics.config_reloads.labels(result="restart_required").inc()
+        log.warning(
+            "config.reload_partial",
+            extra={
+                "fields": {
+                    **fields,
+                    "restart_required": list(restart_required),
+                    "reason": "these keys take effect on the next start; everything else was applied",
+                }
+            },
+        )
+        return True
+
+    def _reject_reload(self, path: Path, trigger: str, exc: Exception) -> None:
+        self.metrics.config_reloads.labels(result="rejected").inc()
+        error = str(exc) if isinstance(exc, SvidgateError) else f"{type(exc).__name__}: {exc}"
+        log.error(
+            "config.reload_rejected",
+            extra={
+                "fields": {
+                    "trigger": trigger,
+                    "path": str(path),
+                    "error": error,
+                    "kept": "the last good configuration stays in force",
+                }
+            },
+            # Bad input is one line; anything else is a bug, and its traceback is what fixes it.
+            exc_info=not isinstance(exc, SvidgateError),
+        )
 
     async def _watch_config_file(self, path: Path) -> None:
         # Polling, not inotify: it works on every filesystem and with Kubernetes ConfigMap symlink swaps, and
-        # a stat every few seconds costs nothing.
-        last = _stat_key(path)
+        # a stat every few seconds costs nothing. The first look compares contents with what was loaded: the
+        # file may have changed between the start and this task's first step.
+        last: tuple[int, int, int, int] | None = None
         while True:
             await asyncio.sleep(self.settings.config_poll_interval)
-            key = _stat_key(path)
-            if key == last:
-                continue
-            last = key
-            fingerprint = file_fingerprint(path)
-            if fingerprint is None or fingerprint == self._config_fingerprint:
-                continue
-            await self.reload("file_change")
-
-
-#: Config sections a reload cannot change in a running process.
-_RESTART_ONLY = ("trust_domain", "state_dir", "listen", "ca", "source", "federation", "server")
+            try:
+                key = _stat_key(path)
+                if key == last:
+                    continue
+                last = key
+                fingerprint = file_fingerprint(path)
+                if fingerprint is None or fingerprint == self._config_fingerprint:
+                    continue
+                await self.reload("file_change")
+            except Exception as exc:  # the watcher outlives any one failed look at the file
+                log.error(
+                    "config.watch_failed",
+                    extra={"fields": {"path": str(path), "error": f"{type(exc).__name__}: {exc}"}},
+                    exc_info=True,
+                )
 
 
 def _wait_sync_stop(server: grpc.Server, grace: float) -> None:
@@ -1662,27 +1722,41 @@ def _arm_stop_watchdog(seconds: float) -> None:
     timer.start()
 
 
-def run(config: Config, config_path: Path | None) -> int:
-    """`svidgate serve`: configure logging, serve until a signal, drain. Never raises for bad input.
+def run(config: Config, config_path: Path | None, *, stderr: TextIO | None = None) -> int:
+    """`svidgate serve`: configure logging, serve until a signal, drain. Never raises.
+
+    A failure (a `preflight` problem, a listener that cannot bind, a second instance, ...) is logged as
+    ``server.failed`` and printed as one plain ``svidgate: error: ...`` line on `stderr`, for the operator
+    who reads the terminal rather than the structured log.
 
     Args:
         config: the validated configuration.
         config_path: its file, re-read on SIGHUP (None: the embedded default).
+        stderr: where the plain line goes (`sys.stderr` by default).
 
     Returns:
-        The process exit code: 0 after a clean drain, 1 when start-up failed (one log line says why).
+        The process exit code: 0 after a clean drain, 1 when serving failed.
     """
     configure_logging(config.log.format, config.log.level)
+    err = stderr if stderr is not None else sys.stderr
     # Each SDS stream holds a few hundred small objects, so Python's default generation-0 threshold (700)
     # triggers hundreds of collections during a rotation fan-out: measured with bench/sds_streams.py, 10k
     # streams took 1.8-2.8 s to receive a rotation with the default and ~0.84 s with this threshold.
     gc.set_threshold(50_000, 10, 10)
     try:
+        # The same checks `check-config` makes, before anything is bound: a config it accepts starts here.
+        preflight(config, str(config_path) if config_path is not None else None)
         return asyncio.run(serve(config, config_path, stop_watchdog=True))
     except SvidgateError as exc:
         log.error("server.failed", extra={"fields": {"error": str(exc)}})
         # One plain line besides the structured log: what a person starting `svidgate serve` reads first.
-        sys.stderr.write(f"svidgate: error: {exc}\n")
+        err.write(f"svidgate: error: {exc}\n")
         return 1
     except KeyboardInterrupt:  # only before the handlers are installed
         return 130
+    except Exception as exc:  # a bug: its traceback goes to the log, one line to the operator
+        log.error("server.failed", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}}, exc_info=True)
+        err.write(
+            f"svidgate: error: unexpected {type(exc).__name__}: {exc} (see the server.failed log line)\n"
+        )
+        return 1

@@ -59,6 +59,11 @@ ACTIVATE_AT = 5 / 6
 DEFAULT_REFRESH_HINT = 300
 
 
+def ca_state_file(state_dir: Path) -> Path:
+    """Where the built-in CA of `state_dir` keeps its state."""
+    return Path(state_dir) / STATE_DIR_NAME / STATE_FILE_NAME
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Authority:
     """One generation of the CA: an X.509 root and a JWT signing key with the same lifetime.
@@ -197,6 +202,40 @@ class BuiltinCa:
                 extra={"fields": {"trust_domain": trust_domain.name, "error": str(exc), "at": "load"}},
             )
         return ca
+
+    @classmethod
+    def load_existing(
+        cls,
+        state_dir: Path,
+        trust_domain: TrustDomain,
+        key_type: KeyType,
+        clock: Clock,
+        ca_ttl: float = DEFAULT_CA_TTL,
+    ) -> BuiltinCa | None:
+        """The CA `svidgate serve` persisted in `state_dir`, read only: never created, rotated or written (a
+        state file readable by others is still restricted to 0600, as on every load).
+
+        For commands that run beside a server (`svidgate mint`, `bundle`, `explain`, `check-config`): a CA
+        they created would sign what the running server's peers reject, and a rotation they persisted would
+        race the server's own.
+
+        Args:
+            state_dir: svidgate's state directory (the CA lives in ``ca/ca.json`` below it).
+            trust_domain: the trust domain the state must belong to.
+            key_type: reported by `key_type`; the loaded authorities keep their own key types.
+            clock: the time source.
+            ca_ttl: lifetime the server gives new authorities (for the bundle's refresh hint).
+
+        Returns:
+            The CA, or None when there is no state file.
+
+        Raises:
+            CaError: the state exists but cannot be read, is corrupt or belongs to another trust domain.
+        """
+        state = _read_state(ca_state_file(state_dir), trust_domain)
+        if state is None:
+            return None
+        return cls(trust_domain, key_type, clock, ca_ttl, None, state)
 
     @classmethod
     def in_memory(

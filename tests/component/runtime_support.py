@@ -33,6 +33,7 @@ from google.rpc import status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from svidgate._gen import workload_pb2, workload_pb2_grpc
+from svidgate.peercred import remove_stale_inner_dir
 from svidgate.server import Server
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -344,6 +345,9 @@ class ServeProcess:
         return code
 
     def kill(self) -> None:
+        """SIGKILL the process if it still runs, and remove what that leaves: its inner-socket directory."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+            for event in self.events("peercred.listening"):
+                remove_stale_inner_dir(Path(str(event["inner"])).parent)

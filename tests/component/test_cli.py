@@ -17,7 +17,10 @@ from svidgate import __version__
 from svidgate.cli import main
 from svidgate.config import Config
 from svidgate.identity.bundle import parse_pem_bundle, parse_spiffe_bundle
+from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.clock import system_clock
 from svidgate.identity.jwtsvid import parse_jwt_svid_insecure, validate_jwt_svid
+from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import parse_x509_svid, verify_x509_svid
 
@@ -36,8 +39,14 @@ def run(*argv: str) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def serve_created_ca(state_dir: Path, trust_domain: TrustDomain = TD) -> None:
+    """The CA state `svidgate serve` creates at its first start (mint and bundle never create one)."""
+    BuiltinCa.load_or_create(state_dir, trust_domain, KeyType.EC_P256, system_clock)
+
+
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
+    serve_created_ca(tmp_path / "state")
     path = tmp_path / "svidgate.yaml"
     path.write_text(
         "trust_domain: example.org\n"
@@ -111,6 +120,7 @@ def test_bundle_of_a_federated_trust_domain(config_file: Path, tmp_path: Path) -
     other_state = tmp_path / "other"
     other = tmp_path / "other.yaml"
     other.write_text(f"trust_domain: other.org\nstate_dir: {other_state}\n")
+    serve_created_ca(other_state, TrustDomain("other.org"))
     other_bundle = run("bundle", "--config", str(other))
     (tmp_path / "other.json").write_text(other_bundle.out)
     with config_file.open("a") as f:

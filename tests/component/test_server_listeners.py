@@ -166,7 +166,7 @@ async def test_a_second_serve_on_the_same_port_exits_with_one_line(layout: Layou
             result = _serve_and_fail(other.config)
         assert result.returncode == 1
         assert _plain_lines(result.stderr) == [
-            f"svidgate: error: listen.check tcp://127.0.0.1:{port}: address already in use (another process "
+            f"svidgate: error: listen.check: 127.0.0.1:{port}: address already in use (another process "
             "listens there: a second svidgate?); stop it or choose another address"
         ]
         assert "add_port.cc" not in result.stderr

@@ -138,6 +138,13 @@ def test_config_is_frozen() -> None:
         config.federation[TrustDomain("x.org")] = config.federation[TrustDomain("web.org")]  # type: ignore[index]
 
 
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_an_empty_document_is_refused(text: str) -> None:
+    # A truncated write or a failed mount would otherwise drop every workload and policy.
+    with pytest.raises(ConfigError, match=r"^f: the file holds no YAML document .*write \{\} to run on"):
+        parse_config(text, "f")
+
+
 #: The listener contract's defaults: SDS and the Workload API on unix sockets only, Check on TCP.
 DEFAULT_LISTEN = ListenConfig(
     grpc=(Address("unix", path="/run/user/1000/svidgate/svidgate.sock"),),
@@ -149,8 +156,8 @@ DEFAULT_LISTEN = ListenConfig(
 
 @pytest.mark.parametrize(
     "text",
-    ["", "listen: {}\n", "listen: null\n", "listen: {http: 127.0.0.1:8082}\n"],
-    ids=["empty-file", "empty-listen", "null-listen", "partial-listen"],
+    ["{}", "listen: {}\n", "listen: null\n", "listen: {http: 127.0.0.1:8082}\n"],
+    ids=["empty-mapping", "empty-listen", "null-listen", "partial-listen"],
 )
 def test_default_listeners_serve_sds_and_workload_api_on_unix_only(text: str) -> None:
     # Issue 9 item 2: the old default served SDS on tcp://127.0.0.1:8081, where any local user fetched the
@@ -180,8 +187,8 @@ def test_old_default_sds_port_collides_with_the_default_check_listener_by_name()
     )
 
 
-def test_empty_file_gives_defaults_without_workloads() -> None:
-    config = parse("")
+def test_an_empty_mapping_gives_defaults_without_workloads() -> None:
+    config = parse("{}")
     assert config.trust_domain == TrustDomain("svidgate.local")
     assert config.state_dir == Path("/home/u/.local/state/svidgate")
     assert config.workloads == ()
