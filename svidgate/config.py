@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,8 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 import yaml
 
 from svidgate.canonical import canonical_host, normalize_path
-from svidgate.errors import ConfigError, SpiffeIdError
-from svidgate.identity.ca import BACKDATE_SECONDS
+from svidgate.errors import CaError, ConfigError, SpiffeIdError
+from svidgate.identity.ca import BACKDATE_SECONDS, UpstreamAuthority
 from svidgate.identity.entitlement import KubernetesWorkload
 from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
@@ -145,6 +146,14 @@ class ListenConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """``ca.upstream``: a root shared by several svidgates; each one's CA becomes an intermediate under it."""
+
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
 class CaConfig:
     """The built-in CA. All durations in seconds."""
 
@@ -152,6 +161,7 @@ class CaConfig:
     x509_svid_ttl: float = 3600.0
     jwt_svid_ttl: float = 300.0
     ca_ttl: float = 365 * 86400.0
+    upstream: UpstreamConfig | None = None
 
 
 class CallerLike(Protocol):
@@ -1249,7 +1259,7 @@ class _Parser:
     # -- ca --------------------------------------------------------------------------------------------
 
     def ca(self, value: object, path: str) -> CaConfig:
-        section = _mapping(value, path, ("key_type", "x509_svid_ttl", "jwt_svid_ttl", "ca_ttl"))
+        section = _mapping(value, path, ("key_type", "x509_svid_ttl", "jwt_svid_ttl", "ca_ttl", "upstream"))
         defaults = CaConfig()
         key_type = defaults.key_type
         if "key_type" in section:
@@ -1276,7 +1286,29 @@ class _Parser:
             raise ConfigError(f"{path}.x509_svid_ttl: must be at least 60s (SVIDs are re-minted at half TTL)")
         if jwt_ttl < 10:
             raise ConfigError(f"{path}.jwt_svid_ttl: must be at least 10s")
-        return CaConfig(key_type=key_type, x509_svid_ttl=x509_ttl, jwt_svid_ttl=jwt_ttl, ca_ttl=ca_ttl)
+        upstream = None
+        if section.get("upstream") is not None:
+            upstream = self.ca_upstream(section["upstream"], f"{path}.upstream")
+        return CaConfig(
+            key_type=key_type, x509_svid_ttl=x509_ttl, jwt_svid_ttl=jwt_ttl, ca_ttl=ca_ttl, upstream=upstream
+        )
+
+    def ca_upstream(self, value: object, path: str) -> UpstreamConfig:
+        section = _mapping(value, path, ("cert_file", "key_file"))
+        for key in ("cert_file", "key_file"):
+            if section.get(key) is None:
+                raise ConfigError(f"{path}.{key}: required")
+        upstream = UpstreamConfig(
+            cert_file=self._path(section["cert_file"], f"{path}.cert_file"),
+            key_file=self._path(section["key_file"], f"{path}.key_file"),
+        )
+        # Validated here, so that check-config and serve refuse a bad root with the same one line; the CA
+        # reads it again when it starts (the key is never kept in the configuration object).
+        try:
+            UpstreamAuthority.load(upstream.cert_file, upstream.key_file, time.time())
+        except CaError as exc:
+            raise ConfigError(str(exc)) from None
+        return upstream
 
     # -- workloads -------------------------------------------------------------------------------------
 

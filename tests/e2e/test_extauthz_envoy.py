@@ -25,7 +25,7 @@ from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer, new_sync_check_server
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from tests.e2e.checkserver import Backend, aio_check_server, echo_backend
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.ca import NOW, TestCA
 
 pytestmark = pytest.mark.e2e
@@ -91,14 +91,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w = World(ca, partner, holder, backend)
     envoys = []
     try:
-        for name, port, fail_open in (("closed", aio_port, "false"), ("open", sync_port, "true")):
-            config = render_template(
+        for name, port, fail_open in (("closed", aio_port, False), ("open", sync_port, True)):
+            config = shipped_config(
                 EXAMPLES / "ext-authz" / "envoy.yaml",
-                listen_port=0,
-                backend_port=backend.server_address[1],
-                svidgate_address="127.0.0.1",
-                svidgate_port=port,
-                failure_mode_allow=fail_open,
+                listeners={"ingress": 0},
+                clusters={"backend": backend.server_address[1], "svidgate": port},
+                everywhere={"failure_mode_allow": fail_open},
             )
             envoy = EnvoyProcess(config, Path(tmp), name=name)
             envoys.append(envoy)

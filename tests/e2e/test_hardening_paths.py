@@ -21,7 +21,7 @@ from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from tests.e2e.checkserver import Backend, aio_check_server, echo_backend
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.ca import NOW, TestCA
 
 pytestmark = pytest.mark.e2e
@@ -73,13 +73,10 @@ def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingress]:
     stack = contextlib.ExitStack()
     backend = stack.enter_context(echo_backend())
     port = stack.enter_context(aio_check_server(servicer))
-    config = render_template(
+    config = shipped_config(
         EXAMPLES / "ext-authz" / "envoy.yaml",
-        listen_port=0,
-        backend_port=backend.server_address[1],
-        svidgate_address="127.0.0.1",
-        svidgate_port=port,
-        failure_mode_allow="false",
+        listeners={"ingress": 0},
+        clusters={"backend": backend.server_address[1], "svidgate": port},
     )
     envoy = EnvoyProcess(config, Path(tmp), name="paths")
     try:

@@ -5,8 +5,9 @@
 
 The application sends no token at all; the backend receives the caller's SPIFFE ID, proven by a JWT-SVID that
 svidgate minted for the egress side and validated on the ingress side, over an mTLS hop whose certificates
-svidgate served to both Envoys over SDS. The example's files are used exactly as a user reads them; only their
-``${...}`` placeholders are filled in.
+svidgate served to both Envoys over SDS. The example's files are used as a user reads them; only their ports
+and socket paths are moved (in the parsed YAML), so that this test can look inside the backend.
+tests/e2e/test_examples.py runs the same files untouched, as the README says.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import threading
 import urllib.error
 import urllib.request
@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from svidgate.demo import load_example_backend
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
+from tests.support.examples import load_backend
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir
 
@@ -37,8 +38,8 @@ FRONTEND = "spiffe://example.org/frontend"
 
 @contextlib.contextmanager
 def backend_app() -> Iterator[Any]:
-    """Run envoy-examples/inject/backend.py on a free port; yield its server (``.received``: headers)."""
-    server = load_example_backend().make_server(port=0)
+    """Run envoy-examples/backend.py on a free port; yield its server (``.received``: headers)."""
+    server = load_backend().make_server(port=0, log=None)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -51,13 +52,16 @@ def backend_app() -> Iterator[Any]:
 
 @contextlib.asynccontextmanager
 async def svidgate(directory: Path) -> AsyncIterator[Path]:
-    """Run svidgate with the example's config; yield its listen.grpc socket."""
-    run_dir, state_dir = directory / "run", directory / "state"
+    """Run svidgate with the example's config (its paths moved under `directory`); yield its socket."""
+    run_dir = directory / "run"
     run_dir.mkdir(mode=0o700)
-    config_path = directory / "svidgate.yaml"
-    config_path.write_text(
-        render_template(EXAMPLE / "svidgate.yaml", run_dir=run_dir, state_dir=state_dir, uid=os.getuid())
+    config = yaml.safe_load((EXAMPLE / "svidgate.yaml").read_text())
+    config["state_dir"] = str(directory / "state")
+    config["listen"].update(
+        grpc=f"unix://{run_dir}/svidgate.sock", workload_api=f"unix://{run_dir}/workload.sock", http=None
     )
+    config_path = directory / "svidgate.yaml"
+    config_path.write_text(yaml.safe_dump(config))
     async with running_server(config_path):
         yield run_dir / "svidgate.sock"
 
@@ -74,18 +78,17 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]
 async def test_backend_sees_the_callers_spiffe_id_without_the_app_sending_a_token(tmp_path: Path) -> None:
     with short_dir("inj-") as directory, backend_app() as backend:
         async with svidgate(directory) as socket:
-            ingress_config = render_template(
+            ingress_config = shipped_config(
                 EXAMPLE / "ingress-envoy.yaml",
-                svidgate_socket=socket,
-                ingress_port=0,
-                backend_port=backend.server_address[1],
+                listeners={"ingress": 0},
+                clusters={"svidgate": socket, "backend": backend.server_address[1]},
             )
             async with EnvoyProcess(ingress_config, tmp_path, name="ingress") as ingress:
-                egress_config = render_template(
+                ingress_port = await asyncio.to_thread(ingress.listener_port, "ingress")
+                egress_config = shipped_config(
                     EXAMPLE / "egress-envoy.yaml",
-                    svidgate_socket=socket,
-                    egress_port=0,
-                    ingress_port=await asyncio.to_thread(ingress.listener_port, "ingress"),
+                    listeners={"egress": 0},
+                    clusters={"svidgate": socket, "backend_via_ingress": ingress_port},
                 )
                 async with EnvoyProcess(egress_config, tmp_path, name="egress") as egress:
                     url = f"http://127.0.0.1:{await asyncio.to_thread(egress.listener_port, 'egress')}/hello"

@@ -27,7 +27,7 @@ import yaml
 from svidgate.server import Server
 from tests.component.runtime_support import AUDIENCE, Layout, fetch_jwt_svid, workload_channel, write_config
 from tests.e2e.checkserver import echo_backend
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir
 
@@ -36,21 +36,17 @@ pytestmark = pytest.mark.e2e
 
 def envoy_config(bound: str, backend_port: int, *, workload_api: bool) -> str:
     """The ext-authz example's Envoy, fail-open on RPC errors, with its svidgate cluster at `bound`."""
-    host, port = ("127.0.0.1", 1) if bound.startswith("unix://") else bound[len("tcp://") :].rsplit(":", 1)
+    target: int | str = (
+        bound[len("unix://") :] if bound.startswith("unix://") else int(bound.rsplit(":", 1)[1])
+    )
     data: dict[str, Any] = yaml.safe_load(
-        render_template(
+        shipped_config(
             EXAMPLES / "ext-authz" / "envoy.yaml",
-            listen_port=0,
-            backend_port=backend_port,
-            svidgate_address=host,
-            svidgate_port=port,
-            failure_mode_allow="true",
+            listeners={"ingress": 0},
+            clusters={"backend": backend_port, "svidgate": target},
+            everywhere={"failure_mode_allow": True},
         )
     )
-    (svidgate,) = [c for c in data["static_resources"]["clusters"] if c["name"] == "svidgate"]
-    (endpoint,) = svidgate["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    if bound.startswith("unix://"):
-        endpoint["endpoint"]["address"] = {"pipe": {"path": bound[len("unix://") :]}}
     if workload_api:
         (listener,) = data["static_resources"]["listeners"]
         (manager,) = listener["filter_chains"][0]["filters"]

@@ -3,7 +3,8 @@
 client Envoy (egress, plain HTTP in) --mTLS--> server Envoy (ingress, SAN match) --> backend (records XFCC)
 
 svidgate runs in the test (grpc.aio on this event loop) behind the SO_PEERCRED front on a unix socket; the
-Envoys use envoy-examples/sds-mtls unchanged apart from the placeholders. The server Envoy speaks SotW SDS,
+Envoys run envoy-examples/sds-mtls's files with only their ports, socket and (for the intruder) node id
+moved. The server Envoy speaks SotW SDS,
 the client Envoy delta SDS, so both protocols are exercised against a real Envoy.
 """
 
@@ -38,7 +39,7 @@ from svidgate.identity.x509svid import X509Svid
 from svidgate.metrics import Metrics
 from svidgate.peercred import PeerCredFront, PeerRegistry
 from svidgate.sds.servicer import SERVER_OPTIONS, SecretDiscoveryServicer
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +48,7 @@ PARTNER_TD = TrustDomain("partner.test")
 SERVER_ID = SpiffeId.parse("spiffe://example.org/server")
 CLIENT_ID = SpiffeId.parse("spiffe://example.org/client")
 PARTNER_CLIENT_ID = SpiffeId.parse("spiffe://partner.test/client")
-TEMPLATES = EXAMPLES / "sds-mtls"
+EXAMPLE = EXAMPLES / "sds-mtls"
 
 
 # -- the backend ---------------------------------------------------------------------------------------------
@@ -172,14 +173,13 @@ def server_envoy(
     sds_api: str = "GRPC",
     validation_context: str = "ALL",
 ) -> EnvoyProcess:
-    config = render_template(
-        TEMPLATES / "server-envoy.yaml",
-        sds_socket=gate.socket,
-        listen_port=0,
-        backend_port=backend_port,
-        allowed_client=CLIENT_ID,
-        allowed_federated_client=PARTNER_CLIENT_ID,
-        sds_api=sds_api,
+    # The shipped file accepts spiffe://example.org/client; these tests also federate with partner.test.
+    allowed = [{"san_type": "URI", "matcher": {"exact": str(i)}} for i in (CLIENT_ID, PARTNER_CLIENT_ID)]
+    config = shipped_config(
+        EXAMPLE / "server-envoy.yaml",
+        listeners={"ingress": 0},
+        clusters={"svidgate": gate.socket, "backend": backend_port},
+        everywhere={"api_type": sds_api, "match_typed_subject_alt_names": allowed},
     )
     if validation_context != "ALL":
         assert config.count("name: ALL") == 1
@@ -190,14 +190,12 @@ def server_envoy(
 def client_envoy(
     gate: Svidgate, server_port: int, tmp_path: Path, *, name: str = "client", node_id: str = "client"
 ) -> EnvoyProcess:
-    config = render_template(
-        TEMPLATES / "client-envoy.yaml",
-        sds_socket=gate.socket,
-        listen_port=0,
-        server_port=server_port,
-        server_id=SERVER_ID,
+    # The shipped file expects the server spiffe://example.org/server (SERVER_ID) and speaks delta SDS.
+    config = shipped_config(
+        EXAMPLE / "client-envoy.yaml",
+        listeners={"egress": 0},
+        clusters={"svidgate": gate.socket, "server": server_port},
         node_id=node_id,
-        sds_api="DELTA_GRPC",
     )
     return EnvoyProcess(config, tmp_path, name=name, component_log_level="secret:debug,config:debug")
 

@@ -622,6 +622,7 @@ def test_every_key_is_documented() -> None:
         module.Config,
         module.ListenConfig,
         module.CaConfig,
+        module.UpstreamConfig,
         module.Workload,
         module.FederationConfig,
         module.BundleEndpoint,

@@ -156,26 +156,3 @@ def test_healthcheck_probes_healthz_on_the_default_http_listener() -> None:
 def test_dockerignore_keeps_what_the_build_copies(needed: str) -> None:
     for pattern in _dockerignore():
         assert not fnmatch.fnmatch(needed, pattern)
-
-
-def test_kubernetes_sketch_config_is_valid() -> None:
-    import yaml
-
-    from svidgate.config import parse_config
-
-    sketch = ROOT / "envoy-examples" / "kubernetes"
-    configmap = yaml.safe_load((sketch / "configmap.yaml").read_text())
-    config = parse_config(configmap["data"]["config.yaml"], "configmap.yaml")
-    assert [str(a) for a in config.listen.grpc] == ["unix:///run/svidgate/svidgate.sock"]
-    daemonset = [
-        d for d in yaml.safe_load_all((sketch / "daemonset.yaml").read_text()) if d["kind"] == "DaemonSet"
-    ]
-    (container,) = daemonset[0]["spec"]["template"]["spec"]["containers"]
-    assert container["args"][:1] == ["serve"]
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert "/run/svidgate" in mounts
-    assert str(config.state_dir) in mounts
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert (
-        config.server.drain_grace < daemonset[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    )

@@ -11,12 +11,24 @@ from __future__ import annotations
 from svidgate.config import Config
 from svidgate.errors import SourceError
 from svidgate.identity.bundle import BundleRejectionSink
-from svidgate.identity.ca import BuiltinCa
+from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.sources.base import IdentitySource, SourceHealth, SourceStatus
 from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.identity.sources.federation import FederatedBundles, fetch_bundle
 from svidgate.identity.sources.files import FileSource
+
+
+def load_upstream(config: Config, clock: Clock = system_clock) -> UpstreamAuthority | None:
+    """The ``ca.upstream`` root the built-in CA issues its intermediates under, or None when it is not set.
+
+    Raises:
+        CaError: a file cannot be read, or the root or its key is not valid (`UpstreamAuthority.load`).
+    """
+    upstream = config.ca.upstream
+    if upstream is None:
+        return None
+    return UpstreamAuthority.load(upstream.cert_file, upstream.key_file, clock())
 
 
 def federated_bundles(
@@ -55,7 +67,12 @@ def create_source(
     federation = federated_bundles(config, clock, on_bundle_rejected)
     if config.source.kind == "builtin":
         ca = BuiltinCa.load_or_create(
-            config.state_dir, config.trust_domain, config.ca.key_type, clock, ca_ttl=config.ca.ca_ttl
+            config.state_dir,
+            config.trust_domain,
+            config.ca.key_type,
+            clock,
+            ca_ttl=config.ca.ca_ttl,
+            upstream=load_upstream(config, clock),
         )
         return BuiltinSource(
             ca,
