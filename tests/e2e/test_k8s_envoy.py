@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from svidgate.server import Server
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, render_template
+from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.k8s import V1_HIERARCHY, FakeKubelet, PodCgroup, pod, skip_reason_for, v2_hierarchy
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir
@@ -97,9 +97,33 @@ server:
 
 
 def envoy_in(
-    node: Node, template: str, name: str, tmp_path: Path, procs: Path | None, **values: object
+    node: Node,
+    example: str,
+    name: str,
+    tmp_path: Path,
+    procs: Path | None,
+    *,
+    listener: str,
+    upstream: tuple[str, int],
+    peer: str,
+    sds_api: str,
 ) -> EnvoyProcess:
-    config = render_template(TEMPLATES / template, sds_socket=node.sds_socket, listen_port=0, **values)
+    """A shipped sds-mtls Envoy pointed at this node's svidgate, in the cgroup of `procs` (None: no pod).
+
+    Args:
+        listener: the Envoy's listener (moved to a free port).
+        upstream: (cluster, port) of what it forwards to.
+        peer: the one SPIFFE ID it accepts from the other side (exact URI SAN match).
+    """
+    config = shipped_config(
+        TEMPLATES / example,
+        listeners={listener: 0},
+        clusters={"svidgate": node.sds_socket, upstream[0]: upstream[1]},
+        everywhere={
+            "api_type": sds_api,
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": peer}}],
+        },
+    )
     return EnvoyProcess(config, tmp_path, name=name, cgroup_procs=procs, component_log_level="secret:debug")
 
 
@@ -170,9 +194,9 @@ async def test_each_pod_gets_its_templated_identity_over_sds_and_the_workload_ap
             "backend",
             tmp_path,
             backend_pod.procs,
-            backend_port=backend.server_address[1],
-            allowed_client=FRONTEND,
-            allowed_federated_client="spiffe://partner.test/none",
+            listener="ingress",
+            upstream=("backend", backend.server_address[1]),
+            peer=FRONTEND,
             sds_api="GRPC",
         )
         async with server_envoy as server:
@@ -182,9 +206,9 @@ async def test_each_pod_gets_its_templated_identity_over_sds_and_the_workload_ap
                 "frontend",
                 tmp_path,
                 frontend_pod.procs,
-                server_port=server.listener_port("ingress"),
-                server_id=BACKEND,
-                node_id="frontend",
+                listener="egress",
+                upstream=("server", server.listener_port("ingress")),
+                peer=BACKEND,
                 sds_api="DELTA_GRPC",
             )
             async with client_envoy as client:
@@ -238,9 +262,9 @@ async def test_callers_of_another_namespace_an_unlisted_pod_or_no_pod_get_no_svi
                 name,
                 tmp_path,
                 procs,
-                backend_port=1,
-                allowed_client=FRONTEND,
-                allowed_federated_client=FRONTEND,
+                listener="ingress",
+                upstream=("backend", 1),
+                peer=FRONTEND,
                 sds_api="GRPC",
             )
             for name, procs in (("other-ns", other_ns.procs), ("unlisted", unlisted.procs), ("no-pod", None))
