@@ -120,6 +120,10 @@ class KubernetesAttestor:
         except AttestationError as exc:
             self._failed(caller, exc.reason, exc.detail)
             return caller
+        except Exception as exc:  # a bug here must cost this caller its k8s: attributes, nothing more
+            log.exception("k8s.attestation_error", extra={"fields": {**caller.describe()}})
+            self._failed(caller, "internal_error", repr(exc))
+            return caller
         self._count("attested")
         log.info("k8s.attested", extra={"fields": {"pid": pid, **workload.describe()}})
         return dataclasses.replace(caller, k8s=workload)
