@@ -20,7 +20,7 @@ from typing import NoReturn, TextIO
 from svidgate import __version__
 from svidgate.config import Config, config_path_from_env, load_config, parse_duration
 from svidgate.errors import CaError, ConfigError, SourceError, SpiffeIdError, SvidgateError
-from svidgate.identity.bundle import Bundle, pem_bundle, spiffe_bundle_json
+from svidgate.identity.bundle import Bundle, bundle_map_json, pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa, ca_state_file
 from svidgate.identity.clock import system_clock
 from svidgate.identity.sources import load_upstream
@@ -112,7 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="whose bundle (default: the own trust domain)",
     )
     bundle.add_argument(
-        "--format", choices=("spiffe", "pem"), default="spiffe", help="default: spiffe (JWKS)"
+        "--format",
+        choices=("spiffe", "pem", "bundle-map"),
+        default="spiffe",
+        help="default: spiffe (JWKS); bundle-map: every bundle held, as a SPIFFE bundle map",
+    )
+    bundle.add_argument(
+        "--use",
+        choices=("x509-svid",),
+        help="with bundle-map: keep only X.509 authorities (what Envoy's SPIFFE validator reads)",
     )
 
     check = commands.add_parser("check-config", help="validate a configuration file")
@@ -326,6 +334,13 @@ def _cmd_bundle(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     if config.source.kind == "spire":
         raise SourceError("with source.kind spire, ask the SPIRE agent for bundles")
+    if args.use is not None and args.format != "bundle-map":
+        raise UsageError("--use applies to --format bundle-map only")
+    if args.format == "bundle-map":
+        if args.trust_domain is not None:
+            raise UsageError("--format bundle-map prints every bundle; leave out --trust-domain")
+        out.write(bundle_map_json(_bundles(config), x509_only=args.use == "x509-svid").decode("utf-8"))
+        return EXIT_OK
     bundle = _bundles(config).get(trust_domain)
     if bundle is None:
         raise SourceError(f"no bundle for {trust_domain} could be loaded (see the warnings above)")

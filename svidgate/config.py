@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ from svidgate.identity.template import SpiffeIdTemplate
 
 #: Environment variable naming the config file when `--config` is not given.
 CONFIG_ENV = "SVIDGATE_CONFIG"
+#: Upper bound of `authz.unknown_key_wait`, seconds.
+MAX_UNKNOWN_KEY_WAIT = 10.0
 #: The trust domain of the embedded default configuration (and of any file that does not name one).
 DEFAULT_TRUST_DOMAIN = "svidgate.local"
 
@@ -131,12 +134,15 @@ class ListenConfig:
         check: Check's own listener on grpcio's threaded server (the fast path, `DEFAULT_CHECK_ADDRESS` unless
             the configuration says otherwise), or None (``null``) for no separate one: Check is then answered
             on the `grpc` (and `workload_api`) listeners only.
+        bundle_endpoint: ``(host, port)`` of the SPIFFE bundle endpoint server (HTTPS), or None (the default:
+            not served). What it presents and serves is `Config.bundle_endpoint`.
     """
 
     grpc: tuple[Address, ...]
     workload_api: Address | None
     http: tuple[str, int] | None
     check: Address | None = None
+    bundle_endpoint: tuple[str, int] | None = None
 
     def check_listeners(self) -> tuple[Address, ...]:
         """Every address Check is answered on."""
@@ -318,6 +324,31 @@ class FederationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BundleEndpointServerConfig:
+    """What the own SPIFFE bundle endpoint (`ListenConfig.bundle_endpoint`) presents and serves.
+
+    Attributes:
+        profile: ``https_spiffe`` (the server presents an X.509-SVID for `spiffe_id` from the own identity
+            source, rotated like every SVID) or ``https_web`` (it presents `cert_file`/`key_file`, re-read
+            when they change).
+        spiffe_id: the endpoint's SPIFFE ID (https_spiffe; in the own trust domain).
+        cert_file: PEM certificate chain, leaf first (https_web).
+        key_file: PEM private key of the leaf (https_web).
+        refresh_hint: ``spiffe_refresh_hint`` served, seconds; None: the own bundle's hint (the built-in
+            CA's is min(5 m, ca_ttl / 12)), else 5 m.
+        oidc_issuer: the ``issuer`` of an OpenID Connect discovery document and JWKS served beside the bundle
+            (``<issuer path>/.well-known/openid-configuration`` and ``<issuer path>/keys``); None: not served.
+    """
+
+    profile: Literal["https_web", "https_spiffe"] = "https_spiffe"
+    spiffe_id: SpiffeId | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    refresh_hint: float | None = None
+    oidc_issuer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SdsConfig:
     """SDS resource naming and the validation context flavour."""
 
@@ -448,6 +479,9 @@ class AuthzConfig:
     hide_details: bool = False
     cache_size: int = 10000
     decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
+    # How long a Check waits for the bundle fetch an unknown JWT-SVID key triggers before its deny is final.
+    # Half of Envoy's default ext_authz timeout (200 ms), so the answer still reaches Envoy in time.
+    unknown_key_wait: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +567,7 @@ class Config:
     ca: CaConfig = field(default_factory=CaConfig)
     workloads: tuple[Workload, ...] = ()
     federation: Mapping[TrustDomain, FederationConfig] = field(default_factory=dict)
+    bundle_endpoint: BundleEndpointServerConfig = field(default_factory=BundleEndpointServerConfig)
     sds: SdsConfig = field(default_factory=SdsConfig)
     authz: AuthzConfig = field(default_factory=AuthzConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -616,13 +651,19 @@ class Config:
         endpoints = sum(1 for f in self.federation.values() if f.bundle_endpoint is not None)
         sds = ", ".join(str(a) for a in self.listen.grpc) or "none"
         check = "" if self.listen.check is None else f", Check on {self.listen.check}"
+        served = self.listen.bundle_endpoint
+        bundle_endpoint = (
+            ""
+            if served is None
+            else f", bundle endpoint on {_bracket(served[0])}:{served[1]} ({self.bundle_endpoint.profile})"
+        )
         return (
             f"trust domain {self.trust_domain}, source {self.source.kind}, "
             f"{_plural(len(self.workloads), 'workload')}, "
             f"{_plural(len(self.federation), 'federated trust domain')} ({endpoints} via bundle endpoint), "
             f"{_plural(len(self.authz.policies), 'authz policy', 'authz policies')} "
             f"(default {self.authz.default}), "
-            f"SDS on {sds}{check}"
+            f"SDS on {sds}{check}{bundle_endpoint}"
         )
 
 
@@ -635,16 +676,17 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 #: Top-level keys a reload cannot apply to a running process (listeners are bound, the CA and the source are
-#: built, SDS streams hold their validation-context flavour). The one list: a section that becomes live on
-#: reload is removed here and applied in the runtime's `prepare_reload`. Everything else (``authz``,
-#: ``workloads``, ``log``, ``kubernetes`` -- for connections attested after the reload) is applied live.
+#: built, SDS streams hold their validation-context flavour, the bundle endpoint presents what it started
+#: with). The one list: a section that becomes live on reload is removed here and applied in the runtime's
+#: `prepare_reload`. Everything else (``authz``, ``workloads``, ``federation``, ``log``, ``kubernetes`` --
+#: for connections attested after the reload) is applied live.
 RESTART_REQUIRED_KEYS: tuple[str, ...] = (
     "trust_domain",
     "state_dir",
     "listen",
     "ca",
     "source",
-    "federation",
+    "bundle_endpoint",
     "sds",
     "server",
 )
@@ -1151,6 +1193,7 @@ class _Parser:
                 "ca",
                 "workloads",
                 "federation",
+                "bundle_endpoint",
                 "sds",
                 "authz",
                 "source",
@@ -1173,6 +1216,9 @@ class _Parser:
         source = self.source(top.get("source"), "source")
         workloads = self.workloads(top.get("workloads"), "workloads", trust_domain, source.kind)
         federation = self.federation(top.get("federation"), "federation", trust_domain)
+        bundle_endpoint = self.bundle_endpoint_server(
+            top.get("bundle_endpoint"), "bundle_endpoint", trust_domain, listen, "bundle_endpoint" in top
+        )
         sds = self.sds(top.get("sds"), "sds")
         authz = self.authz(top.get("authz"), "authz", trust_domain, workloads, federation, source)
         log_config = self.log(top.get("log"), "log")
@@ -1185,6 +1231,7 @@ class _Parser:
             ca=ca,
             workloads=workloads,
             federation=federation,
+            bundle_endpoint=bundle_endpoint,
             sds=sds,
             authz=authz,
             source=source,
@@ -1196,7 +1243,7 @@ class _Parser:
     # -- listen ----------------------------------------------------------------------------------------
 
     def listen(self, value: object, path: str) -> ListenConfig:
-        section = _mapping(value, path, ("grpc", "workload_api", "http", "check"))
+        section = _mapping(value, path, ("grpc", "workload_api", "http", "check", "bundle_endpoint"))
         runtime = default_runtime_dir(self._env)
         if "grpc" in section:
             raw = section["grpc"]
@@ -1241,12 +1288,22 @@ class _Parser:
         else:
             check = parse_address(DEFAULT_CHECK_ADDRESS, check_where)
             check_where = f"{path}.check (default {DEFAULT_CHECK_ADDRESS}; set it to another address or null)"
+        bundle_endpoint: tuple[str, int] | None = None
+        if section.get("bundle_endpoint") is not None:
+            raw_be = section["bundle_endpoint"]
+            text = _str(raw_be, f"{path}.bundle_endpoint")
+            text = text[len("https://") :] if text.startswith("https://") else text
+            bundle_endpoint = _host_port(text, f"{path}.bundle_endpoint: {raw_be!r}")
         seen: dict[str, str] = {}
         named: list[tuple[str, Address | None]] = [(check_where, check)]
         named += [(f"{path}.grpc[{i}]", a) for i, a in enumerate(grpc)]
         named.append((f"{path}.workload_api", workload_api))
         if http is not None:
             named.append((f"{path}.http", Address("tcp", host=http[0], port=http[1])))
+        if bundle_endpoint is not None:
+            named.append(
+                (f"{path}.bundle_endpoint", Address("tcp", host=bundle_endpoint[0], port=bundle_endpoint[1]))
+            )
         for where, address in named:
             if address is None or (address.kind == "tcp" and address.port == 0):
                 continue
@@ -1254,7 +1311,9 @@ class _Parser:
             if key in seen:
                 raise ConfigError(f"{where}: {key} is already used by {seen[key]}")
             seen[key] = where
-        return ListenConfig(grpc=grpc, workload_api=workload_api, http=http, check=check)
+        return ListenConfig(
+            grpc=grpc, workload_api=workload_api, http=http, check=check, bundle_endpoint=bundle_endpoint
+        )
 
     # -- ca --------------------------------------------------------------------------------------------
 
@@ -1466,6 +1525,68 @@ class _Parser:
             )
         return BundleEndpoint(url, profile, endpoint_id, refresh, ca_file, timeout)
 
+    # -- bundle_endpoint (the server) -------------------------------------------------------------------
+
+    def bundle_endpoint_server(
+        self, value: object, path: str, trust_domain: TrustDomain, listen: ListenConfig, present: bool
+    ) -> BundleEndpointServerConfig:
+        section = _mapping(
+            value, path, ("profile", "spiffe_id", "cert_file", "key_file", "refresh_hint", "oidc_issuer")
+        )
+        if listen.bundle_endpoint is None:
+            if present and section:
+                # Settings that do nothing would let an operator believe partners can fetch the bundle.
+                raise ConfigError(
+                    f"{path}: set listen.bundle_endpoint (host:port) to serve the bundle endpoint"
+                )
+            return BundleEndpointServerConfig()
+        profile = _choice(section.get("profile", "https_spiffe"), f"{path}.profile", _PROFILES)
+        spiffe_id = None
+        if section.get("spiffe_id") is not None:
+            spiffe_id = _spiffe_id(section["spiffe_id"], f"{path}.spiffe_id")
+        cert_file = self._opt_path(section.get("cert_file"), f"{path}.cert_file")
+        key_file = self._opt_path(section.get("key_file"), f"{path}.key_file")
+        if profile == "https_spiffe":
+            if spiffe_id is None:
+                raise ConfigError(f"{path}.spiffe_id: required with profile https_spiffe")
+            if not spiffe_id.member_of(trust_domain) or not spiffe_id.path:
+                raise ConfigError(
+                    f"{path}.spiffe_id: {spiffe_id} must be a workload ID in the own trust domain "
+                    f"{trust_domain} (the endpoint presents an X.509-SVID of the own identity source)"
+                )
+            for key, given in (("cert_file", cert_file), ("key_file", key_file)):
+                if given is not None:
+                    raise ConfigError(f"{path}.{key}: only meaningful with profile https_web")
+        else:
+            if spiffe_id is not None:
+                raise ConfigError(f"{path}.spiffe_id: only meaningful with profile https_spiffe")
+            for key, given in (("cert_file", cert_file), ("key_file", key_file)):
+                if given is None:
+                    raise ConfigError(f"{path}.{key}: required with profile https_web")
+        refresh_hint = None
+        if section.get("refresh_hint") is not None:
+            refresh_hint = parse_duration(section["refresh_hint"], f"{path}.refresh_hint")
+            if refresh_hint < 1:
+                raise ConfigError(f"{path}.refresh_hint: must be at least 1s")
+        oidc_issuer = None
+        if section.get("oidc_issuer") is not None:
+            oidc_issuer = _str(section["oidc_issuer"], f"{path}.oidc_issuer")
+            parts = urllib.parse.urlsplit(oidc_issuer)
+            # OpenID Connect Discovery 1.0, 3: the issuer is an https URL without query or fragment.
+            if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+                raise ConfigError(
+                    f"{path}.oidc_issuer: must be an https:// URL without query or fragment, "
+                    f"got {oidc_issuer!r}"
+                )
+        return BundleEndpointServerConfig(
+            profile=profile,
+            spiffe_id=spiffe_id,
+            cert_file=cert_file,
+            key_file=key_file,
+            refresh_hint=refresh_hint,
+            oidc_issuer=oidc_issuer,
+        )
+
     # -- sds -------------------------------------------------------------------------------------------
 
     def sds(self, value: object, path: str) -> SdsConfig:
@@ -1533,6 +1654,7 @@ class _Parser:
                 "hide_details",
                 "cache_size",
                 "decision_log",
+                "unknown_key_wait",
             ),
         )
         d = AuthzConfig()
@@ -1569,7 +1691,15 @@ class _Parser:
             hide_details=_bool(section.get("hide_details", d.hide_details), f"{path}.hide_details"),
             cache_size=_int(section.get("cache_size", d.cache_size), f"{path}.cache_size"),
             decision_log=decision_log,
+            unknown_key_wait=self.unknown_key_wait(section.get("unknown_key_wait", d.unknown_key_wait), path),
         )
+
+    def unknown_key_wait(self, value: object, path: str) -> float:
+        wait = parse_duration(value, f"{path}.unknown_key_wait", allow_zero=True)
+        # A Check thread blocks this long at most: keep it bounded whatever the file says.
+        if wait > MAX_UNKNOWN_KEY_WAIT:
+            raise ConfigError(f"{path}.unknown_key_wait: must be at most {MAX_UNKNOWN_KEY_WAIT:g}s")
+        return wait
 
     def policy(
         self,

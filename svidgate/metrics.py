@@ -337,6 +337,12 @@ class Metrics:
             "1 when /readyz answers ready (identity loaded and fresh, every listener bound, not draining).",
             registry=registry,
         )
+        self.bundle_endpoint_requests = Counter(
+            "svidgate_bundle_endpoint_requests_total",
+            "Requests answered by the SPIFFE bundle endpoint, by document and HTTP status.",
+            ["document", "code"],
+            registry=registry,
+        )
         self.source_errors = Counter(
             "svidgate_source_errors_total",
             "Identity source failures (a SPIRE agent unreachable, a file unreadable, ...).",

@@ -90,6 +90,7 @@ from svidgate.identity.snapshot import IdentitySnapshot
 from svidgate.identity.sources import create_source
 from svidgate.identity.sources.base import IdentitySource, SourceStatus, TemplatedSvids
 from svidgate.identity.sources.builtin import BuiltinSource
+from svidgate.identity.sources.bundle_server import BundleEndpointServer, BundleSequence
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
 from svidgate.peercred import (
@@ -877,6 +878,7 @@ class Server:
         self._sync_health: list[health_sync.HealthServicer] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._http: HttpEndpoint | None = None
+        self._bundle_endpoint: BundleEndpointServer | None = None
         self._inner: Path | None = None
         self._listening = False
         self._reload_lock = asyncio.Lock()
@@ -901,6 +903,10 @@ class Server:
     @property
     def http_port(self) -> int | None:
         return self._http.port if self._http is not None else None
+
+    @property
+    def bundle_endpoint_port(self) -> int | None:
+        return self._bundle_endpoint.port if self._bundle_endpoint is not None else None
 
     def source_statuses(self) -> list[SourceStatus]:
         """The health of every upstream: the own source, then each federated trust domain (none yet: [])."""
@@ -1007,6 +1013,7 @@ class Server:
             self.services = build_services(self.config, self.source, self.metrics, self._clock)
             await self._start_grpc()
             await self._start_http()
+            await self._start_bundle_endpoint()
         except BaseException:
             await self._shutdown(grace=0.0)
             raise
@@ -1243,6 +1250,38 @@ class Server:
         self._listeners.append(_Listener("http", f"{_bracket_host(host)}:{port}", address))
         log.info("http.listening", extra={"fields": {"address": address, "port": bound}})
 
+    async def _start_bundle_endpoint(self) -> None:
+        listen = self.config.listen.bundle_endpoint
+        if listen is None:
+            return
+        assert self.source is not None
+        host, port = listen
+        self._bundle_endpoint = BundleEndpointServer(
+            host,
+            port,
+            self.config.bundle_endpoint,
+            self.config.trust_domain,
+            self.source.feed,
+            BundleSequence.in_state_dir(self.config.state_dir),
+            poll_interval=self.config.source.poll_interval,
+            on_request=self._count_bundle_endpoint_request,
+        )
+        try:
+            bound = await self._bundle_endpoint.start()
+        except OSError as exc:
+            raise ListenerError(
+                f"listen.bundle_endpoint {_bracket_host(host)}:{port}: cannot bind: {exc.strerror or exc}"
+            ) from None
+        address = f"{_bracket_host(host)}:{bound}"
+        self._listeners.append(_Listener("bundle_endpoint", f"{_bracket_host(host)}:{port}", address))
+        log.info(
+            "bundle_endpoint.listening",
+            extra={"fields": {"address": address, "profile": self.config.bundle_endpoint.profile}},
+        )
+
+    def _count_bundle_endpoint_request(self, document: str, status: int) -> None:
+        self.metrics.bundle_endpoint_requests.labels(document=document, code=str(status)).inc()
+
     # -- drain and stop -------------------------------------------------------------------------------------
 
     def request_stop(self, reason: str = "requested") -> None:
@@ -1325,6 +1364,9 @@ class Server:
         if self._http is not None:
             self._http.alive = False
             await self._http.stop()
+        if self._bundle_endpoint is not None:
+            await self._bundle_endpoint.stop()
+            self._bundle_endpoint = None
         for listener in self._listeners:
             if listener.claim is not None:
                 listener.claim.release()
@@ -1348,11 +1390,11 @@ class Server:
         """Re-read, validate and apply the config file; keep the configuration in force on any error.
 
         What can change live: ``authz`` (policies swapped atomically), ``workloads`` (entitlements of SDS,
-        What can change live: ``authz`` (policies swapped atomically), ``workloads`` (entitlements of SDS,
-        Workload API and token injection), ``kubernetes`` (for connections made after the reload), ``log``. A
-        change under `RESTART_REQUIRED_KEYS` is kept for the next start and named in one warning line. Never
-        raises (except cancellation): whatever goes wrong -- bad YAML, a bug -- is logged and counted as
-        ``rejected``, and the last good configuration stays.
+        Workload API and token injection), ``federation`` (a removed trust domain leaves the snapshot at
+        once, a new one is fetched at once), ``kubernetes`` (for connections attested after the reload),
+        ``log``. A change under `RESTART_REQUIRED_KEYS` is kept for the next start and named in one warning
+        line. Never raises (except cancellation): whatever goes wrong -- bad YAML, a bug -- is logged and
+        counted as ``rejected``, and the last good configuration stays.
 
         Args:
             trigger: ``SIGHUP``, ``file_change`` or ``requested`` (for the log line).
@@ -1522,7 +1564,13 @@ class Services:
         self.policies = PolicyHolder(config.authz)
         self.injector = TokenInjector(source.mint_jwt_svid, config.workloads, clock)
         self.authz = AuthorizationServicer(
-            source.feed, self.policies, metrics, clock, injector=self.injector, peers=self.peers.lookup
+            source.feed,
+            self.policies,
+            metrics,
+            clock,
+            injector=self.injector,
+            peers=self.peers.lookup,
+            refresh_bundle=getattr(source, "request_bundle_refresh", None),
         )
         self.sds = build_sds(config, source, self.peers, metrics, clock, templated)
         # The SPIRE source mints over gRPC: the Workload API servicer awaits its async variant so that a cache
@@ -1595,11 +1643,15 @@ class Services:
         """
         compile_authz(new.authz)  # raises ConfigError: nothing swapped yet
         workloads = new.workloads
+        federation = new.federation
 
         def apply() -> None:
             set_source_workloads = getattr(self.source, "set_workloads", None)
             if set_source_workloads is not None:  # the built-in CA mints for new IDs; SPIRE decides itself
                 set_source_workloads(workloads)
+            set_federation = getattr(self.source, "set_federation", None)
+            if set_federation is not None:  # a SPIRE agent delivers federated bundles itself
+                set_federation(federation)
             self.policies.swap(new.authz)
             self.injector.swap_workloads(workloads)
             self.workload_api.set_workloads(workloads)

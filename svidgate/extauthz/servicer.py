@@ -15,7 +15,9 @@ exception inside `check` becomes a denial with reason ``internal_error`` (logged
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import enum
 import functools
 import itertools
 import logging
@@ -45,7 +47,7 @@ from svidgate.extauthz.token import (
     require_compact,
 )
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.jwtsvid import JwtSvid
+from svidgate.identity.jwtsvid import UNKNOWN_KEY, JwtSvid, parse_jwt_svid_insecure
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     from svidgate.identity.bundle import Bundle
     from svidgate.identity.entitlement import CallerInfo
     from svidgate.identity.snapshot import SnapshotFeed
+    from svidgate.identity.sources.federation import BundleRefresher
     from svidgate.identity.spiffe_id import TrustDomain
     from svidgate.metrics import Metrics
 
@@ -68,6 +71,24 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class UnknownKey(enum.Enum):
+    """What `AuthorizationServicer.check_wire` does when a token's ``kid`` is not in its bundle."""
+
+    WAIT = "wait"
+    RAISE = "raise"
+    IGNORE = "ignore"
+
+
+class RefreshPending(Exception):
+    """A bundle fetch for an unknown key is running; the grpc.aio handler awaits it and decides again."""
+
+    def __init__(self, fetch: futures.Future[bool], wait: float) -> None:
+        super().__init__("bundle fetch pending")
+        self.fetch = fetch
+        self.wait = wait
+
 
 #: Maps a gRPC peer string (``context.peer()``) to what the peer-credential front verified about it.
 PeerResolver = Callable[[str], "CallerInfo | None"]
@@ -289,6 +310,8 @@ class AuthorizationServicer:
             (``inject_unavailable``).
         peers: maps ``context.peer()`` to kernel-verified credentials (the peer-credential front's registry)
             for the inject-mode entitlement check; None when Check is served over TCP only.
+        refresh_bundle: asks for an out-of-schedule fetch of a federated trust domain's bundle when a token
+            names a key its bundle lacks (`FederatedBundles.request_fetch`); None: never.
     """
 
     def __init__(
@@ -299,6 +322,7 @@ class AuthorizationServicer:
         clock: Clock = system_clock,
         injector: TokenInjector | None = None,
         peers: PeerResolver | None = None,
+        refresh_bundle: BundleRefresher | None = None,
     ) -> None:
         self._feed = feed
         self._policies = policies
@@ -306,6 +330,7 @@ class AuthorizationServicer:
         self._clock = clock
         self._injector = injector
         self._peers = peers
+        self._refresh_bundle = refresh_bundle
         self.cache = TokenCache(policies.current.config.cache_size, metrics)
         self.decision_log = DecisionLog()
         self._errors_log = DecisionLog()
@@ -335,7 +360,11 @@ class AuthorizationServicer:
         return external_auth_pb2.CheckResponse.FromString(self.check_wire(request, peer))
 
     def check_wire(
-        self, request: external_auth_pb2.CheckRequest, peer: Callable[[], str] | None = None
+        self,
+        request: external_auth_pb2.CheckRequest,
+        peer: Callable[[], str] | None = None,
+        *,
+        unknown_key: UnknownKey = UnknownKey.WAIT,
     ) -> bytes:
         """`check`, answering the encoded CheckResponse (what the gRPC handlers send as is); never raises.
 
@@ -343,24 +372,41 @@ class AuthorizationServicer:
         anywhere becomes a denial (``internal_error``), never an RPC error that Envoy's ``failure_mode_allow``
         would turn into an allow.
 
+        A token whose ``kid`` its federated trust domain's bundle lacks asks for one fetch of that bundle
+        (rate-limited per trust domain by the source) and is validated again against the result before the
+        deny is final: `unknown_key` says how to wait for it.
+
         Args:
             request: Envoy's CheckRequest.
             peer: returns the gRPC peer string (``context.peer``); called only for inject-mode policies.
+            unknown_key: ``WAIT`` blocks this thread for at most ``authz.unknown_key_wait`` (the threaded
+                server); ``RAISE`` raises `RefreshPending` for the caller to await (grpc.aio: the fetch
+                publishes on the event loop, which must not block); ``IGNORE`` denies at once.
 
         Returns:
             The serialized CheckResponse.
+
+        Raises:
+            RefreshPending: only with ``unknown_key=RAISE``.
         """
         started = time.perf_counter()
         decision_id = f"{_ID_PREFIX}{next(self._ids) & 0xFFFFFFFF:08x}"
         try:
-            prepared = self._decide(request, peer)
+            prepared = self._decide(request, peer, unknown_key)
             wire = prepared.wire(decision_id.encode("ascii"))
             self._record(prepared, decision_id, request, started)
             return wire
+        except RefreshPending:
+            raise
         except Exception as err:
             return self._fail_closed(err, decision_id, started)
 
-    def _decide(self, request: external_auth_pb2.CheckRequest, peer: Callable[[], str] | None) -> _Prepared:
+    def _decide(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        peer: Callable[[], str] | None,
+        unknown_key: UnknownKey = UnknownKey.WAIT,
+    ) -> _Prepared:
         authz = self._policies.current
         attributes = request.attributes
         http = attributes.request.http
@@ -415,7 +461,7 @@ class AuthorizationServicer:
             # A fresh token per Check: nothing to share.
             return _Prepared(self._inject(authz, policy, extensions, peer))
         else:
-            outcome = self._validate(authz, policy, http, bundles)
+            outcome = self._validate(authz, policy, http, bundles, unknown_key)
             if isinstance(outcome, JwtSvid):
                 # With a valid token the decision depends only on (configuration, policy, subject).
                 memo_key = (policy.name, outcome.spiffe_id)
@@ -460,6 +506,7 @@ class AuthorizationServicer:
         policy: CompiledPolicy,
         http: Any,
         bundles: Mapping[TrustDomain, Bundle],
+        unknown_key: UnknownKey,
     ) -> JwtSvid | TokenError | JwtSvidError:
         try:
             header = authz.token_header
@@ -478,11 +525,43 @@ class AuthorizationServicer:
                 raw = ((h.key, h.raw_value.decode("latin-1")) for h in http.header_map.headers)
                 token = extract_token_raw(raw, header, authz.token_prefix)
                 precheck = None
-            return self.cache.validate(
-                token, bundles, policy.audiences, self._clock(), authz.config.leeway, precheck
-            )
+            try:
+                return self.cache.validate(
+                    token, bundles, policy.audiences, self._clock(), authz.config.leeway, precheck
+                )
+            except JwtSvidError as err:
+                if err.reason != UNKNOWN_KEY or not self._await_bundle(token, authz, unknown_key):
+                    raise
+            # The fetch changed the bundle: validate once more against what it published. (The fast path's
+            # entry for this Check keeps the older bundles object, so it is never reused: decided afresh.)
+            fetched = self._feed.current().bundles
+            return self.cache.validate(token, fetched, policy.audiences, self._clock(), authz.config.leeway)
         except (TokenError, JwtSvidError) as err:
             return err
+
+    def _await_bundle(self, token: str, authz: CompiledAuthz, unknown_key: UnknownKey) -> bool:
+        """Ask for a fetch of the token's trust domain's bundle; True when a changed one was published."""
+        if self._refresh_bundle is None or unknown_key is UnknownKey.IGNORE:
+            return False
+        # The token already parsed (the key lookup is what failed), so this cannot raise for it.
+        trust_domain = parse_jwt_svid_insecure(token).spiffe_id.trust_domain
+        fetch = self._refresh_bundle(trust_domain)
+        if fetch is None:
+            return False  # no endpoint, or fetched for an unknown key moments ago
+        if unknown_key is UnknownKey.RAISE:
+            raise RefreshPending(fetch, authz.config.unknown_key_wait)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # a Check thread: it may wait
+        else:
+            # Called on an event loop (a caller that should have asked for RAISE): blocking here would stall
+            # the loop that publishes the fetch's result. Deny now; the fetch still runs for later Checks.
+            return False
+        try:
+            return fetch.result(timeout=authz.config.unknown_key_wait)
+        except futures.TimeoutError:
+            return False
 
     def _inject(
         self,
@@ -567,8 +646,18 @@ class AuthorizationServicer:
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        """`Authorization/Check` on a ``grpc.aio`` server (answers the encoded response, see `_register`)."""
-        return self.check_wire(request, context.peer)
+        """`Authorization/Check` on a ``grpc.aio`` server (answers the encoded response, see `_register`).
+
+        An unknown key's bundle fetch publishes on this event loop, so it is awaited here, not blocked on.
+        """
+        try:
+            return self.check_wire(request, context.peer, unknown_key=UnknownKey.RAISE)
+        except RefreshPending as pending:
+            fetched = asyncio.wrap_future(pending.fetch)
+            # shield: a timeout here must not cancel the fetch other Checks share.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(fetched), pending.wait)
+            return self.check_wire(request, context.peer, unknown_key=UnknownKey.IGNORE)
 
     def refuse_wire(self, reason: str) -> bytes:
         """A 403 denial that no policy decides: the listener refuses the call; never raises.
@@ -609,7 +698,7 @@ class AuthorizationServicer:
             _register(server, self.Check)
             return
         key, expected = required_metadata
-        check_wire, refuse_wire = self.check_wire, self.refuse_wire
+        decide, refuse_wire = self.Check, self.refuse_wire
 
         async def check(
             request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -617,7 +706,7 @@ class AuthorizationServicer:
             values = [value for name, value in (context.invocation_metadata() or ()) if name == key]
             if values != [expected]:
                 return refuse_wire(MISSING_SECURITY_HEADER)
-            return check_wire(request, context.peer)
+            return await decide(request, context)
 
         _register(server, check)
 

@@ -684,3 +684,32 @@ def _no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateMemberError(name)
         result[name] = value
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# SPIFFE bundle map
+
+
+def bundle_map_json(bundles: Mapping[TrustDomain, Bundle], *, x509_only: bool = False) -> bytes:
+    """Write bundles as a SPIFFE bundle map (SPIFFE_Trust_Domain_and_Bundle.md 5):
+    ``{"trust_domains": {"<name>": <SPIFFE bundle>, ...}}``, trust domains sorted by name.
+
+    Args:
+        bundles: the bundles by trust domain.
+        x509_only: keep only the ``x509-svid`` authorities (and leave out sequence and refresh hint) -- the
+            form Envoy's SPIFFE certificate validator reads from ``trust_bundles``; Envoy 1.40 rejects a map
+            holding ``jwt-svid`` keys.
+
+    Returns:
+        UTF-8 JSON, indented, ending in a newline.
+
+    Raises:
+        BundleError: an authority has a key type a JWK cannot express.
+    """
+    domains: dict[str, Any] = {}
+    for trust_domain in sorted(bundles, key=lambda td: td.name):
+        bundle = bundles[trust_domain]
+        if x509_only:
+            bundle = Bundle(trust_domain=trust_domain, x509_authorities=bundle.x509_authorities)
+        domains[trust_domain.name] = json.loads(spiffe_bundle_json(bundle))
+    return (json.dumps({"trust_domains": domains}, indent=2) + "\n").encode("utf-8")

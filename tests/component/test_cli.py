@@ -328,6 +328,17 @@ def test_subprocess_never_prints_a_traceback(tmp_path: Path) -> None:
         assert proc.stdout == ""
 
 
+def test_bundle_map_usage_errors(config_file: Path) -> None:
+    wrong = run("bundle", "--config", str(config_file), "--use", "x509-svid")
+    assert wrong.code == 2
+    assert "--use applies to --format bundle-map only" in wrong.err
+    narrowed = run(
+        "bundle", "--config", str(config_file), "--format", "bundle-map", "--trust-domain", "example.org"
+    )
+    assert narrowed.code == 2
+    assert "leave out --trust-domain" in narrowed.err
+
+
 def _write_root(directory: Path, *, valid_for: float = 86400) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization
 

@@ -626,6 +626,7 @@ def test_every_key_is_documented() -> None:
         module.Workload,
         module.FederationConfig,
         module.BundleEndpoint,
+        module.BundleEndpointServerConfig,
         module.SdsConfig,
         module.AuthzConfig,
         module.Policy,
@@ -791,6 +792,66 @@ def test_check_workers_default_and_bounds() -> None:
     assert parse("server: {check_workers: 6}\n").server.check_workers == 6
     with pytest.raises(ConfigError, match=r"server\.check_workers"):
         parse("server: {check_workers: 0}\n")
+
+
+def test_bundle_endpoint_server_keys() -> None:
+    config = parse(
+        """\
+        trust_domain: example.org
+        listen: {bundle_endpoint: "0.0.0.0:8443"}
+        bundle_endpoint:
+          spiffe_id: spiffe://example.org/bundle-endpoint
+          refresh_hint: 2m
+          oidc_issuer: https://oidc.example.org
+        """
+    )
+    assert config.listen.bundle_endpoint == ("0.0.0.0", 8443)
+    assert config.bundle_endpoint.profile == "https_spiffe"
+    assert config.bundle_endpoint.spiffe_id == SpiffeId.parse("spiffe://example.org/bundle-endpoint")
+    assert config.bundle_endpoint.refresh_hint == 120
+    assert config.bundle_endpoint.oidc_issuer == "https://oidc.example.org"
+    assert config.summary().endswith(", bundle endpoint on 0.0.0.0:8443 (https_spiffe)")
+    web = parse(
+        """\
+        listen: {bundle_endpoint: "127.0.0.1:8443"}
+        bundle_endpoint: {profile: https_web, cert_file: tls.crt, key_file: tls.key}
+        """
+    )
+    assert web.bundle_endpoint.cert_file == Path("/etc/svidgate/tls.crt")
+    assert parse("trust_domain: example.org").listen.bundle_endpoint is None
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("bundle_endpoint: {spiffe_id: spiffe://example.org/b}", "set listen.bundle_endpoint"),
+        ("listen: {bundle_endpoint: '127.0.0.1:1'}", "bundle_endpoint.spiffe_id: required with profile"),
+        (
+            "listen: {bundle_endpoint: '127.0.0.1:1'}\nbundle_endpoint: {spiffe_id: spiffe://other.org/b}",
+            "must be a workload ID in the own trust domain",
+        ),
+        (
+            "listen: {bundle_endpoint: '127.0.0.1:1'}\nbundle_endpoint: {profile: https_web, cert_file: c}",
+            "bundle_endpoint.key_file: required with profile https_web",
+        ),
+        (
+            "listen: {bundle_endpoint: '127.0.0.1:1'}\n"
+            "bundle_endpoint: {spiffe_id: spiffe://example.org/b, cert_file: c}",
+            "bundle_endpoint.cert_file: only meaningful with profile https_web",
+        ),
+        (
+            "listen: {bundle_endpoint: '127.0.0.1:1'}\n"
+            "bundle_endpoint: {spiffe_id: spiffe://example.org/b, oidc_issuer: 'http://x'}",
+            "bundle_endpoint.oidc_issuer: must be an https:// URL",
+        ),
+        ("listen: {http: '127.0.0.1:9', bundle_endpoint: '127.0.0.1:9'}", "is already used by listen.http"),
+        ("authz: {unknown_key_wait: 11s}", "authz.unknown_key_wait: must be at most 10s"),
+    ],
+)
+def test_bundle_endpoint_server_errors(yaml_text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse("trust_domain: example.org\n" + yaml_text)
+    assert message in str(err.value)
 
 
 def test_pooling_trust_domain_roots_is_an_explicit_opt_in_with_a_warning(tmp_path: Path) -> None:

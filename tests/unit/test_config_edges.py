@@ -115,7 +115,13 @@ def test_a_socket_whose_temporary_name_does_not_fit_is_a_config_error() -> None:
 
 
 def test_every_config_section_is_either_live_or_restart_required() -> None:
-    live = {"authz", "workloads", "log", "kubernetes"}  # applied by the runtime's prepare_reload
+    live = {
+        "authz",
+        "workloads",
+        "federation",
+        "log",
+        "kubernetes",
+    }  # applied by the runtime's prepare_reload
     fields = {f.name for f in dataclasses.fields(Config)}
     assert set(RESTART_REQUIRED_KEYS) | live == fields
     assert not set(RESTART_REQUIRED_KEYS) & live
@@ -129,7 +135,11 @@ def test_every_config_section_is_either_live_or_restart_required() -> None:
         ("ca: {x509_svid_ttl: 30m}\n", ("ca.x509_svid_ttl",)),
         ("ca: {key_type: ec-p384, ca_ttl: 30d}\n", ("ca.key_type", "ca.ca_ttl")),
         ("listen: {check: tcp://127.0.0.1:9001, http: null}\n", ("listen.http", "listen.check")),
-        ("federation: {partner.org: {bundle_file: /b.json}}\n", ("federation.partner.org",)),
+        ("federation: {partner.org: {bundle_file: /b.json}}\n", ()),  # live
+        (
+            "listen: {bundle_endpoint: '127.0.0.1:8443'}\nbundle_endpoint: {spiffe_id: spiffe://example.org/be}\n",
+            ("listen.bundle_endpoint", "bundle_endpoint"),
+        ),
         ("sds: {validation: trusted_ca}\n", ("sds.validation",)),
         ("server: {drain_grace: 3s}\nstate_dir: /srv/state\n", ("state_dir", "server.drain_grace")),
         ("trust_domain: other.org\nworkloads: []\n", ("trust_domain",)),
@@ -141,7 +151,7 @@ def test_restart_required_changes_name_each_key(extra: str, expected: tuple[str,
     assert restart_required_changes(old, parse(text + extra)) == expected
 
 
-def test_a_changed_bundle_endpoint_is_named_down_to_its_key() -> None:
+def test_a_changed_federation_endpoint_is_applied_live() -> None:
     endpoint = "federation: {partner.org: {bundle_endpoint: {url: 'https://p/b', profile: https_web}}}\n"
     old, new = parse(BASE + endpoint), parse(BASE + endpoint.replace("https://p/b", "https://q/b"))
-    assert restart_required_changes(old, new) == ("federation.partner.org.bundle_endpoint.url",)
+    assert restart_required_changes(old, new) == ()

@@ -33,6 +33,7 @@ from svidgate.identity.clock import FakeClock, system_clock
 from svidgate.identity.sources.federation import (
     FIRST_RETRY,
     MIN_REFRESH,
+    UNKNOWN_KEY_FETCH_INTERVAL,
     FederatedBundles,
     FileTooLargeError,
     WatchedFile,
@@ -592,3 +593,86 @@ def test_the_fetch_deadline_defaults_to_10s_and_is_configurable() -> None:
 def test_the_fetch_deadline_is_validated(value: str, error: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(error)):
         parse_config(_endpoint_config(f"      timeout: {value}\n"))
+
+
+# -- out-of-schedule fetches for unknown keys, and reloads ------------------------------------------------
+
+
+async def test_unknown_key_fetches_are_shared_and_rate_limited_per_trust_domain(
+    clock: FakeClock, other_ca: TestCA, tmp_path: Path
+) -> None:
+    fetch = FakeFetcher()
+    document = spiffe_bundle_json(with_sequence(other_ca.bundle(), 1, refresh_hint=3600))
+    fetch.responses = [document] * 3
+    file_only = TrustDomain("file.org")
+    replace_file(tmp_path / "file.json", spiffe_bundle_json(TestCA(file_only).bundle()))
+    endpoint = BundleEndpoint("https://other.org/bundle", "https_web")
+    federation = FederatedBundles(
+        {
+            OTHER: FederationConfig(bundle_endpoint=endpoint),
+            file_only: FederationConfig(bundle_file=tmp_path / "file.json"),
+        },
+        clock,
+        fetch=fetch,
+    )
+    assert federation.request_fetch(OTHER) is None  # not running: nothing would do it
+    changes: list[int] = []
+    runner = asyncio.create_task(federation.run(lambda: {}, lambda: changes.append(1)))
+    try:
+        while fetch.calls < 1:  # the scheduled first fetch
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        first = federation.request_fetch(OTHER)
+        assert first is not None
+        assert federation.request_fetch(OTHER) is first  # shared while it has not run
+        assert await asyncio.wait_for(asyncio.wrap_future(first), 5) is False  # same bundle: no change
+        assert fetch.calls == 2
+        assert federation.request_fetch(OTHER) is None  # within the interval
+        clock.advance(UNKNOWN_KEY_FETCH_INTERVAL)
+        again = federation.request_fetch(OTHER)
+        assert again is not None
+        await asyncio.wait_for(asyncio.wrap_future(again), 5)
+        assert fetch.calls == 3
+        # Never for a trust domain without an endpoint, nor one that is not federated.
+        assert federation.request_fetch(file_only) is None
+        assert federation.request_fetch(TrustDomain("nobody.org")) is None
+    finally:
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+
+
+async def test_set_federation_keeps_unchanged_drops_removed_and_starts_new(
+    clock: FakeClock, other_ca: TestCA, tmp_path: Path
+) -> None:
+    replace_file(tmp_path / "other.json", spiffe_bundle_json(other_ca.bundle()))
+    third = TrustDomain("third.org")
+    replace_file(tmp_path / "third.json", spiffe_bundle_json(TestCA(third).bundle()))
+    other_cfg = FederationConfig(bundle_file=tmp_path / "other.json")
+    federation = FederatedBundles({OTHER: other_cfg}, clock)
+    changes: list[int] = []
+    runner = asyncio.create_task(federation.run(lambda: {}, lambda: changes.append(1)))
+    try:
+        while not changes:
+            await asyncio.sleep(0)
+        kept = federation.bundles()[OTHER]
+        # Adding: the new trust domain's task reads at once; the unchanged one keeps its bundle object.
+        assert (
+            federation.set_federation(
+                {OTHER: other_cfg, third: FederationConfig(bundle_file=tmp_path / "third.json")}
+            )
+            is False
+        )
+        while len(changes) < 2:
+            await asyncio.sleep(0)
+        assert set(federation.bundles()) == {OTHER, third}
+        assert federation.bundles()[OTHER] is kept
+        # Removing: gone before set_federation returns, and it says so (the owner publishes).
+        assert (
+            federation.set_federation({third: FederationConfig(bundle_file=tmp_path / "third.json")}) is True
+        )
+        assert set(federation.bundles()) == {third}
+    finally:
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner

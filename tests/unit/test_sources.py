@@ -439,3 +439,27 @@ async def test_a_source_publishes_federated_bundles_its_tasks_fetch(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_reload_adds_a_partner_at_once_and_removes_it_at_once(
+    ca: BuiltinCa, clock: FakeClock, tmp_path: Path
+) -> None:
+    """`set_federation` under a running source: a new trust domain's task starts and publishes its bundle
+    without waiting for any schedule; a removed one leaves the snapshot before `set_federation` returns."""
+    other = BuiltinCa.in_memory(OTHER_TD, KeyType.EC_P256, clock)
+    bundle_file = tmp_path / "other.json"
+    replace_file(bundle_file, spiffe_bundle_json(other.bundle()))
+    source = BuiltinSource(ca, [workload(FRONTEND)], None, clock)  # nothing federated at start
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.sleep(0)
+        first = source.feed.current()
+        source.set_federation({OTHER_TD: FederationConfig(bundle_file=bundle_file)})
+        snapshot = await asyncio.wait_for(source.feed.wait_newer(first.version), 10)
+        assert OTHER_TD in snapshot.bundles
+        source.set_federation({})
+        assert OTHER_TD not in source.feed.current().bundles
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -17,6 +17,7 @@ from svidgate.identity.sources.base import IdentitySource, SourceHealth, SourceS
 from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.identity.sources.federation import FederatedBundles, fetch_bundle
 from svidgate.identity.sources.files import FileSource
+from svidgate.identity.spiffe_id import SpiffeId
 
 
 def load_upstream(config: Config, clock: Clock = system_clock) -> UpstreamAuthority | None:
@@ -42,6 +43,14 @@ def federated_bundles(
     )
 
 
+def internal_ids(config: Config) -> tuple[SpiffeId, ...]:
+    """SPIFFE IDs svidgate presents itself: the bundle endpoint's with ``https_spiffe``."""
+    endpoint = config.bundle_endpoint
+    if config.listen.bundle_endpoint is None or endpoint.spiffe_id is None:
+        return ()
+    return (endpoint.spiffe_id,)
+
+
 def create_source(
     config: Config, clock: Clock = system_clock, on_bundle_rejected: BundleRejectionSink | None = None
 ) -> BuiltinSource | FileSource:
@@ -64,7 +73,10 @@ def create_source(
             gRPC) or the source cannot produce its first snapshot.
         CaError: the built-in CA state cannot be loaded or created.
     """
-    federation = federated_bundles(config, clock, on_bundle_rejected)
+    # Always a watcher, empty when nothing is federated yet, so that a reload can add trust domains.
+    federation = FederatedBundles(
+        config.federation, clock, poll_interval=config.source.poll_interval, on_rejected=on_bundle_rejected
+    )
     if config.source.kind == "builtin":
         ca = BuiltinCa.load_or_create(
             config.state_dir,
@@ -81,6 +93,7 @@ def create_source(
             clock,
             x509_svid_ttl=config.ca.x509_svid_ttl,
             jwt_svid_ttl=config.ca.jwt_svid_ttl,
+            internal_ids=internal_ids(config),
         )
     if config.source.kind == "files":
         src = config.source

@@ -25,13 +25,14 @@ running on the node, not every pod that ever ran.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from svidgate.config import Workload
+from svidgate.config import FederationConfig, Workload
 from svidgate.errors import CaError, JwtSvidError, SourceError, SvidgateError
 from svidgate.identity.bundle import Bundle
 from svidgate.identity.ca import ACTIVATE_AT, PREPARE_AT, BuiltinCa
@@ -83,6 +84,8 @@ class BuiltinSource:
         clock: the time source.
         x509_svid_ttl: requested lifetime of X.509-SVIDs, seconds.
         jwt_svid_ttl: lifetime of JWT-SVIDs, seconds.
+        internal_ids: SPIFFE IDs svidgate itself presents (the bundle endpoint's); they get X.509-SVIDs like
+            workloads, but no caller is entitled to them and no JWT-SVID is minted for them.
         sleep: how `run()` waits (tests pass a fake).
 
     Raises:
@@ -98,16 +101,19 @@ class BuiltinSource:
         *,
         x509_svid_ttl: float = 3600.0,
         jwt_svid_ttl: float = 300.0,
+        internal_ids: Sequence[SpiffeId] = (),
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._ca = ca
         self._clock = clock
-        self._federation = federation
+        # Always present, possibly empty, so that a reload can add the first federated trust domain.
+        self._federation = federation if federation is not None else FederatedBundles({}, clock)
+        self._internal = tuple(internal_ids)
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
         self._sleep = sleep
         # One SVID per SPIFFE ID; config guarantees that duplicate entries agree on DNS names and hint.
-        self._workloads = _static(workloads)
+        self._workloads = self._by_id(workloads)
         # Templated SVIDs in use (`acquire`/`release` on the event loop, read by steps in a worker thread).
         self._held: dict[SpiffeId, _Held] = {}
         self._held_lock = threading.Lock()
@@ -169,7 +175,7 @@ class BuiltinSource:
         Returns:
             True when a new snapshot was published.
         """
-        updated = _static(workloads)
+        updated = self._by_id(workloads)
         with self._step_lock:
             previous, self._workloads = self._workloads, updated
             with self._held_lock:
@@ -194,6 +200,35 @@ class BuiltinSource:
             self._publish()
             return True
         return False
+
+    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
+        """Apply a reloaded ``federation`` section (`FederatedBundles.set_federation`); call on the loop.
+
+        A removed trust domain leaves the published snapshot before this returns; a new one is fetched at
+        once by its own task and published when it arrives.
+        """
+        if self._federation.set_federation(federation):
+            self._publish()
+
+    def request_bundle_refresh(self, trust_domain: TrustDomain) -> concurrent.futures.Future[bool] | None:
+        """Fetch a federated trust domain's bundle now, for a JWT-SVID with an unknown ``kid``; thread-safe.
+
+        Returns:
+            The shared fetch (True once a changed bundle is published), or None when no fetch is allowed.
+        """
+        return self._federation.request_fetch(trust_domain)
+
+    def _by_id(self, workloads: Sequence[Workload]) -> dict[SpiffeId, Workload]:
+        # Templated workloads are not here: their IDs exist per caller, held through `acquire`.
+        by_id: dict[SpiffeId, Workload] = {}
+        for workload in workloads:
+            if isinstance(workload.spiffe_id, SpiffeId):
+                by_id.setdefault(workload.spiffe_id, workload)
+        for spiffe_id in self._internal:
+            # No selectors: `Workload.matches` is False for every caller, so SDS and the Workload API never
+            # hand this SVID out.
+            by_id.setdefault(spiffe_id, Workload(spiffe_id, ()))
+        return by_id
 
     def _publish(self) -> None:
         """Publish own SVIDs and bundle with the federated bundles as they are now (on the event loop)."""
@@ -286,12 +321,7 @@ class BuiltinSource:
 
     async def run(self) -> None:
         """Mint and rotate when due, and keep federated bundles current (their own tasks), until cancelled."""
-        if self._federation is None:
-            await self._keep_minting()
-            return
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._federation.run(self._own_bundles, self._publish))
-            group.create_task(self._keep_minting())
+        await self._federation.run_beside(self._keep_minting(), self._own_bundles, self._publish)
 
     async def _keep_minting(self) -> None:
         # Key generation and signing are CPU work, so each step runs in a worker thread; the snapshot is
@@ -317,7 +347,8 @@ class BuiltinSource:
         """
         with self._held_lock:
             held = spiffe_id in self._held
-        if spiffe_id not in self._workloads and not held:
+        configured = spiffe_id in self._workloads and bool(self._workloads[spiffe_id].selectors)
+        if not configured and not held:
             raise SourceError(
                 f"{spiffe_id} is not a configured workload of the built-in source "
                 "(nor a templated one in use)"
@@ -457,12 +488,3 @@ class BuiltinSource:
             bundles.update(self._federation.bundles())
         bundles.update(self._own_bundles())
         return IdentitySnapshot(svids=dict(self._svids), bundles=bundles, version=version)
-
-
-def _static(workloads: Sequence[Workload]) -> dict[SpiffeId, Workload]:
-    """The configured (not templated) workloads by SPIFFE ID, the first entry of an ID winning."""
-    static: dict[SpiffeId, Workload] = {}
-    for workload in workloads:
-        if isinstance(workload.spiffe_id, SpiffeId):
-            static.setdefault(workload.spiffe_id, workload)
-    return static

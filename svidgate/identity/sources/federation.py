@@ -24,6 +24,13 @@ Rules (SPIFFE_Federation.md):
   endpoint's configured `refresh` when the bundle has no hint.
 - A failed fetch or a bad file keeps the last good bundle; failures are retried with a backoff that starts at
   10 s and never exceeds the refresh interval. Bundle files, like endpoint bodies, are read up to 1 MiB.
+- A JWT-SVID whose ``kid`` is not in a federated bundle may ask for one out-of-schedule fetch of that trust
+  domain's endpoint (`request_fetch`, callable from any thread): at most one per trust domain every
+  `UNKNOWN_KEY_FETCH_INTERVAL`, never for a trust domain without an endpoint, and concurrent callers share
+  the fetch in flight.
+- `set_federation` applies a reloaded ``federation`` section while `run()` runs: a removed trust domain's
+  task is cancelled and its bundle leaves `bundles()` at once; a new or changed one gets a fresh task that
+  reads and fetches at once.
 
 Never imports gRPC.
 """
@@ -31,17 +38,20 @@ Never imports gRPC.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import os
 import re
 import ssl
+import threading
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -74,6 +84,9 @@ MAX_HEAD_BYTES = 64 * 1024
 RACY_SECONDS = 2.0
 #: A trust domain's task looks at its schedule at least this often, so that a stepped clock is noticed soon.
 MAX_SLEEP = 60.0
+#: An unknown JWT-SVID ``kid`` fetches a trust domain's endpoint at most this often (seconds): tokens with
+#: made-up key IDs must not turn into a flood of requests to the partner.
+UNKNOWN_KEY_FETCH_INTERVAL = 10.0
 
 #: Fetches a bundle endpoint: (endpoint, trust bundles to authenticate https_spiffe with) -> document bytes.
 #: The caller applies the endpoint's total deadline.
@@ -328,6 +341,10 @@ class _FederatedTrustDomain:
     failures: int = 0
     #: Set to make the trust domain's task look at its schedule now (`fetch_now`).
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Clock time of the last fetch asked for by an unknown key (the rate limit), -inf before the first.
+    last_unknown_key_fetch: float = float("-inf")
+    #: The fetch asked for by an unknown key and not yet started; resolved after the step that does it.
+    pending: concurrent.futures.Future[bool] | None = None
 
 
 class FederatedBundles:
@@ -354,15 +371,21 @@ class FederatedBundles:
         self._poll_interval = poll_interval
         self._fetch = fetch
         self._on_rejected = on_rejected
-        self._domains = {
-            td: _FederatedTrustDomain(
-                trust_domain=td,
-                config=cfg,
-                file=WatchedFile(cfg.bundle_file) if cfg.bundle_file is not None else None,
-                health=SourceHealth("federation", td.name, clock),
-            )
-            for td, cfg in federation.items()
-        }
+        # Replaced whole (one assignment) by `set_federation`; Check threads read it in `request_fetch`.
+        self._domains = {td: self._new_domain(td, cfg) for td, cfg in federation.items()}
+        self._tasks: dict[TrustDomain, asyncio.Task[None]] = {}
+        self._running: tuple[Callable[[], Mapping[TrustDomain, Bundle]], Callable[[], None]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Guards the unknown-key bookkeeping (`pending`, `last_unknown_key_fetch`) across Check threads.
+        self._lock = threading.Lock()
+
+    def _new_domain(self, trust_domain: TrustDomain, config: FederationConfig) -> _FederatedTrustDomain:
+        return _FederatedTrustDomain(
+            trust_domain=trust_domain,
+            config=config,
+            file=WatchedFile(config.bundle_file) if config.bundle_file is not None else None,
+            health=SourceHealth("federation", trust_domain.name, self._clock),
+        )
 
     def bundles(self) -> dict[TrustDomain, Bundle]:
         """The current bundle of every federated trust domain that has one yet."""
@@ -427,16 +450,131 @@ class FederatedBundles:
             local_bundles: returns the owner's own bundles (for https_spiffe authentication), at each fetch.
             on_change: called on the event loop whenever a federated bundle changed.
         """
-        tasks = [
-            asyncio.create_task(self._watch(domain, local_bundles, on_change), name=f"federation-{td}")
-            for td, domain in self._domains.items()
-        ]
+        self._running = (local_bundles, on_change)
+        self._loop = asyncio.get_running_loop()
+        for domain in self._domains.values():
+            self._start(domain)
         try:
-            await asyncio.gather(*tasks)
+            await asyncio.Future()  # until cancelled; `set_federation` starts and stops the tasks meanwhile
         finally:
+            self._running = None
+            tasks = list(self._tasks.values())
+            self._tasks.clear()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for domain in self._domains.values():
+                self._resolve(domain, self._take_pending(domain), changed=False)
+
+    async def run_beside(
+        self,
+        owner_loop: Coroutine[Any, Any, None],
+        local_bundles: Callable[[], Mapping[TrustDomain, Bundle]],
+        on_change: Callable[[], None],
+    ) -> None:
+        """Run the owner's own loop and `run()` side by side until either ends; whatever ended it (an error,
+        a cancellation) reaches the caller, and the other is stopped.
+
+        Federation runs even with no trust domain configured: a reload may add the first one.
+        """
+        federation = asyncio.ensure_future(self.run(local_bundles, on_change))
+        owner = asyncio.ensure_future(owner_loop)
+        try:
+            done, _ = await asyncio.wait((federation, owner), return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raises, CancelledError included
+        finally:
+            for task in (federation, owner):
+                task.cancel()
+            await asyncio.gather(federation, owner, return_exceptions=True)
+
+    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> bool:
+        """Apply a reloaded ``federation`` section; call on the event loop.
+
+        An unchanged trust domain keeps its bundle, schedule and task. A removed one is dropped: its task is
+        cancelled and its bundle leaves `bundles()` now. A new or changed one starts from nothing (a changed
+        source of a bundle is not vouched for by what the old source delivered), and its task, started at
+        once, reads its file and fetches its endpoint at once and calls `on_change` when a bundle arrives.
+
+        Returns:
+            True when `bundles()` lost a bundle (the owner publishes a new snapshot now).
+        """
+        current = self._domains
+        domains: dict[TrustDomain, _FederatedTrustDomain] = {}
+        for td, cfg in federation.items():
+            old = current.get(td)
+            domains[td] = old if old is not None and old.config == cfg else self._new_domain(td, cfg)
+        dropped = [d for td, d in current.items() if domains.get(td) is not d]
+        self._domains = domains
+        for domain in dropped:
+            task = self._tasks.pop(domain.trust_domain, None)
+            if task is not None:
+                task.cancel()
+            self._resolve(domain, self._take_pending(domain), changed=False)
+            event = (
+                "federation.trust_domain_changed"
+                if domain.trust_domain in domains
+                else "federation.trust_domain_removed"
+            )
+            log.info(event, extra={"fields": _fields(domain, had_bundle=domain.bundle is not None)})
+        for td, domain in domains.items():
+            if current.get(td) is not domain:
+                if td not in current:
+                    log.info("federation.trust_domain_added", extra={"fields": _fields(domain)})
+                self._start(domain)
+        return any(d.bundle is not None for d in dropped)
+
+    def request_fetch(self, trust_domain: TrustDomain) -> concurrent.futures.Future[bool] | None:
+        """Fetch `trust_domain`'s endpoint out of schedule, because a JWT-SVID named a key its bundle lacks.
+
+        Callable from any thread (Check runs on grpcio's threaded server as well as on the event loop). The
+        fetch runs in the trust domain's task; its future resolves once the owner was told of a changed bundle
+        (``True``) or the fetch brought nothing new (``False``).
+
+        Returns:
+            The fetch (shared with every caller until it starts), or None: the trust domain is not federated
+            or has no endpoint, `run()` is not running, or the last such fetch was less than
+            `UNKNOWN_KEY_FETCH_INTERVAL` ago.
+        """
+        loop = self._loop
+        domain = self._domains.get(trust_domain)
+        if loop is None or domain is None or domain.config.bundle_endpoint is None:
+            return None
+        with self._lock:
+            if domain.pending is not None:
+                return domain.pending
+            now = self._clock()
+            if now < domain.last_unknown_key_fetch + UNKNOWN_KEY_FETCH_INTERVAL:
+                return None
+            domain.last_unknown_key_fetch = now
+            fetch: concurrent.futures.Future[bool] = concurrent.futures.Future()
+            domain.pending = fetch
+        log.info("federation.unknown_key_fetch", extra={"fields": _fields(domain)})
+        try:
+            loop.call_soon_threadsafe(domain.wake.set)
+        except RuntimeError:  # the loop closed in the meantime (shutdown): nothing will fetch
+            self._resolve(domain, self._take_pending(domain), changed=False)
+        return fetch
+
+    def _start(self, domain: _FederatedTrustDomain) -> None:
+        if self._running is None:
+            return
+        local_bundles, on_change = self._running
+        self._tasks[domain.trust_domain] = asyncio.create_task(
+            self._watch(domain, local_bundles, on_change), name=f"federation-{domain.trust_domain}"
+        )
+
+    def _take_pending(self, domain: _FederatedTrustDomain) -> concurrent.futures.Future[bool] | None:
+        with self._lock:
+            pending, domain.pending = domain.pending, None
+        return pending
+
+    @staticmethod
+    def _resolve(
+        domain: _FederatedTrustDomain, pending: concurrent.futures.Future[bool] | None, *, changed: bool
+    ) -> None:
+        if pending is not None and not pending.done():
+            pending.set_result(changed)
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -454,8 +592,15 @@ class FederatedBundles:
     ) -> None:
         while True:
             domain.wake.clear()
+            # A fetch asked for by an unknown key is done by this step, whatever the schedule says; asked for
+            # during the step, it waits for the next one (this step's fetch may have started before it).
+            pending = self._take_pending(domain)
+            if pending is not None:
+                domain.next_fetch = float("-inf")
+            changed = False
             try:
-                if await self._step(domain, local_bundles()):
+                changed = await self._step(domain, local_bundles())
+                if changed:
                     on_change()
                 delay = min(max(self._due(domain) - self._clock(), 0.0), MAX_SLEEP)
             except Exception as exc:
@@ -463,6 +608,10 @@ class FederatedBundles:
                 domain.health.failed("internal", f"{type(exc).__name__}: {exc}")
                 log.exception("federation.watch_failed", extra={"fields": _fields(domain)})
                 delay = FIRST_RETRY
+            finally:
+                # After on_change: the snapshot with the new bundle is published before a waiting Check
+                # validates again.
+                self._resolve(domain, pending, changed=changed)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(domain.wake.wait(), delay)
 
@@ -597,6 +746,11 @@ class FederatedBundles:
             kept_last=domain.bundle is not None,
             sink=self._on_rejected,
         )
+
+
+#: Asks for a fetch of a trust domain's bundle because a JWT-SVID named a key it does not hold (any thread);
+#: returns the fetch's future (True: a changed bundle was published), or None when no fetch is allowed.
+BundleRefresher = Callable[[TrustDomain], "concurrent.futures.Future[bool] | None"]
 
 
 def _fields(domain: _FederatedTrustDomain, **fields: object) -> dict[str, object]:

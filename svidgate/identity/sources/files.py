@@ -15,11 +15,13 @@ step as the files.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
+from svidgate.config import FederationConfig
 from svidgate.errors import BundleError, SourceError, X509SvidError
 from svidgate.identity.bundle import (
     Bundle,
@@ -85,7 +87,10 @@ class FileSource:
         self._on_bundle_rejected = on_bundle_rejected
         self._contents: list[bytes | None] = [None, None, None]
         self._trust_domain = trust_domain
-        self._federation = federation
+        # Always present, possibly empty, so that a reload can add the first federated trust domain.
+        self._federation = (
+            federation if federation is not None else FederatedBundles({}, clock, poll_interval)
+        )
         self._clock = clock
         self._poll_interval = poll_interval
         self._sleep = sleep
@@ -134,12 +139,7 @@ class FileSource:
 
     async def run(self) -> None:
         """Poll the files, and keep federated bundles current (their own tasks), until cancelled."""
-        if self._federation is None:
-            await self._poll_files()
-            return
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._federation.run(self._own_bundles, self._publish))
-            group.create_task(self._poll_files())
+        await self._federation.run_beside(self._poll_files(), self._own_bundles, self._publish)
 
     async def _poll_files(self) -> None:
         # Reads run in a worker thread; publishing on the loop.
@@ -147,6 +147,15 @@ class FileSource:
             if await asyncio.to_thread(self._step):
                 self._publish()
             await self._sleep(min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP))
+
+    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
+        """Apply a reloaded ``federation`` section (`FederatedBundles.set_federation`); call on the loop."""
+        if self._federation.set_federation(federation):
+            self._publish()
+
+    def request_bundle_refresh(self, trust_domain: TrustDomain) -> concurrent.futures.Future[bool] | None:
+        """Fetch a federated trust domain's bundle now, for an unknown JWT-SVID ``kid``; thread-safe."""
+        return self._federation.request_fetch(trust_domain)
 
     def mint_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
         """Always fails: files provide no JWT signing key.
