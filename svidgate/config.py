@@ -549,9 +549,10 @@ class ServerConfig:
     config_poll_interval: float = 2.0
     socket_mode: int = 0o660
     # Measured as users run it (bench/check_serve.py: `svidgate serve` pinned to one core, 64 Checks in
-    # flight on one channel): cached tokens at 0.83 of the no-op baseline with 2 threads, 0.87 with 4, 0.89
-    # with 8; issue 11 measured 4 ahead of 2 too. More threads keep grpc-core's completion queue drained while
-    # one thread holds the GIL (and the ES256 verify releases it); past 4 the gain is within the noise.
+    # flight on one channel), cached tokens: 2 threads 0.83 and 0.89 of the no-op baseline in two runs, 4
+    # threads 0.87 and 0.87 (8: 0.89): within this shared machine's noise; issue 11 measured 4 ahead of 2.
+    # 4 because a thread can block: a Check on an unknown JWT key waits up to authz.unknown_key_wait for the
+    # bundle fetch, and with 2 threads two such Checks would stall every other Check meanwhile.
     check_workers: int = 4
     check_processes: int = 1
 

@@ -755,8 +755,8 @@ def new_sync_check_server(servicer: AuthorizationServicer, max_workers: int = 4)
 
     Args:
         servicer: the Check service (shared with the aio server: same cache, policies and metrics).
-        max_workers: worker threads (svidgate serve uses `server.check_workers`, default 4, measured ahead
-            of 2 with 64 Checks in flight).
+        max_workers: worker threads (svidgate serve uses `server.check_workers`, default 4: threads stay
+            free while a Check waits for an unknown key's bundle fetch).
 
     Returns:
         The server; the caller adds ports (``add_insecure_port``) and starts and stops it.
