@@ -28,8 +28,10 @@ import yaml
 from svidgate.canonical import canonical_host, normalize_path
 from svidgate.errors import CaError, ConfigError, SpiffeIdError
 from svidgate.identity.ca import BACKDATE_SECONDS, UpstreamAuthority
+from svidgate.identity.entitlement import KubernetesWorkload
 from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.identity.template import SpiffeIdTemplate
 
 #: Environment variable naming the config file when `--config` is not given.
 CONFIG_ENV = "SVIDGATE_CONFIG"
@@ -42,8 +44,26 @@ SELECTOR_TYPES: Mapping[str, frozenset[str]] = MappingProxyType(
     {
         "envoy": frozenset({"node_id", "cluster"}),
         "unix": frozenset({"uid", "gid"}),
+        # Attested from the caller's PID (svidgate.attest.k8s): cgroup -> pod UID + container ID -> kubelet.
+        "k8s": frozenset(
+            {
+                "ns",
+                "sa",
+                "pod-name",
+                "pod-uid",
+                "pod-label",
+                "container-name",
+                "container-image",
+                "node-name",
+            }
+        ),
     }
 )
+
+#: Where a pod's service account token is mounted (the `kubernetes.token_file` default).
+DEFAULT_K8S_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+#: The cluster CA mounted next to it (the `kubernetes.kubelet_ca_file` default, as SPIRE's `kubelet_ca_path`).
+DEFAULT_K8S_CA_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
 
 _T = TypeVar("_T")
 
@@ -161,6 +181,8 @@ class CallerLike(Protocol):
     def uid(self) -> int | None: ...
     @property
     def gid(self) -> int | None: ...
+    @property
+    def k8s(self) -> KubernetesWorkload | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +222,8 @@ class Selector:
             )
         if type_ == "unix" and not (value.isascii() and value.isdigit()):
             raise ConfigError(f"{text!r}: unix:{key} takes a numeric id")
+        if key == "pod-label" and (":" not in value or not value.partition(":")[0]):
+            raise ConfigError(f"{text!r}: k8s:pod-label takes <label key>:<label value>")
         return cls(type_, key, value)
 
     def matches(self, caller: CallerLike) -> bool:
@@ -215,10 +239,29 @@ class Selector:
         if self.type == "unix":
             number = caller.uid if self.key == "uid" else caller.gid
             return number is not None and str(number) == self.value
+        if self.type == "k8s":
+            return caller.k8s is not None and _k8s_matches(self.key, self.value, caller.k8s)
         return False
 
     def __str__(self) -> str:
         return "any" if self.type == "any" else f"{self.type}:{self.key}:{self.value}"
+
+
+def _k8s_matches(key: str, value: str, workload: KubernetesWorkload) -> bool:
+    if key == "pod-label":
+        label, _, label_value = value.partition(":")
+        return (label, label_value) in workload.labels
+    if key == "container-image":
+        return value in workload.container_images
+    actual = {
+        "ns": workload.namespace,
+        "sa": workload.service_account,
+        "pod-name": workload.pod_name,
+        "pod-uid": workload.pod_uid,
+        "container-name": workload.container_name,
+        "node-name": workload.node_name,
+    }.get(key)
+    return actual == value
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,16 +269,21 @@ class Workload:
     """An identity svidgate hands out, and who may receive it.
 
     Attributes:
-        spiffe_id: the SVID's SPIFFE ID (always in the configured trust domain).
+        spiffe_id: the SVID's SPIFFE ID (always in the configured trust domain), or a template filled from
+            each attested caller (`svidgate.identity.template`; the workload then has a `k8s:` selector).
         selectors: a caller is entitled when ALL of them match (never empty).
         dns_names: extra DNS SANs on the X.509-SVID.
         hint: the Workload API `hint` for this SVID ("" = none).
     """
 
-    spiffe_id: SpiffeId
+    spiffe_id: SpiffeId | SpiffeIdTemplate
     selectors: tuple[Selector, ...]
     dns_names: tuple[str, ...] = ()
     hint: str = ""
+
+    @property
+    def templated(self) -> bool:
+        return isinstance(self.spiffe_id, SpiffeIdTemplate)
 
     def matches(self, caller: CallerLike) -> bool:
         """True when every selector matches the caller."""
@@ -455,6 +503,32 @@ class SourceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesConfig:
+    """Kubernetes workload attestation (read by `svidgate.attest.k8s`); used when a workload has a `k8s:`
+    selector.
+
+    Attributes:
+        kubelet_url: the kubelet's authenticated HTTPS port (``GET /pods``).
+        token_file: bearer token for the kubelet (re-read on every pod list fetch: tokens are rotated).
+        kubelet_ca_file: PEM roots that verify the kubelet's serving certificate; None only with
+            `kubelet_insecure_skip_verify`.
+        kubelet_insecure_skip_verify: do not verify the kubelet's certificate (explicit, warned).
+        proc_root: where the caller's ``<pid>/cgroup`` and ``<pid>/stat`` are read (``/host/proc`` when the
+            host's /proc is mounted into the container).
+        pod_cache_ttl: seconds a fetched pod list answers before it is fetched again.
+        attest_timeout: seconds one attestation may take in total, kubelet retries included.
+    """
+
+    kubelet_url: str = "https://127.0.0.1:10250"
+    token_file: Path = DEFAULT_K8S_TOKEN_FILE
+    kubelet_ca_file: Path | None = DEFAULT_K8S_CA_FILE
+    kubelet_insecure_skip_verify: bool = False
+    proc_root: Path = Path("/proc")
+    pod_cache_ttl: float = 5.0
+    attest_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Process-level settings (read by `svidgate.server`).
 
@@ -499,6 +573,12 @@ class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     log: LogConfig = field(default_factory=LogConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+
+    @property
+    def attests_kubernetes(self) -> bool:
+        """True when some workload has a `k8s:` selector: callers on unix sockets are then attested."""
+        return any(s.type == "k8s" for w in self.workloads for s in w.selectors)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "federation", MappingProxyType(dict(self.federation)))
@@ -540,6 +620,19 @@ class Config:
                     f"({check_tcp}): Checks arriving there have no verified caller and are denied "
                     "(unverified_caller); serve Check to egress Envoys on a unix socket"
                 )
+        unix = [
+            a for a in (*self.listen.grpc, self.listen.workload_api) if a is not None and a.kind == "unix"
+        ]
+        if self.attests_kubernetes and not unix:
+            found.append(
+                "k8s: selectors only match callers on unix sockets (attestation starts from the caller's "
+                "PID), and neither listen.grpc nor listen.workload_api has one: they match nobody"
+            )
+        if self.attests_kubernetes and self.kubernetes.kubelet_insecure_skip_verify:
+            found.append(
+                "kubernetes.kubelet_insecure_skip_verify is true: the kubelet's certificate is not verified, "
+                "so whoever can answer on kubelet_url decides which pod a caller is (and receives the token)"
+            )
         if self.authz.default == "allow":
             found.append("authz.default is allow: requests that match no policy are let through")
         if self.sds.pool_trust_domain_roots_unsafe:
@@ -585,7 +678,8 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 #: Top-level keys a reload cannot apply to a running process (listeners are bound, the CA and the source are
 #: built, SDS streams hold their validation-context flavour, the bundle endpoint presents what it started
 #: with). The one list: a section that becomes live on reload is removed here and applied in the runtime's
-#: `prepare_reload`. Everything else (``authz``, ``workloads``, ``federation``, ``log``) is applied live.
+#: `prepare_reload`. Everything else (``authz``, ``workloads``, ``federation``, ``log``, ``kubernetes`` --
+#: for connections attested after the reload) is applied live.
 RESTART_REQUIRED_KEYS: tuple[str, ...] = (
     "trust_domain",
     "state_dir",
@@ -1105,6 +1199,7 @@ class _Parser:
                 "source",
                 "log",
                 "server",
+                "kubernetes",
             ),
         )
         if not isinstance(data, dict):
@@ -1119,7 +1214,7 @@ class _Parser:
         _check_unix_listen_paths(listen)
         ca = self.ca(top.get("ca"), "ca")
         source = self.source(top.get("source"), "source")
-        workloads = self.workloads(top.get("workloads"), "workloads", trust_domain)
+        workloads = self.workloads(top.get("workloads"), "workloads", trust_domain, source.kind)
         federation = self.federation(top.get("federation"), "federation", trust_domain)
         bundle_endpoint = self.bundle_endpoint_server(
             top.get("bundle_endpoint"), "bundle_endpoint", trust_domain, listen, "bundle_endpoint" in top
@@ -1128,6 +1223,7 @@ class _Parser:
         authz = self.authz(top.get("authz"), "authz", trust_domain, workloads, federation, source)
         log_config = self.log(top.get("log"), "log")
         server = self.server(top.get("server"), "server")
+        kubernetes = self.kubernetes(top.get("kubernetes"), "kubernetes")
         return Config(
             trust_domain=trust_domain,
             state_dir=state_dir,
@@ -1141,6 +1237,7 @@ class _Parser:
             source=source,
             log=log_config,
             server=server,
+            kubernetes=kubernetes,
         )
 
     # -- listen ----------------------------------------------------------------------------------------
@@ -1274,21 +1371,39 @@ class _Parser:
 
     # -- workloads -------------------------------------------------------------------------------------
 
-    def workloads(self, value: object, path: str, trust_domain: TrustDomain) -> tuple[Workload, ...]:
+    def workloads(
+        self, value: object, path: str, trust_domain: TrustDomain, source_kind: str
+    ) -> tuple[Workload, ...]:
         result: list[Workload] = []
-        first_seen: dict[SpiffeId, tuple[str, Workload]] = {}
+        first_seen: dict[SpiffeId | SpiffeIdTemplate, tuple[str, Workload]] = {}
         for i, item in enumerate(_list(value, path, "a list of workloads")):
             where = f"{path}[{i}]"
             section = _mapping(item, where, ("spiffe_id", "selectors", "dns_names", "hint"))
             if "spiffe_id" not in section:
                 raise ConfigError(f"{where}.spiffe_id: required")
-            spiffe_id = _spiffe_id(section["spiffe_id"], f"{where}.spiffe_id")
-            if not spiffe_id.member_of(trust_domain):
+            raw_id = _str(section["spiffe_id"], f"{where}.spiffe_id")
+            spiffe_id: SpiffeId | SpiffeIdTemplate
+            if SpiffeIdTemplate.is_template(raw_id):
+                try:
+                    spiffe_id = SpiffeIdTemplate.parse(raw_id)
+                except SpiffeIdError as exc:
+                    raise ConfigError(f"{where}.spiffe_id: {exc}") from None
+                if source_kind != "builtin":
+                    # The files source holds one SVID and a SPIRE agent issues what its registration entries
+                    # say: neither can mint an ID svidgate makes up per pod. (With SPIRE, register the pods
+                    # in SPIRE with its own k8s workload attestor instead.)
+                    raise ConfigError(
+                        f"{where}.spiffe_id: a templated SPIFFE ID needs source.kind: builtin (the built-in "
+                        f"CA mints each pod's SVID on demand); the {source_kind} source cannot mint it"
+                    )
+            else:
+                spiffe_id = _spiffe_id(raw_id, f"{where}.spiffe_id")
+            if not spiffe_id.trust_domain == trust_domain:
                 raise ConfigError(
                     f"{where}.spiffe_id: {spiffe_id} is not in the trust domain {trust_domain} "
                     "(svidgate only issues identities of its own trust domain)"
                 )
-            if spiffe_id.path == "":
+            if isinstance(spiffe_id, SpiffeId) and spiffe_id.path == "":
                 raise ConfigError(
                     f"{where}.spiffe_id: the trust domain ID itself cannot be a workload identity"
                 )
@@ -1309,6 +1424,13 @@ class _Parser:
                 raise ConfigError(f"{selectors_path}: 'any' cannot be combined with other selectors")
             if len(set(selectors)) != len(selectors):
                 raise ConfigError(f"{selectors_path}: duplicate selector")
+            if isinstance(spiffe_id, SpiffeIdTemplate) and not any(s.type == "k8s" for s in selectors):
+                # The values come from the caller's attested pod: without a k8s: selector a caller that is
+                # not in a pod (or not attested) could match, and there would be nothing to fill in.
+                raise ConfigError(
+                    f"{selectors_path}: a templated spiffe_id needs at least one k8s: selector "
+                    "(e.g. k8s:ns:default)"
+                )
             dns_names = _str_list(section.get("dns_names"), f"{where}.dns_names")
             for j, name in enumerate(dns_names):
                 if len(name) > 253 or _DNS_RE.match(name) is None:
@@ -1661,7 +1783,8 @@ class _Parser:
                         "(or give exactly one entry in audiences)"
                     )
                 inject_audience = audiences[0]
-            ids = list(dict.fromkeys(w.spiffe_id for w in workloads))
+            # A templated ID is not one identity: inject mode names a fixed one.
+            ids = list(dict.fromkeys(w.spiffe_id for w in workloads if isinstance(w.spiffe_id, SpiffeId)))
             if inject_id is None:
                 if len(ids) != 1:
                     raise ConfigError(
@@ -1816,6 +1939,56 @@ class _Parser:
             ),
         )
 
+    def kubernetes(self, value: object, path: str) -> KubernetesConfig:
+        section = _mapping(
+            value,
+            path,
+            (
+                "kubelet_url",
+                "token_file",
+                "kubelet_ca_file",
+                "kubelet_insecure_skip_verify",
+                "proc_root",
+                "pod_cache_ttl",
+                "attest_timeout",
+            ),
+        )
+        d = KubernetesConfig()
+        url = _str(section.get("kubelet_url", d.kubelet_url), f"{path}.kubelet_url")
+        match = re.fullmatch(r"https://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?", url)
+        if match is None:
+            raise ConfigError(
+                f"{path}.kubelet_url: expected https://<host>[:<port>] (the kubelet's authenticated port; "
+                f"plain http would send the token in the clear), got {url!r}"
+            )
+        skip = _bool(
+            section.get("kubelet_insecure_skip_verify", d.kubelet_insecure_skip_verify),
+            f"{path}.kubelet_insecure_skip_verify",
+        )
+        ca_file: Path | None = d.kubelet_ca_file
+        if "kubelet_ca_file" in section:
+            if skip:
+                raise ConfigError(
+                    f"{path}.kubelet_ca_file: set either kubelet_ca_file or kubelet_insecure_skip_verify, "
+                    "not both"
+                )
+            ca_file = self._path(section["kubelet_ca_file"], f"{path}.kubelet_ca_file")
+        elif skip:
+            ca_file = None
+        return KubernetesConfig(
+            kubelet_url=url.rstrip("/"),
+            token_file=self._path(section.get("token_file", str(d.token_file)), f"{path}.token_file"),
+            kubelet_ca_file=ca_file,
+            kubelet_insecure_skip_verify=skip,
+            proc_root=self._path(section.get("proc_root", str(d.proc_root)), f"{path}.proc_root"),
+            pod_cache_ttl=parse_duration(
+                section.get("pod_cache_ttl", d.pod_cache_ttl), f"{path}.pod_cache_ttl", allow_zero=True
+            ),
+            attest_timeout=parse_duration(
+                section.get("attest_timeout", d.attest_timeout), f"{path}.attest_timeout"
+            ),
+        )
+
     def log(self, value: object, path: str) -> LogConfig:
         section = _mapping(value, path, ("format", "level"))
         level = section.get("level", "info")
@@ -1842,6 +2015,7 @@ __all__ = [
     "Config",
     "DecisionLogConfig",
     "FederationConfig",
+    "KubernetesConfig",
     "ListenConfig",
     "LogConfig",
     "Policy",

@@ -46,3 +46,16 @@ class CaError(SvidgateError):
 
 class SourceError(SvidgateError):
     """An identity source (SPIRE agent, files, federation endpoint) failed to deliver."""
+
+
+class AttestationError(SvidgateError):
+    """A caller could not be attested (not in a pod, unknown to the kubelet, the kubelet unreachable, ...).
+
+    `reason` is a short, stable code for logs and the `svidgate_k8s_attestations_total` counter; the message
+    is a human-readable detail.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

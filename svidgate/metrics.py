@@ -362,6 +362,26 @@ class Metrics:
             "Identity snapshots published by the source (rotations, bundle updates).",
             registry=registry,
         )
+        self.k8s_attestations = Counter(
+            "svidgate_k8s_attestations_total",
+            "Kubernetes attestations of unix-socket callers, by result: attested, or why not (not_in_pod, "
+            "pod_not_listed, container_not_listed, kubelet_unreachable, kubelet_error, pid_reused, ...).",
+            ["result"],
+            registry=registry,
+        )
+        self.k8s_pod_list_fetches = Counter(
+            "svidgate_k8s_pod_list_fetches_total",
+            "Pod list fetches from the kubelet, by result (ok, or the failure reason).",
+            ["result"],
+            registry=registry,
+        )
+        self.templated_ids_refused = Counter(
+            "svidgate_templated_spiffe_ids_refused_total",
+            "Templated SPIFFE IDs not issued because the caller's values do not make a valid SPIFFE ID, by "
+            "service.",
+            ["service"],
+            registry=registry,
+        )
         info = Gauge("svidgate_build_info", "svidgate version.", ["version"], registry=registry)
         info.labels(version=__version__).set(1)
 

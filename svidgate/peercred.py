@@ -17,7 +17,13 @@ user shares, so anyone could read the token from /proc/net/unix, bind the next n
 front drop callers. A peer that is not in the registry (TCP, or the inner socket reached some other way)
 gets no uid/gid, and `unix:` selectors never match it.
 
-Used by SDS and by the Workload API. This module imports only the identity domain (`CallerInfo`), never gRPC.
+Used by SDS and by the Workload API. When the front is given an `attest` function (Kubernetes attestation,
+`svidgate.attest.k8s`), it runs it on each caller before the connection is forwarded, so every service sees
+the caller's pod from its first request. The connection stays paused meanwhile (the caller's first bytes wait
+in the kernel), and other connections are not held up: attestation is a coroutine that does its blocking work
+off the event loop.
+
+This module imports only the identity domain (`CallerInfo`), never gRPC.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import socket
 import stat
 import struct
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +55,9 @@ _UNIX_PREFIX = "unix:"
 #: The front's client sockets are bound to ``<inner dir>/peer-<16 hex digits>``.
 _CLIENT_NAME_PREFIX = "peer-"
 _CLIENT_TOKEN_BYTES = 8
+
+#: Adds what attestation finds (the pod) to a caller known by its peer credentials; never raises for a caller.
+Attest = Callable[[CallerInfo], Awaitable[CallerInfo]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,19 +99,22 @@ class PeerRegistry:
     def __init__(self) -> None:
         self._peers: dict[str, CallerInfo] = {}
 
-    def register(self, address: str, credentials: PeerCredentials) -> bool:
+    def register(self, address: str, credentials: PeerCredentials, caller: CallerInfo | None = None) -> bool:
         """Remember the caller behind the inner connection bound to `address`.
 
         Args:
             address: the filesystem path the front's inner socket is bound to.
             credentials: the caller's SO_PEERCRED.
+            caller: what attestation made of them (None: the credentials alone).
 
         Returns:
             False (and nothing recorded) when `address` is already registered to a live connection.
         """
         if address in self._peers:
             return False
-        self._peers[address] = CallerInfo(uid=credentials.uid, gid=credentials.gid, pid=credentials.pid)
+        if caller is None:
+            caller = CallerInfo(uid=credentials.uid, gid=credentials.gid, pid=credentials.pid)
+        self._peers[address] = caller
         return True
 
     def unregister(self, address: str) -> None:
@@ -198,7 +211,7 @@ class _Connection:
                 os.unlink(self._socket_file)
             self._socket_file = None
 
-    def _bind(self, credentials: PeerCredentials) -> socket.socket:
+    def _bind(self, credentials: PeerCredentials, caller: CallerInfo | None) -> socket.socket:
         """A socket bound to a fresh, registered path in the inner directory.
 
         A failed bind (or, vanishingly unlikely, a name already registered) is retried once with a new name:
@@ -220,7 +233,7 @@ class _Connection:
                     raise
                 continue
             self._socket_file = address
-            if self.front.registry.register(address, credentials):
+            if self.front.registry.register(address, credentials, caller):
                 self.address = address
                 return sock
             sock.close()
@@ -237,10 +250,17 @@ class _Connection:
             log.warning("peercred.no_credentials", extra={"fields": {"error": str(err)}})
             self.close()
             return
+        caller: CallerInfo | None = None
+        if self.front.attest is not None:
+            caller = await self.front.attest(
+                CallerInfo(uid=credentials.uid, gid=credentials.gid, pid=credentials.pid)
+            )
+            if self.closed:  # the caller went away while it was attested
+                return
         loop = asyncio.get_running_loop()
         sock: socket.socket | None = None
         try:
-            sock = self._bind(credentials)
+            sock = self._bind(credentials, caller)
             try:
                 await loop.sock_connect(sock, self.front.inner_path)
             finally:
@@ -484,6 +504,7 @@ class PeerCredFront:
         mode: file mode of the public socket (0o600 or 0o660).
         client_dir: where the inner connections' client sockets are bound: a directory only svidgate can
             enter (default: the directory of `inner_path`, which must be one already).
+        attest: run on every caller before its connection is forwarded (Kubernetes attestation), or None.
     """
 
     def __init__(
@@ -493,8 +514,10 @@ class PeerCredFront:
         registry: PeerRegistry,
         mode: int = 0o600,
         client_dir: Path | None = None,
+        attest: Attest | None = None,
     ) -> None:
         self.path = path
+        self.attest = attest
         self.inner_path = inner_path
         self.registry = registry
         self.mode = mode

@@ -67,10 +67,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from svidgate import __version__
+from svidgate.attest.k8s import KubernetesAttestor
 from svidgate.config import (
     RESTART_REQUIRED_KEYS,
     Address,
     Config,
+    KubernetesConfig,
     ServerConfig,
     load_config,
     restart_required_changes,
@@ -83,9 +85,11 @@ from svidgate.extauthz.servicer import AuthorizationServicer
 from svidgate.grpcutil import wrap_handler
 from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.clock import Clock, system_clock
+from svidgate.identity.entitlement import CallerInfo
 from svidgate.identity.snapshot import IdentitySnapshot
 from svidgate.identity.sources import create_source
-from svidgate.identity.sources.base import IdentitySource, SourceStatus
+from svidgate.identity.sources.base import IdentitySource, SourceStatus, TemplatedSvids
+from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.identity.sources.bundle_server import BundleEndpointServer, BundleSequence
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
@@ -928,7 +932,7 @@ class Server:
         snapshot = self.source.feed.current()
         if self.config.trust_domain not in snapshot.bundles:
             return False, f"no bundle for the own trust domain {self.config.trust_domain} yet"
-        if self.config.workloads and not snapshot.svids:
+        if any(not w.templated for w in self.config.workloads) and not snapshot.svids:
             return False, "no X.509-SVID loaded yet"
         stale = self._stale_svid(snapshot)
         if stale is not None:
@@ -1207,7 +1211,13 @@ class Server:
             ) from None
         if port == 0:
             raise ListenerError(f"listen.{name} {address}: cannot bind the inner socket {inner}")
-        front = PeerCredFront(Path(address.path), inner, peers, mode=self.settings.socket_mode)
+        front = PeerCredFront(
+            Path(address.path),
+            inner,
+            peers,
+            mode=self.settings.socket_mode,
+            attest=self.services.attest if self.services is not None else None,
+        )
         try:
             await front.start()
         except SvidgateError as exc:
@@ -1381,9 +1391,10 @@ class Server:
 
         What can change live: ``authz`` (policies swapped atomically), ``workloads`` (entitlements of SDS,
         Workload API and token injection), ``federation`` (a removed trust domain leaves the snapshot at
-        once, a new one is fetched at once), ``log``. A change under `RESTART_REQUIRED_KEYS` is kept for the
-        next start and named in one warning line. Never raises (except cancellation): whatever goes wrong --
-        bad YAML, a bug -- is logged and counted as ``rejected``, and the last good configuration stays.
+        once, a new one is fetched at once), ``kubernetes`` (for connections attested after the reload),
+        ``log``. A change under `RESTART_REQUIRED_KEYS` is kept for the next start and named in one warning
+        line. Never raises (except cancellation): whatever goes wrong -- bad YAML, a bug -- is logged and
+        counted as ``rejected``, and the last good configuration stays.
 
         Args:
             trigger: ``SIGHUP``, ``file_change`` or ``requested`` (for the log line).
@@ -1543,7 +1554,13 @@ class Services:
 
     def __init__(self, config: Config, source: IdentitySource, metrics: Metrics, clock: Clock) -> None:
         self.source = source
+        self._metrics = metrics
         self.peers = PeerRegistry()
+        self._kubernetes: KubernetesConfig | None = None
+        self._attestor: KubernetesAttestor | None = None
+        self._set_kubernetes(config)
+        # Only the built-in CA can mint an SVID per pod (config refuses templates with other sources).
+        templated: TemplatedSvids | None = source if isinstance(source, BuiltinSource) else None
         self.policies = PolicyHolder(config.authz)
         self.injector = TokenInjector(source.mint_jwt_svid, config.workloads, clock)
         self.authz = AuthorizationServicer(
@@ -1555,7 +1572,7 @@ class Services:
             peers=self.peers.lookup,
             refresh_bundle=getattr(source, "request_bundle_refresh", None),
         )
-        self.sds = build_sds(config, source, self.peers, metrics, clock)
+        self.sds = build_sds(config, source, self.peers, metrics, clock, templated)
         # The SPIRE source mints over gRPC: the Workload API servicer awaits its async variant so that a cache
         # miss never blocks the event loop.
         mint: MintJwtSvid = source.fetch_jwt_svid if isinstance(source, SpireSource) else source.mint_jwt_svid
@@ -1567,7 +1584,20 @@ class Services:
             metrics,
             clock,
             leeway=config.authz.leeway,
+            templated=templated,
         )
+
+    async def attest(self, caller: CallerInfo) -> CallerInfo:
+        """Kubernetes attestation of a unix-socket caller, when a workload has a `k8s:` selector (the
+        peercred fronts run this on every connection)."""
+        attestor = self._attestor
+        return caller if attestor is None else await attestor.attest(caller)
+
+    def _set_kubernetes(self, config: Config) -> None:
+        wanted = config.kubernetes if config.attests_kubernetes else None
+        if wanted != self._kubernetes or (wanted is not None and self._attestor is None):
+            self._kubernetes = wanted
+            self._attestor = None if wanted is None else KubernetesAttestor(wanted, self._metrics)
 
     def register(self, server: grpc.aio.Server | grpc.Server, listener: str) -> list[str]:
         """Put the services of one listener on its gRPC server: Check on every one, then its own.
@@ -1626,6 +1656,7 @@ class Services:
             self.injector.swap_workloads(workloads)
             self.workload_api.set_workloads(workloads)
             self.sds.update_workloads(workloads)
+            self._set_kubernetes(new)
 
         return apply
 
@@ -1636,7 +1667,12 @@ def build_services(config: Config, source: IdentitySource, metrics: Metrics, clo
 
 
 def build_sds(
-    config: Config, source: IdentitySource, peers: PeerRegistry, metrics: Metrics, clock: Clock
+    config: Config,
+    source: IdentitySource,
+    peers: PeerRegistry,
+    metrics: Metrics,
+    clock: Clock,
+    templated: TemplatedSvids | None = None,
 ) -> SecretDiscoveryServicer:
     """The SDS servicer."""
     return SecretDiscoveryServicer(
@@ -1647,6 +1683,7 @@ def build_sds(
         peers=peers,
         metrics=metrics,
         clock=clock,
+        templated=templated,
     )
 
 

@@ -16,6 +16,10 @@ size alone would hold that loop is refused whole before any work: more than `str
 names, or a `node.id`/`node.cluster` longer than `MAX_NODE_FIELD_LENGTH`, ends the stream (or the fetch)
 with INVALID_ARGUMENT and one `sds.request_refused` warning. Names that cannot be served are reported once per
 request in one `sds.resource_rejected` line (a count and the first few names), never one line per name.
+
+A templated workload's SVID (``spiffe://td/ns/{k8s:ns}/...``) exists only while someone uses it: a stream
+entitled to one holds it through `TemplatedSvids.acquire` (the source mints it on the first hold) before it
+answers, and releases it when the stream ends or a reload takes the entitlement away.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
+from svidgate.errors import SourceError
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.entitlement import CallerInfo, entitled_ids
+from svidgate.identity.entitlement import CallerInfo, Entitlement, entitle
 from svidgate.sds.resources import (
     SECRET_TYPE_URL,
     VALIDATION_METADATA_KEY,
@@ -65,6 +70,7 @@ from svidgate.sds.stream import (
 if TYPE_CHECKING:
     from svidgate.config import SdsConfig, Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+    from svidgate.identity.sources.base import TemplatedSvids
     from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
     from svidgate.metrics import Metrics
     from svidgate.peercred import PeerRegistry
@@ -184,6 +190,8 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         peers: the peer-credentials registry of the unix-socket front, or None (TCP only / no front).
         metrics: collectors, or None to record nothing.
         clock: the time source (kept for expiry-aware logging; SDS decisions never depend on time).
+        templated: mints the SVIDs of templated workloads on demand (the built-in source), or None when
+            the configuration has none.
     """
 
     def __init__(
@@ -195,10 +203,12 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         peers: PeerRegistry | None = None,
         metrics: Metrics | None = None,
         clock: Clock = system_clock,
+        templated: TemplatedSvids | None = None,
     ) -> None:
         self._feed = feed
+        self._templated = templated
         self._rules = _Rules(tuple(workloads))
-        self._entitled: dict[CallerInfo, tuple[SpiffeId, ...]] = {}
+        self._entitled: dict[CallerInfo, Entitlement] = {}
         # Woken (set, then replaced) whenever the snapshot or the rules change; see the module docstring.
         self._changed = asyncio.Event()
         self._relay: asyncio.Task[None] | None = None
@@ -364,18 +374,56 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
         return parse_validation(requested, self._naming.validation)
 
-    def _entitled_ids(self, rules: _Rules, caller: CallerInfo) -> tuple[SpiffeId, ...]:
+    def _entitlement(self, rules: _Rules, caller: CallerInfo) -> Entitlement:
         if rules is not self._rules:  # superseded while the caller waited: not worth remembering
-            return entitled_ids(rules.workloads, caller)
-        entitled = self._entitled.get(caller)
-        if entitled is None:
+            entitlement = entitle(rules.workloads, caller)
+        else:
+            cached = self._entitled.get(caller)
+            if cached is not None:
+                return cached
             if len(self._entitled) >= MAX_ENTITLED:
                 self._entitled.clear()
-            entitled = self._entitled[caller] = entitled_ids(rules.workloads, caller)
-        return entitled
+            entitlement = self._entitled[caller] = entitle(rules.workloads, caller)
+        for template, reason in entitlement.refused:
+            # Logged when computed (once per caller and rules), not on every request.
+            log.warning(
+                "sds.templated_id_refused",
+                extra={"fields": {**caller.describe(), "template": template, "error": reason}},
+            )
+            if self._metrics is not None:
+                self._metrics.templated_ids_refused.labels(service="sds").inc()
+        return entitlement
+
+    async def _hold(self, held: set[SpiffeId], entitlement: Entitlement, caller: CallerInfo) -> None:
+        """Hold the templated SVIDs of `entitlement` that `held` does not hold yet, and release those it no
+        longer grants."""
+        templated = self._templated
+        if templated is None:
+            return
+        for spiffe_id in [i for i in held if i not in entitlement.templated]:
+            held.discard(spiffe_id)
+            templated.release(spiffe_id)
+        for spiffe_id, workload in entitlement.templated.items():
+            if spiffe_id in held:
+                continue
+            held.add(spiffe_id)
+            try:
+                await templated.acquire(spiffe_id, workload)
+            except SourceError as exc:
+                # Held anyway: the source retries at its next step and the stream pushes it then.
+                log.error(
+                    "sds.templated_svid_failed",
+                    extra={"fields": {**caller.describe(), "spiffe_id": str(spiffe_id), "error": str(exc)}},
+                )
+
+    def _release(self, held: set[SpiffeId]) -> None:
+        if self._templated is not None:
+            for spiffe_id in held:
+                self._templated.release(spiffe_id)
+        held.clear()
 
     def _subscriber(self, rules: _Rules, caller: CallerInfo, validation: Validation) -> Subscriber:
-        entitled = self._entitled_ids(rules, caller)
+        entitled = self._entitlement(rules, caller).ids
         if not entitled:
             log.warning(
                 "sds.caller_not_entitled",
@@ -389,7 +437,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         return Subscriber(entitled, validation)
 
     def _reevaluated(self, rules: _Rules, caller: CallerInfo, api: str, old: Subscriber) -> Subscriber:
-        entitled = self._entitled_ids(rules, caller)
+        entitled = self._entitlement(rules, caller).ids
         if entitled == old.entitled:
             return old
         log.info(
@@ -559,6 +607,12 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         handler = asyncio.current_task()
         caller = self._caller(first.node, context)
         rules = self._rules
+        held: set[SpiffeId] = set()
+        try:
+            await self._hold(held, self._entitlement(rules, caller), caller)
+        except BaseException:
+            self._release(held)
+            raise
         state = new_state(self._subscriber(rules, caller, self._validation(first.node, caller)))
         lock = asyncio.Lock()
         ending = False
@@ -584,6 +638,8 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                     await wake.wait()
                     continue
                 async with lock:
+                    if self._rules is not rules:
+                        await self._hold(held, self._entitlement(self._rules, caller), caller)
                     snapshot = self._feed.current()
                     resolver = self.resolver_for(snapshot)
                     if self._rules is rules:
@@ -634,6 +690,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             if watcher is not None:
                 watcher.cancel()
                 self._watch_stopped()
+            self._release(held)
             self._stream_closed(api, caller)
 
     # -- StreamSecrets (state of the world) ------------------------------------------------------------------
@@ -672,17 +729,23 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             check_resource_names("resource_names", len(request.resource_names))
         except InvalidRequestError as err:
             await self._refuse(context, caller, "fetch", err)
-        subscriber = self._subscriber(self._rules, caller, self._validation(request.node, caller))
-        resolver = self.resolver_for(self._feed.current())
-        names = list(dict.fromkeys(request.resource_names)) or list(resolver.wildcard_names(subscriber))
-        resources: list[SecretResource] = []
-        events: list[Event] = []
-        for name in names:
-            resolved = resolver.resolve(name, subscriber)
-            if isinstance(resolved, Rejection):
-                events.append(Rejected(resolved, False))
-            else:
-                resources.append(resolved)
+        held: set[SpiffeId] = set()
+        try:
+            # Held only for the answer: the SVID then stays `TEMPLATED_IDLE` for the next fetch.
+            await self._hold(held, self._entitlement(self._rules, caller), caller)
+            subscriber = self._subscriber(self._rules, caller, self._validation(request.node, caller))
+            resolver = self.resolver_for(self._feed.current())
+            names = list(dict.fromkeys(request.resource_names)) or list(resolver.wildcard_names(subscriber))
+            resources: list[SecretResource] = []
+            events: list[Event] = []
+            for name in names:
+                resolved = resolver.resolve(name, subscriber)
+                if isinstance(resolved, Rejection):
+                    events.append(Rejected(resolved, False))
+                else:
+                    resources.append(resolved)
+        finally:
+            self._release(held)
         self._report(events, caller, "fetch")
         return discovery_pb2.DiscoveryResponse(
             version_info=state_version((r.name, r.version) for r in resources),

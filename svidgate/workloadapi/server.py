@@ -13,6 +13,9 @@ SPIRE's agent (pkg/agent/endpoints/workload/handler.go):
   `allow_unauthenticated_verifiers` is set. A stream whose caller loses its last identity ends the same way
   (API 5.2.1: "returns a PermissionDenied ... the client SHOULD cease using the redacted SVIDs").
   ValidateJWTSVID needs an identified caller but no entitlement: validating reveals nothing (SPIRE agrees).
+- A templated workload's SVID is held (`TemplatedSvids.acquire`, minted by the source on the first hold) while
+  a FetchX509SVID stream serves it and while a FetchJWTSVID call mints for it; its ID is filled from the
+  caller's attested pod. An ID whose values would not make a valid SPIFFE ID is not issued (logged, counted).
 - Streams send the current state at once (API 4.3) and then a complete message whenever the snapshot or the
   workloads change; a message byte-identical to the previous one is not sent again.
 """
@@ -30,9 +33,9 @@ import grpc
 import grpc.aio
 
 from svidgate._gen import workload_pb2, workload_pb2_grpc
-from svidgate.errors import SpiffeIdError, SvidgateError
+from svidgate.errors import SourceError, SpiffeIdError, SvidgateError
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.entitlement import CallerInfo, entitled_ids
+from svidgate.identity.entitlement import CallerInfo, Entitlement, entitle
 from svidgate.identity.jwtsvid import JwtSvid, validate_jwt_svid
 from svidgate.identity.spiffe_id import SpiffeId
 from svidgate.workloadapi import SECURITY_HEADER
@@ -48,6 +51,7 @@ from svidgate.workloadapi.messages import (
 if TYPE_CHECKING:
     from svidgate.config import Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+    from svidgate.identity.sources.base import TemplatedSvids
     from svidgate.metrics import Metrics
     from svidgate.peercred import PeerRegistry
 
@@ -123,6 +127,7 @@ class WorkloadApiServicer:
         leeway: clock skew tolerated when validating JWT-SVIDs, seconds.
         allow_unauthenticated_verifiers: serve the bundle streams to callers entitled to no identity (SPIRE's
             option of the same name); off by default.
+        templated: mints the SVIDs of templated workloads on demand (the built-in source), or None.
     """
 
     def __init__(
@@ -136,8 +141,10 @@ class WorkloadApiServicer:
         *,
         leeway: float = 30.0,
         allow_unauthenticated_verifiers: bool = False,
+        templated: TemplatedSvids | None = None,
     ) -> None:
         self._feed = feed
+        self._templated = templated
         self._workloads: tuple[Workload, ...] = tuple(workloads)
         self._peers = peers
         self._mint = mint_jwt_svid
@@ -201,12 +208,63 @@ class WorkloadApiServicer:
             _fail(grpc.StatusCode.PERMISSION_DENIED, "caller could not be identified", "unknown_peer")
         return caller
 
-    def _identities(self, caller: CallerInfo) -> tuple[Identity, ...]:
+    def _identities(self, caller: CallerInfo, entitlement: Entitlement | None = None) -> tuple[Identity, ...]:
         workloads = self._workloads
+        if entitlement is None:
+            entitlement = entitle(workloads, caller)
         hints = {w.spiffe_id: w.hint for w in reversed(workloads)}  # reversed: the first workload's hint wins
         return unique_hints(
-            Identity(spiffe_id, hints.get(spiffe_id, "")) for spiffe_id in entitled_ids(workloads, caller)
+            Identity(
+                spiffe_id,
+                entitlement.templated[spiffe_id].hint
+                if spiffe_id in entitlement.templated
+                else hints.get(spiffe_id, ""),
+            )
+            for spiffe_id in entitlement.ids
         )
+
+    def _entitle(self, caller: CallerInfo, refused_logged: set[tuple[str, str]] | None = None) -> Entitlement:
+        """`entitle` for the current workloads; logs and counts templated IDs it refuses (once per stream)."""
+        entitlement = entitle(self._workloads, caller)
+        for refusal in entitlement.refused:
+            if refused_logged is not None:
+                if refusal in refused_logged:
+                    continue
+                refused_logged.add(refusal)
+            log.warning(
+                "workloadapi.templated_id_refused",
+                extra={"fields": {**caller.describe(), "template": refusal[0], "error": refusal[1]}},
+            )
+            if self._metrics is not None:
+                self._metrics.templated_ids_refused.labels(service="workload_api").inc()
+        return entitlement
+
+    async def _hold(self, held: set[SpiffeId], entitlement: Entitlement, caller: CallerInfo) -> None:
+        """Hold the templated SVIDs `entitlement` grants that `held` lacks; release the ones it dropped."""
+        templated = self._templated
+        if templated is None:
+            return
+        for spiffe_id in [i for i in held if i not in entitlement.templated]:
+            held.discard(spiffe_id)
+            templated.release(spiffe_id)
+        for spiffe_id, workload in entitlement.templated.items():
+            if spiffe_id not in held:
+                held.add(spiffe_id)
+                try:
+                    await templated.acquire(spiffe_id, workload)
+                except SourceError as exc:
+                    log.error(
+                        "workloadapi.templated_svid_failed",
+                        extra={
+                            "fields": {**caller.describe(), "spiffe_id": str(spiffe_id), "error": str(exc)}
+                        },
+                    )
+
+    def _release(self, held: set[SpiffeId]) -> None:
+        if self._templated is not None:
+            for spiffe_id in held:
+                self._templated.release(spiffe_id)
+        held.clear()
 
     def _require_entitlement(self, caller: CallerInfo) -> tuple[Identity, ...]:
         identities = self._identities(caller)
@@ -237,12 +295,17 @@ class WorkloadApiServicer:
         if gauge is not None:
             gauge.inc()
         caller: CallerInfo | None = None
+        held: set[SpiffeId] = set()
+        refused_logged: set[tuple[str, str]] = set()
         try:
             caller = self._caller(context)
             log.info("workloadapi.stream.open", extra={"fields": {"method": method, **caller.describe()}})
             last_sent: bytes | None = None
             snapshot = self._feed.current()
             while True:
+                if method == "FetchX509SVID":
+                    await self._hold(held, self._entitle(caller, refused_logged), caller)
+                    snapshot = self._feed.current()
                 response = responses(caller, snapshot)
                 if response is not None:
                     encoded = response.SerializeToString(deterministic=True)
@@ -258,6 +321,7 @@ class WorkloadApiServicer:
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
+            self._release(held)
             if gauge is not None:
                 gauge.dec()
             self._count(method, code)
@@ -326,7 +390,8 @@ class WorkloadApiServicer:
         audience = tuple(str(a) for a in request.audience)
         if not audience or any(not a for a in audience):
             _fail(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified", "missing_audience")
-        identities = self._identities(caller)
+        entitlement = self._entitle(caller)
+        identities = self._identities(caller, entitlement)
         if request.spiffe_id:
             try:
                 wanted = SpiffeId.parse(str(request.spiffe_id))
@@ -335,6 +400,22 @@ class WorkloadApiServicer:
             identities = tuple(i for i in identities if i.spiffe_id == wanted)
         if not identities:
             _fail(grpc.StatusCode.PERMISSION_DENIED, _NO_IDENTITY, "not_entitled")
+        held: set[SpiffeId] = set()
+        try:
+            # The source mints JWT-SVIDs only for IDs it holds; held for the call (then idle, then dropped).
+            wanted_ids = {i.spiffe_id for i in identities}
+            await self._hold(
+                held,
+                Entitlement(
+                    entitlement.ids, {k: v for k, v in entitlement.templated.items() if k in wanted_ids}
+                ),
+                caller,
+            )
+            return await self._mint_jwt_svids(identities, audience)
+        finally:
+            self._release(held)
+
+    async def _mint_jwt_svids(self, identities: Sequence[Identity], audience: tuple[str, ...]) -> Any:
         response = workload_pb2.JWTSVIDResponse()
         for identity in identities:
             try:

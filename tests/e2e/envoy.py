@@ -132,6 +132,8 @@ class EnvoyProcess:
         log_level: Envoy's `-l`.
         component_log_level: Envoy's `--component-log-level` (e.g. ``"secret:debug,config:debug"``).
         extra_args: more command-line arguments.
+        cgroup_procs: a ``cgroup.procs`` file Envoy joins before it starts (``tests.support.k8s.PodCgroup``),
+            so that it connects to svidgate from inside that cgroup.
     """
 
     def __init__(
@@ -143,8 +145,10 @@ class EnvoyProcess:
         log_level: str = "info",
         component_log_level: str | None = None,
         extra_args: tuple[str, ...] = (),
+        cgroup_procs: Path | None = None,
     ) -> None:
         self.name = name
+        self._cgroup_procs = cgroup_procs
         self.workdir = workdir
         self.config_path = workdir / f"{name}.yaml"
         self.log_path = workdir / f"{name}.log"
@@ -184,6 +188,10 @@ class EnvoyProcess:
             *(("--component-log-level", self._component_log_level) if self._component_log_level else ()),
             *self._extra_args,
         ]
+        if self._cgroup_procs is not None:
+            # The shell joins the cgroup and execs Envoy (same PID), so Envoy's first SDS connection already
+            # comes from inside it.
+            args = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self._cgroup_procs), *args]
         # Own process group: a ^C in the terminal does not reach Envoy before the test's teardown does.
         with open(self.workdir / f"{self.name}.stderr", "wb") as stderr:
             self._proc = subprocess.Popen(

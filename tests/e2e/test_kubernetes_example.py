@@ -19,7 +19,8 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from svidgate.config import parse_duration
+from svidgate.config import parse_config, parse_duration
+from svidgate.identity.entitlement import CallerInfo, KubernetesWorkload, entitle
 from tests.support.ca import TestCA
 from tests.support.examples import EXAMPLES, log_tail, run_in_namespaces
 
@@ -139,3 +140,41 @@ def test_the_daemonset_mounts_what_the_configmap_names() -> None:
     # The init step owns exactly the hostPaths svidgate writes to.
     (init,) = pod["initContainers"]
     assert {m["mountPath"] for m in init["volumeMounts"]} == {"/run/svidgate", config["state_dir"]}
+
+
+def test_the_daemonset_can_attest_pods() -> None:
+    """hostPID (SO_PEERCRED PIDs and /proc/<pid>/cgroup are the node's), the host network (the kubelet on
+    127.0.0.1:10250), and a service account allowed `get nodes/proxy` (the kubelet's GET /pods)."""
+    documents = manifests("daemonset.yaml")
+    (daemonset,) = (d for d in documents if d["kind"] == "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True
+    assert pod["hostNetwork"] is True
+    account = pod["serviceAccountName"]
+    namespace = daemonset["metadata"]["namespace"]
+    assert any(d["kind"] == "ServiceAccount" and d["metadata"]["name"] == account for d in documents)
+    roles = {d["metadata"]["name"]: d for d in documents if d["kind"] == "ClusterRole"}
+    (binding,) = (d for d in documents if d["kind"] == "ClusterRoleBinding")
+    assert {"kind": "ServiceAccount", "name": account, "namespace": namespace} in binding["subjects"]
+    rules = roles[binding["roleRef"]["name"]]["rules"]
+    assert any("nodes/proxy" in r["resources"] and "get" in r["verbs"] for r in rules)
+    config = yaml.safe_load(manifests("configmap.yaml")[0]["data"]["config.yaml"])
+    assert config["kubernetes"]["kubelet_url"] == "https://127.0.0.1:10250"
+    assert config["listen"]["check"] is None  # no TCP port on the node's network
+
+
+def test_the_configmap_gives_each_pod_in_default_its_mesh_identity() -> None:
+    document = yaml.safe_load(manifests("configmap.yaml")[0]["data"]["config.yaml"])
+    del document["ca"]  # its Secret's files exist on the node only; the workloads are what this is about
+    config = parse_config(yaml.safe_dump(document))
+    assert config.attests_kubernetes
+    assert any("kubelet_insecure_skip_verify" in warning for warning in config.warnings())
+
+    def ids(namespace: str, service_account: str) -> list[str]:
+        pod = KubernetesWorkload(namespace, service_account, "p", "uid", "node-1", "envoy")
+        return [str(i) for i in entitle(config.workloads, CallerInfo(uid=1337, pid=7, k8s=pod)).ids]
+
+    assert ids("default", "frontend") == ["spiffe://example.org/ns/default/sa/frontend"]
+    assert ids("default", "backend") == ["spiffe://example.org/ns/default/sa/backend"]
+    assert ids("kube-system", "frontend") == []  # another namespace
+    assert [str(i) for i in entitle(config.workloads, CallerInfo(uid=1337, pid=7)).ids] == []  # not attested

@@ -287,8 +287,8 @@ WORKLOAD = "workloads: [{spiffe_id: 'spiffe://svidgate.local/w', selectors: ['en
             "workloads[0].selectors: a workload needs at least one selector",
         ),
         (
-            "workloads: [{spiffe_id: 'spiffe://svidgate.local/w', selectors: ['k8s:ns:default']}]\n",
-            "workloads[0].selectors[0]: 'k8s:ns:default': unknown selector type 'k8s'",
+            "workloads: [{spiffe_id: 'spiffe://svidgate.local/w', selectors: ['docker:label:x']}]\n",
+            "workloads[0].selectors[0]: 'docker:label:x': unknown selector type 'docker'",
         ),
         (
             "workloads: [{spiffe_id: 'spiffe://svidgate.local/w', selectors: ['envoy:zone:a']}]\n",
@@ -635,6 +635,7 @@ def test_every_key_is_documented() -> None:
         module.SourceConfig,
         module.LogConfig,
         module.ServerConfig,
+        module.KubernetesConfig,
     ):
         for f in dataclasses.fields(cls):
             key = re.compile(rf"`[\w.<>]*\b{f.name}\b[\w.]*`")

@@ -115,7 +115,13 @@ def test_a_socket_whose_temporary_name_does_not_fit_is_a_config_error() -> None:
 
 
 def test_every_config_section_is_either_live_or_restart_required() -> None:
-    live = {"authz", "workloads", "federation", "log"}  # applied by the runtime's prepare_reload
+    live = {
+        "authz",
+        "workloads",
+        "federation",
+        "log",
+        "kubernetes",
+    }  # applied by the runtime's prepare_reload
     fields = {f.name for f in dataclasses.fields(Config)}
     assert set(RESTART_REQUIRED_KEYS) | live == fields
     assert not set(RESTART_REQUIRED_KEYS) & live

@@ -6,12 +6,15 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from svidgate.identity.clock import Clock
 from svidgate.identity.jwtsvid import JwtSvid
 from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId
+
+if TYPE_CHECKING:
+    from svidgate.config import Workload
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,4 +111,23 @@ class IdentitySource(Protocol):
 
     def statuses(self) -> Sequence[SourceStatus]:
         """The health of the own identity's upstream, then of every federated trust domain's."""
+        ...
+
+
+class TemplatedSvids(Protocol):
+    """Mints SVIDs of templated workloads on demand (the built-in source).
+
+    A service holds the filled-in ID for as long as it serves it to a caller, and releases it after.
+    """
+
+    async def acquire(self, spiffe_id: SpiffeId, workload: Workload) -> None:
+        """Hold `spiffe_id`; returns once the current snapshot has its SVID.
+
+        Raises:
+            SourceError: it cannot be minted now (the hold is kept; release it anyway).
+        """
+        ...
+
+    def release(self, spiffe_id: SpiffeId) -> None:
+        """Drop one hold taken with `acquire`."""
         ...

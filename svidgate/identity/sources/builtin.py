@@ -14,16 +14,23 @@ rotation is retried with backoff (`CA_RETRY_FIRST` doubling to `CA_RETRY_MAX`), 
 (`svidgate_source_failures_total{source="builtin",reason="ca_state_write"}`). Persisting a new authority
 before using it stays the rule: a root that signed something but is lost at the next restart would cut off
 every peer that trusts what it signed.
+
+Templated workloads (``spiffe://td/ns/{k8s:ns}/sa/{k8s:sa}``) have no SVID until a caller they entitle asks:
+the services `acquire` the filled-in ID for as long as a stream serves it (the first acquire mints it, off the
+event loop) and `release` it when the stream ends. An SVID that is held is rotated like every other; one that
+no stream has held for `TEMPLATED_IDLE` seconds is dropped, so memory follows the pods that are actually
+running on the node, not every pod that ever ran.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from svidgate.config import FederationConfig, Workload
 from svidgate.errors import CaError, JwtSvidError, SourceError, SvidgateError
@@ -50,8 +57,21 @@ CA_RETRY_FIRST = 5.0
 CA_RETRY_MAX = 300.0
 #: JWT-SVIDs minted for the same (ID, audience) are reused until half their lifetime; bounded cache.
 JWT_CACHE_SIZE = 1024
+#: A templated SVID that no stream holds is dropped after this long. Long enough that an Envoy restarting (or
+#: reconnecting after a svidgate reload) gets the same SVID back instead of a fresh mint; short enough that a
+#: node churning through thousands of short-lived pods holds only the recent ones.
+TEMPLATED_IDLE = 300.0
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Held:
+    """A templated SVID that streams hold (`leases` > 0) or held until `idle_since`."""
+
+    workload: Workload
+    leases: int
+    idle_since: float | None = None
 
 
 class BuiltinSource:
@@ -94,6 +114,10 @@ class BuiltinSource:
         self._sleep = sleep
         # One SVID per SPIFFE ID; config guarantees that duplicate entries agree on DNS names and hint.
         self._workloads = self._by_id(workloads)
+        # Templated SVIDs in use (`acquire`/`release` on the event loop, read by steps in a worker thread).
+        self._held: dict[SpiffeId, _Held] = {}
+        self._held_lock = threading.Lock()
+        self._pending_publish: asyncio.Future[None] | None = None
         self._svids: dict[SpiffeId, X509Svid] = {}
         self._due: dict[SpiffeId, float] = {}
         self._signing_cert = ca.current.certificate
@@ -154,16 +178,22 @@ class BuiltinSource:
         updated = self._by_id(workloads)
         with self._step_lock:
             previous, self._workloads = self._workloads, updated
-            removed = [spiffe_id for spiffe_id in self._svids if spiffe_id not in updated]
+            with self._held_lock:
+                held = set(self._held)
+            # Templated SVIDs are not configured IDs: they go when their streams (re-evaluated against the new
+            # workloads by the services) release them.
+            removed = [i for i in self._svids if i not in updated and i not in held]
             for spiffe_id in removed:
                 self._due.pop(spiffe_id, None)
-            self._svids = {k: v for k, v in self._svids.items() if k in updated}
+            self._svids = {k: v for k, v in self._svids.items() if k in updated or k in held}
             for spiffe_id, workload in updated.items():
                 old = previous.get(spiffe_id)
                 if old is not None and (old.dns_names, old.hint) != (workload.dns_names, workload.hint):
                     self._due[spiffe_id] = float("-inf")
             with self._jwt_lock:
-                self._jwt_cache = {k: v for k, v in self._jwt_cache.items() if k[0] in updated}
+                self._jwt_cache = {
+                    k: v for k, v in self._jwt_cache.items() if k[0] in updated or k[0] in held
+                }
         if self.refresh():
             return True
         if removed:
@@ -189,9 +219,11 @@ class BuiltinSource:
         return self._federation.request_fetch(trust_domain)
 
     def _by_id(self, workloads: Sequence[Workload]) -> dict[SpiffeId, Workload]:
+        # Templated workloads are not here: their IDs exist per caller, held through `acquire`.
         by_id: dict[SpiffeId, Workload] = {}
         for workload in workloads:
-            by_id.setdefault(workload.spiffe_id, workload)
+            if isinstance(workload.spiffe_id, SpiffeId):
+                by_id.setdefault(workload.spiffe_id, workload)
         for spiffe_id in self._internal:
             # No selectors: `Workload.matches` is False for every caller, so SDS and the Workload API never
             # hand this SVID out.
@@ -210,10 +242,82 @@ class BuiltinSource:
         )
 
     def next_due(self) -> float:
-        """The clock time of the next scheduled change (SVID half-life, CA rotation step or retry)."""
+        """The clock time of the next scheduled change (SVID half-life, CA rotation step or retry, a
+        templated SVID's idle expiry)."""
         current = self._ca.current
         ca_due = current.lifetime_point(PREPARE_AT if self._ca.next is None else ACTIVATE_AT)
-        return min([max(ca_due, self._ca_retry_at), *self._due.values()])
+        with self._held_lock:
+            idle_due = [
+                h.idle_since + TEMPLATED_IDLE for h in self._held.values() if h.idle_since is not None
+            ]
+        return min([max(ca_due, self._ca_retry_at), *self._due.values(), *idle_due])
+
+    @property
+    def templated_svids(self) -> int:
+        """How many templated SVIDs are held or idle (not yet dropped)."""
+        with self._held_lock:
+            return len(self._held)
+
+    async def acquire(self, spiffe_id: SpiffeId, workload: Workload) -> None:
+        """Hold the templated SVID `spiffe_id` (filled from `workload`'s template) until `release`.
+
+        The first holder mints it in a worker thread and returns once a snapshot holding it is published, so
+        the caller can resolve it at once. Call from the event loop.
+
+        Raises:
+            SourceError: it cannot be minted (the hold is kept: a later step retries, and `release` is
+                still owed).
+        """
+        with self._held_lock:
+            held = self._held.get(spiffe_id)
+            if held is None:
+                self._held[spiffe_id] = _Held(workload, 1)
+            else:
+                held.leases += 1
+                held.idle_since = None
+        if spiffe_id in self.feed.current().svids:
+            return
+        try:
+            await asyncio.to_thread(self._mint_held, spiffe_id)
+        except SvidgateError as exc:
+            raise SourceError(f"cannot mint {spiffe_id}: {exc}") from None
+        if spiffe_id not in self.feed.current().svids:
+            await self._publish_soon()
+
+    def release(self, spiffe_id: SpiffeId) -> None:
+        """Drop one hold on a templated SVID (it stays for `TEMPLATED_IDLE` after the last). Event loop."""
+        with self._held_lock:
+            held = self._held.get(spiffe_id)
+            if held is not None and held.leases > 0:
+                held.leases -= 1
+                if held.leases == 0:
+                    held.idle_since = self._clock()
+
+    def _mint_held(self, spiffe_id: SpiffeId) -> None:
+        with self._step_lock:
+            with self._held_lock:
+                held = self._held.get(spiffe_id)
+            if held is None or spiffe_id in self._svids:
+                return
+            svids = dict(self._svids)  # copy on write, as in `_step_locked`
+            svids[spiffe_id] = self._mint(spiffe_id, held.workload, self._clock())
+            self._svids = svids
+            log.info("source.templated_svid_minted", extra={"fields": {"spiffe_id": str(spiffe_id)}})
+
+    async def _publish_soon(self) -> None:
+        """Publish once for every mint that finishes in the same loop iteration (a rollout of many pods
+        wakes every stream once per snapshot, not once per pod), and wait for it."""
+        if self._pending_publish is None:
+            loop = asyncio.get_running_loop()
+            self._pending_publish = loop.create_future()
+            loop.call_soon(self._publish_pending)
+        await asyncio.shield(self._pending_publish)
+
+    def _publish_pending(self) -> None:
+        pending, self._pending_publish = self._pending_publish, None
+        self._publish()
+        if pending is not None and not pending.done():
+            pending.set_result(None)
 
     async def run(self) -> None:
         """Mint and rotate when due, and keep federated bundles current (their own tasks), until cancelled."""
@@ -241,8 +345,14 @@ class BuiltinSource:
         Raises:
             SourceError: the ID is not a configured workload, the audience is empty, or minting fails.
         """
-        if spiffe_id not in self._workloads or not self._workloads[spiffe_id].selectors:
-            raise SourceError(f"{spiffe_id} is not a configured workload of the built-in source")
+        with self._held_lock:
+            held = spiffe_id in self._held
+        configured = spiffe_id in self._workloads and bool(self._workloads[spiffe_id].selectors)
+        if not configured and not held:
+            raise SourceError(
+                f"{spiffe_id} is not a configured workload of the built-in source "
+                "(nor a templated one in use)"
+            )
         if not audience:
             raise SourceError("a JWT-SVID needs at least one audience")
         key = (spiffe_id, tuple(audience))
@@ -327,17 +437,28 @@ class BuiltinSource:
             with self._jwt_lock:
                 self._jwt_cache.clear()
         now = self._clock()
+        with self._held_lock:
+            idle = [
+                spiffe_id
+                for spiffe_id, held in self._held.items()
+                if held.idle_since is not None and now >= held.idle_since + TEMPLATED_IDLE
+            ]
+            for spiffe_id in idle:
+                del self._held[spiffe_id]
+            held_workloads = {spiffe_id: held.workload for spiffe_id, held in self._held.items()}
         # Copy on write: the event loop reads `_svids` for a snapshot while this may run in a worker thread.
         svids = dict(self._svids)
+        for spiffe_id in idle:
+            if spiffe_id not in self._workloads and spiffe_id in svids:
+                del svids[spiffe_id]
+                self._due.pop(spiffe_id, None)
+                changed = True
+                log.info("source.templated_svid_dropped", extra={"fields": {"spiffe_id": str(spiffe_id)}})
         try:
-            for spiffe_id, workload in self._workloads.items():
+            for spiffe_id, workload in itertools.chain(self._workloads.items(), held_workloads.items()):
                 if spiffe_id in svids and now < self._due[spiffe_id]:
                     continue
-                svid = self._ca.mint_x509_svid(spiffe_id, self._x509_ttl, workload.dns_names)
-                if workload.hint:
-                    svid = replace(svid, hint=workload.hint)
-                svids[spiffe_id] = svid
-                self._due[spiffe_id] = now + (svid.expires_at - now) / 2
+                svid = svids[spiffe_id] = self._mint(spiffe_id, workload, now)
                 changed = True
                 if not initial:
                     log.info(
@@ -349,6 +470,14 @@ class BuiltinSource:
         if persisted:
             self._health.succeeded()
         return changed
+
+    def _mint(self, spiffe_id: SpiffeId, workload: Workload, now: float) -> X509Svid:
+        """One X.509-SVID for `spiffe_id` with `workload`'s DNS names and hint; schedules its re-mint."""
+        svid = self._ca.mint_x509_svid(spiffe_id, self._x509_ttl, workload.dns_names)
+        if workload.hint:
+            svid = replace(svid, hint=workload.hint)
+        self._due[spiffe_id] = now + (svid.expires_at - now) / 2
+        return svid
 
     def _own_bundles(self) -> Mapping[TrustDomain, Bundle]:
         return {self._ca.trust_domain: self._ca.bundle()}
