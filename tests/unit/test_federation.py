@@ -456,6 +456,18 @@ async def test_https_web_with_ca_file(
         await fetch_bundle(replace(endpoint, ca_file=None), {})
 
 
+async def test_https_web_checks_the_host_name(server: BundleServer, own_ca: TestCA, tmp_path: Path) -> None:
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(pem_bundle(own_ca.bundle()))
+    server.body = b"{}"
+    # The certificate names localhost (and the endpoint's SPIFFE ID), not 127.0.0.1: a trusted root is not
+    # enough for https_web (SPIFFE_Federation.md 5.2.1.4, RFC 6125).
+    endpoint = BundleEndpoint(f"https://127.0.0.1:{server.port}/b", "https_web", ca_file=roots)
+    with pytest.raises(SourceError, match="TLS failed: certificate verify failed: IP address mismatch"):
+        await fetch_bundle(endpoint, {})
+    assert server.requests == []
+
+
 async def test_https_http_error_status(server: BundleServer, own_ca: TestCA) -> None:
     server.status = 404
     with pytest.raises(SourceError, match="HTTP 404"):
