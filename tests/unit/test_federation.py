@@ -526,7 +526,7 @@ async def test_fetch_reads_chunked_and_close_delimited_bodies(
         (b"", "closed before the response was complete"),
         (b"HTTP/1.1 200 " + b"O" * 70_000 + b"\r\n\r\n", "a response line is longer than 65536 bytes"),
         (b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 33 + b"\r\n{}", "more than 32 response headers"),
-        (b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n{}", "malformed response (Invalid header token)"),
+        (b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n{}", "malformed response (Invalid "),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{}", "closed before the response"),
         (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n{}", "unsupported Content-Encoding 'gzip'"),
         # No Content-Length to refuse up front: the cap ends the read (a body that never ends included).

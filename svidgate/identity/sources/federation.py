@@ -266,6 +266,10 @@ async def _read_bundle(response: aiohttp.ClientResponse, url: str) -> bytes:
     content_encoding = ", ".join(response.headers.getall("Content-Encoding", ()))
     if content_encoding and content_encoding.lower() != "identity":
         raise SourceError(f"{url}: unsupported Content-Encoding {content_encoding[:40]!r}")
+    # llhttp (aiohttp's C parser) refuses a repeated Content-Length itself; its pure-Python parser (without
+    # the C extension) takes one of them. Framing must be unambiguous whichever parser read the head.
+    if len(set(response.headers.getall("Content-Length", ()))) > 1:
+        raise SourceError(f"{url}: more than one Content-Length header (conflicting framing)")
     too_large = SourceError(f"{url}: bundle larger than {MAX_BUNDLE_BYTES} bytes")
     if response.content_length is not None and response.content_length > MAX_BUNDLE_BYTES:
         raise too_large
