@@ -14,7 +14,8 @@ from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.sds.resources import SECRET_TYPE_URL
 from svidgate.sds.servicer import MAX_NAMES_LOGGED, MAX_NODE_FIELD_LENGTH
 from svidgate.sds.stream import MAX_RESOURCE_NAMES
-from tests.component.sds_fixtures import Identities, Responses, sds_server, secrets_of, sotw_request, stub
+from tests.support.sds import Identities, secrets_of, sotw_request
+from tests.support.sds_server import Responses, sds_server, stub
 
 #: The size of the reviewer's reproduction (/tmp/review/inj/sds_names_flood.py).
 FLOOD = 150_000

@@ -20,9 +20,9 @@ from svidgate.config import parse_config
 from svidgate.extauthz.reload import PolicyHolder
 from svidgate.extauthz.servicer import AuthorizationServicer
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from tests.e2e.checkserver import Backend, aio_check_server, echo_backend
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.ca import NOW, TestCA
+from tests.support.checkserver import Backend, aio_check_server, echo_backend
+from tests.support.envoy import EXAMPLES, EnvoyProcess, shipped_config
 
 pytestmark = pytest.mark.e2e
 

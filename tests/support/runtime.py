@@ -1,5 +1,5 @@
-"""Helpers for the runtime's component tests: a config on disk (`Layout`), a whole server as a subprocess,
-and small real clients (SDS stream, Check, Workload API, HTTP scrape). A whole server in-process:
+"""Whole-server helpers (component and e2e tests): a config on disk (`Layout`), a whole server as a
+subprocess, and small real clients (SDS stream, Check, Workload API, HTTP scrape). A whole server in-process:
 `tests.support.server.running_server(layout.config)`.
 
 Every server listens on 127.0.0.1 port 0 and on unix sockets in a short private directory (unix socket paths

@@ -1,29 +1,26 @@
-"""Shared builders for the SDS tests (unit, component): CAs, snapshots, workloads, a servicer on a server."""
+"""Shared builders for the SDS tests (unit and component): CAs, snapshots, workloads, requests.
+
+No gRPC here, so that the unit tests can use it; the servicer on a real server is `tests.support.sds_server`.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
-from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2, struct_pb2
 
-from svidgate.config import SdsConfig, Selector, Workload
+from svidgate.config import Selector, Workload
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.keys import KeyType
-from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
+from svidgate.identity.snapshot import IdentitySnapshot
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
 from svidgate.sds.resources import SECRET_TYPE_URL
-from svidgate.sds.servicer import SERVER_OPTIONS, SecretDiscoveryServicer
 
 TD = TrustDomain("example.org")
 FED_TD = TrustDomain("partner.test")
@@ -122,60 +119,3 @@ def unpack(resource: any_pb2.Any) -> secret_pb2.Secret:
 
 def secrets_of(response: discovery_pb2.DiscoveryResponse) -> dict[str, secret_pb2.Secret]:
     return {s.name: s for s in (unpack(r) for r in response.resources)}
-
-
-@contextlib.asynccontextmanager
-async def sds_server(
-    feed: SnapshotFeed,
-    workloads: Sequence[Workload] = WORKLOADS,
-    sds: SdsConfig | None = None,
-    *,
-    address: str = "127.0.0.1:0",
-    **kwargs: object,
-) -> AsyncIterator[tuple[SecretDiscoveryServicer, str]]:
-    """A grpc.aio server with the SDS servicer; yields the servicer and the target to dial."""
-    server = grpc.aio.server(options=list(SERVER_OPTIONS), maximum_concurrent_rpcs=None)
-    servicer = SecretDiscoveryServicer(feed, workloads, sds or SdsConfig(), TD, **kwargs)  # type: ignore[arg-type]
-    servicer.add_to_server(server)
-    port = server.add_insecure_port(address)
-    await server.start()
-    target = f"127.0.0.1:{port}" if address.startswith("127.0.0.1") else address
-    try:
-        yield servicer, target
-    finally:
-        await server.stop(grace=None)
-
-
-def stub(channel: grpc.aio.Channel) -> sds_pb2_grpc.SecretDiscoveryServiceStub:
-    return sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
-
-
-class Responses:
-    """Reads a response stream in the background, so a test can wait for the next one or for none."""
-
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
-        self.call = call
-        self.queue: asyncio.Queue[object] = asyncio.Queue()
-        self._task = asyncio.ensure_future(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            async for response in self.call:
-                await self.queue.put(response)
-        except grpc.aio.AioRpcError as err:
-            await self.queue.put(err)
-
-    async def next(self, timeout: float = 5.0) -> Any:
-        item = await asyncio.wait_for(self.queue.get(), timeout)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    async def none(self, wait: float = 0.3) -> None:
-        # The absence of a push can only be shown by waiting a little; the protocol gives nothing to wait on.
-        await asyncio.sleep(wait)
-        assert self.queue.empty(), f"unexpected response: {self.queue.get_nowait()!r}"
-
-    def close(self) -> None:
-        self.call.cancel()
-        self._task.cancel()

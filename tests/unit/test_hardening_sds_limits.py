@@ -13,7 +13,7 @@ from svidgate.sds.stream import (
     SotwStream,
     check_resource_names,
 )
-from tests.component.sds_fixtures import FRONTEND, TD, Identities
+from tests.support.sds import FRONTEND, TD, Identities
 
 SUB = Subscriber((FRONTEND,), "spiffe")
 

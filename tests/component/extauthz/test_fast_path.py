@@ -19,7 +19,7 @@ from svidgate.extauthz.servicer import AuthorizationServicer
 from svidgate.identity.entitlement import CallerInfo
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.metrics import Metrics
-from tests.component.test_extauthz_servicer import CONFIG, CaMinter, metadata, request
+from tests.component.extauthz.test_servicer import CONFIG, CaMinter, metadata, request
 from tests.support.ca import NOW, TestCA
 
 WEB = "spiffe://example.org/web"

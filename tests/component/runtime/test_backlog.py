@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from svidgate.peercred import LISTEN_BACKLOG, effective_backlog
-from tests.component.runtime_support import Layout, config_text
+from tests.support.runtime import Layout, config_text
 from tests.support.server import running_server
 
 BURST = 1000

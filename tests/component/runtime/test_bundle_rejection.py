@@ -22,7 +22,9 @@ from svidgate.identity.bundle import public_key_to_jwk, spiffe_bundle_json
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.spiffe_id import TrustDomain
 from svidgate.server import Server
-from tests.component.runtime_support import (
+from tests.support.ca import NOW, TestCA
+from tests.support.files import replace_file
+from tests.support.runtime import (
     AUDIENCE,
     Layout,
     check,
@@ -32,8 +34,6 @@ from tests.component.runtime_support import (
     value,
     write_config,
 )
-from tests.support.ca import NOW, TestCA
-from tests.support.files import replace_file
 
 PARTNER = "partner.test"
 PARTNER_CLIENT = "spiffe://partner.test/client"

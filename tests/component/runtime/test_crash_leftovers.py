@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from svidgate.config import load_config
 from svidgate.peercred import INNER_DIR_PREFIX, make_inner_dir, remove_stale_inner_dir
 from svidgate.server import ListenerError, Server
-from tests.component.runtime_support import APP, Layout, ServeProcess, fetch_x509_svid, workload_channel
+from tests.support.runtime import APP, Layout, ServeProcess, fetch_x509_svid, workload_channel
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir
 

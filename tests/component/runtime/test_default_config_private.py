@@ -25,7 +25,7 @@ import grpc.aio
 import pytest
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
-from tests.component.runtime_support import SdsStream, ServeProcess, sds_request
+from tests.support.runtime import SdsStream, ServeProcess, sds_request
 
 NOBODY = 65534
 DEFAULT_ID = "spiffe://svidgate.local/default"

@@ -14,7 +14,7 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from svidgate.server import DrainInterceptor
-from tests.component.runtime_support import (
+from tests.support.runtime import (
     APP,
     AUDIENCE,
     WEB,

@@ -26,7 +26,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from svidgate.server import Server, StateDirLock, StateDirLockedError
-from tests.component.runtime_support import (
+from tests.support.runtime import (
     AUDIENCE,
     WORKLOAD_HEADER,
     Layout,

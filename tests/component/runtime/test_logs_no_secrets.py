@@ -24,7 +24,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from svidgate._gen import workload_pb2, workload_pb2_grpc
 from svidgate.logs import LogFormat, configure_logging
-from tests.component.runtime_support import (
+from tests.support.runtime import (
     AUDIENCE,
     WORKLOAD_HEADER,
     Layout,

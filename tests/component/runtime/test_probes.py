@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from svidgate.config import load_config
 from svidgate.server import HttpEndpoint, Server
-from tests.component.runtime_support import (
+from tests.support.runtime import (
     Layout,
     http_get,
     tcp_grpc_target,

@@ -17,7 +17,7 @@ import pytest
 
 import svidgate.server
 from svidgate.server import Server
-from tests.component.runtime_support import (
+from tests.support.runtime import (
     APP,
     AUDIENCE,
     WEB,

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from svidgate.server import STOP_MARGIN
-from tests.component.runtime_support import Layout, ServeProcess, write_config
 from tests.support.bundle_endpoint import DrippingBundleEndpoint
+from tests.support.runtime import Layout, ServeProcess, write_config
 
 GRACE = 1.0
 BOUND = GRACE + STOP_MARGIN

@@ -20,7 +20,8 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.spiffe_id import SpiffeId
-from tests.component.runtime_support import (
+from tests.support.bundle_endpoint import DrippingBundleEndpoint
+from tests.support.runtime import (
     WEB,
     Layout,
     check_request,
@@ -28,7 +29,6 @@ from tests.component.runtime_support import (
     tcp_grpc_target,
     write_config,
 )
-from tests.support.bundle_endpoint import DrippingBundleEndpoint
 from tests.support.server import ServerThread
 
 #: Generous: each call below takes milliseconds unless it is stuck behind the partner.

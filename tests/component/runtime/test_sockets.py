@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from svidgate.config import load_config
 from svidgate.server import ListenerError, Server, UnixSocketClaim
-from tests.component.runtime_support import Layout
+from tests.support.runtime import Layout
 from tests.support.server import running_server
 
 

@@ -14,7 +14,7 @@ from svidgate.config import load_config
 from svidgate.identity.clock import FakeClock
 from svidgate.server import READY_MIN_LIFETIME_LEFT, Server
 from svidgate.sources.spire import SpireSource
-from tests.component.runtime_support import Layout, http_get, scrape, value, write_config
+from tests.support.runtime import Layout, http_get, scrape, value, write_config
 from tests.support.tempdir import short_dir
 from tests.support.workloadapi import APP, serve_workload_api
 

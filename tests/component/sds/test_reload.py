@@ -14,20 +14,18 @@ from prometheus_client import CollectorRegistry
 
 from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.metrics import Metrics
-from tests.component.sds_fixtures import (
+from tests.component.sds.test_servicer import delta_request, metric
+from tests.support.sds import (
     ADMIN,
     BACKEND,
     FRONTEND,
     WORKLOADS,
     Identities,
-    Responses,
-    sds_server,
     secrets_of,
     sotw_request,
-    stub,
     workload,
 )
-from tests.component.test_sds_servicer import delta_request, metric
+from tests.support.sds_server import Responses, sds_server, stub
 
 #: WORKLOADS plus: node "frontend" may also have the backend identity.
 GRANTED = (*WORKLOADS, workload(BACKEND, "envoy:node_id:frontend"))
@@ -186,7 +184,7 @@ async def test_federated_trust_domain_removed_ends_sotw_stream(
         # The federation is removed (same SVIDs, so only the bundles change).
         current = feed.current()
         from svidgate.identity.snapshot import IdentitySnapshot
-        from tests.component.sds_fixtures import TD
+        from tests.support.sds import TD
 
         with caplog.at_level(logging.WARNING, logger="svidgate.sds.servicer"):
             feed.publish(IdentitySnapshot(current.svids, {TD: current.bundles[TD]}, current.version + 1))

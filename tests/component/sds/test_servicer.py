@@ -14,17 +14,8 @@ from svidgate.config import SdsConfig
 from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.metrics import Metrics
 from svidgate.sds.resources import SECRET_TYPE_URL
-from tests.component.sds_fixtures import (
-    ADMIN,
-    BACKEND,
-    FRONTEND,
-    Identities,
-    Responses,
-    sds_server,
-    secrets_of,
-    sotw_request,
-    stub,
-)
+from tests.support.sds import ADMIN, BACKEND, FRONTEND, Identities, secrets_of, sotw_request
+from tests.support.sds_server import Responses, sds_server, stub
 
 
 @pytest.fixture
@@ -161,7 +152,7 @@ async def test_per_node_trusted_ca_validation(ids: Identities) -> None:
         call = stub(channel).StreamSecrets()
         call_rx = Responses(call)
         request = sotw_request(["ALL"])
-        from tests.component.sds_fixtures import node
+        from tests.support.sds import node
 
         request.node.CopyFrom(node("frontend", validation="trusted_ca"))
         await call.write(request)

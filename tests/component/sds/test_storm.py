@@ -8,7 +8,8 @@ import grpc
 
 from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.sds.servicer import SERVER_OPTIONS
-from tests.component.sds_fixtures import Identities, sds_server, sotw_request, stub
+from tests.support.sds import Identities, sotw_request
+from tests.support.sds_server import sds_server, stub
 
 STREAMS = 3000
 CHANNELS = 8  # a node's Envoys reconnecting: many connections, many streams each

@@ -27,7 +27,8 @@ from svidgate.metrics import Metrics
 from svidgate.peercred import PeerRegistry
 from svidgate.sources import BuiltinSource
 from svidgate.sources.builtin import TEMPLATED_IDLE
-from tests.component.sds_fixtures import TD, Responses, sds_server, secrets_of, sotw_request, stub
+from tests.support.sds import TD, secrets_of, sotw_request
+from tests.support.sds_server import Responses, sds_server, stub
 
 MESH = Workload(
     SpiffeIdTemplate.parse("spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}"), (Selector.parse("k8s:ns:shop"),)

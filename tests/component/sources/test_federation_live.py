@@ -27,8 +27,8 @@ from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.sources import create_source
 from svidgate.sources.builtin import BuiltinSource
 from svidgate.sources.bundle_server import BundleEndpointServer, BundleSequence
-from tests.component.runtime_support import check_request
 from tests.support.ca import TestCA
+from tests.support.runtime import check_request
 
 PARTNER = TrustDomain("partner.org")
 PARTNER_ENDPOINT = SpiffeId.parse("spiffe://partner.org/bundle-endpoint")

@@ -36,7 +36,7 @@ from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid, parse_x509_svid
 from tests.support.ca import TestCA, key_usage
-from tests.unit.test_spiffe_id import paths, trust_domain_names
+from tests.unit.identity.test_spiffe_id import paths, trust_domain_names
 
 TD = TrustDomain("example.org")
 ID = "spiffe://example.org/workload"

@@ -16,7 +16,7 @@ from svidgate.sds.resources import (
     Validation,
     parse_validation,
 )
-from tests.component.sds_fixtures import ADMIN, BACKEND, FED_TD, FRONTEND, TD, Identities, unpack
+from tests.support.sds import ADMIN, BACKEND, FED_TD, FRONTEND, TD, Identities, unpack
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from svidgate.sds.stream import (
     Withdrawn,
     state_version,
 )
-from tests.component.sds_fixtures import BACKEND, FRONTEND, TD, Identities
+from tests.support.sds import BACKEND, FRONTEND, TD, Identities
 
 SUB = Subscriber((FRONTEND,), "spiffe")
 
