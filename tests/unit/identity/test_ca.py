@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from svidgate.errors import CaError, JwtSvidError
-from svidgate.identity import ca as ca_module
+from svidgate.identity import ca_state
 from svidgate.identity.bundle import parse_spiffe_bundle, spiffe_bundle_json
 from svidgate.identity.ca import ACTIVATE_AT, BACKDATE_SECONDS, PREPARE_AT, BuiltinCa
 from svidgate.identity.clock import FakeClock
@@ -168,8 +168,8 @@ def test_state_paths_of_the_wrong_kind(tmp_path: Path, clock: FakeClock) -> None
 
 def test_create_never_overwrites_a_file_that_appeared_meanwhile(tmp_path: Path) -> None:
     target = tmp_path / "ca.json"
-    assert ca_module._create_exclusive(target, b"first")
-    assert not ca_module._create_exclusive(target, b"second")
+    assert ca_state.create_exclusive(target, b"first")
+    assert not ca_state.create_exclusive(target, b"second")
     assert target.read_bytes() == b"first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.json"]
 

@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives import serialization
 
 from svidgate.config import parse_config
 from svidgate.errors import CaError, ConfigError
-from svidgate.identity.ca import ACTIVATE_AT, PREPARE_AT, BuiltinCa, UpstreamAuthority
+from svidgate.identity.ca import ACTIVATE_AT, PREPARE_AT, BuiltinCa
+from svidgate.identity.ca_upstream import UpstreamAuthority
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.jwtsvid import validate_jwt_svid
 from svidgate.identity.keys import KeyType
