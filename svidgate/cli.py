@@ -21,8 +21,7 @@ from svidgate import __version__
 from svidgate.config import Config, config_path_from_env, load_config, parse_duration
 from svidgate.errors import CaError, ConfigError, SourceError, SpiffeIdError, SvidgateError
 from svidgate.identity.bundle import Bundle, bundle_map_json, pem_bundle, spiffe_bundle_json
-from svidgate.identity.ca import BuiltinCa
-from svidgate.identity.ca_state import ca_state_file
+from svidgate.identity.ca import BuiltinCa, ca_state_file
 from svidgate.identity.clock import system_clock
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.preflight import preflight

@@ -27,8 +27,7 @@ import yaml
 
 from svidgate.canonical import canonical_host, normalize_path
 from svidgate.errors import CaError, ConfigError, SpiffeIdError
-from svidgate.identity.ca import BACKDATE_SECONDS
-from svidgate.identity.ca_upstream import UpstreamAuthority
+from svidgate.identity.ca import BACKDATE_SECONDS, UpstreamAuthority
 from svidgate.identity.entitlement import KubernetesWorkload
 from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain

@@ -23,8 +23,7 @@ from pathlib import Path
 from svidgate.config import Address, Config
 from svidgate.errors import BundleError, CaError, ConfigError, X509SvidError
 from svidgate.identity.bundle import bundle_update_rejection
-from svidgate.identity.ca import BuiltinCa
-from svidgate.identity.ca_upstream import UpstreamAuthority
+from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.x509svid import parse_x509_svid, verify_x509_svid
 from svidgate.peercred import socket_dir_problem

@@ -63,6 +63,20 @@ from svidgate.identity.x509svid import X509Svid
 
 log = logging.getLogger(__name__)
 
+# The CA's public names. `UpstreamAuthority` (what `load_or_create` takes) and `ca_state_file` (where the
+# state lives) are defined beside it, in ca_upstream and ca_state, and are part of this module's API too.
+__all__ = [
+    "ACTIVATE_AT",
+    "BACKDATE_SECONDS",
+    "DEFAULT_CA_TTL",
+    "DEFAULT_REFRESH_HINT",
+    "PREPARE_AT",
+    "Authority",
+    "BuiltinCa",
+    "UpstreamAuthority",
+    "ca_state_file",
+]
+
 DEFAULT_CA_TTL = 365 * 86400.0
 #: Certificates are dated this far into the past so that peers whose clocks lag a little accept them at once.
 BACKDATE_SECONDS = 60.0

@@ -16,8 +16,7 @@ from __future__ import annotations
 from svidgate.config import Config
 from svidgate.errors import SourceError
 from svidgate.identity.bundle import BundleRejectionSink
-from svidgate.identity.ca import BuiltinCa
-from svidgate.identity.ca_upstream import UpstreamAuthority
+from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.spiffe_id import SpiffeId
 from svidgate.sources.base import IdentitySource, SourceHealth, SourceStatus

@@ -17,8 +17,7 @@ from svidgate import __version__
 from svidgate.cli import main
 from svidgate.config import Config
 from svidgate.identity.bundle import parse_pem_bundle, parse_spiffe_bundle
-from svidgate.identity.ca import BuiltinCa
-from svidgate.identity.ca_upstream import UpstreamAuthority
+from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
 from svidgate.identity.clock import system_clock
 from svidgate.identity.jwtsvid import parse_jwt_svid_insecure, validate_jwt_svid
 from svidgate.identity.keys import KeyType
