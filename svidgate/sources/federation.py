@@ -33,6 +33,10 @@ Rules (SPIFFE_Federation.md):
   reads and fetches at once.
 
 Never imports gRPC.
+
+Why one module of ~750 lines: the per-trust-domain schedule, the bundle endpoint client and the update rules
+are one state machine per partner (fetch, apply or reject, back off, refetch on an unknown key); the client
+(`fetch_bundle`) is the seam along which it splits.
 """
 
 from __future__ import annotations
