@@ -204,7 +204,7 @@ def measure(port: int, pids: list[int], requests: list[bytes], args: Any) -> dic
 def run(args: Any, keys: dict[str, Any], tokens: dict[str, list[str]], server_factory: Any) -> None:
     """Run the through-Envoy cases and print their table."""
     sys.path.insert(0, str(ROOT))
-    from tests.e2e.envoy import EnvoyProcess, render_template
+    from tests.support.envoy import EnvoyProcess, render_template
 
     work = args.state / "envoy"
     work.mkdir(parents=True, exist_ok=True)

@@ -226,10 +226,18 @@ class CheckProcesses:
         authz: the ``authz`` section in force.
         log_format: the main process's log format (workers log to the same stderr).
         log_level: the main process's log level.
+        drain_grace: how long a worker answers its calls in flight after SIGTERM (`server.drain_grace`).
     """
 
     def __init__(
-        self, count: int, address: Address, threads: int, authz: AuthzConfig, log_format: str, log_level: str
+        self,
+        count: int,
+        address: Address,
+        threads: int,
+        authz: AuthzConfig,
+        log_format: str,
+        log_level: str,
+        drain_grace: float = 5.0,
     ) -> None:
         if address.kind != "tcp":
             raise CheckProcessError(f"listen.check {address}: check_processes needs a tcp:// address")
@@ -237,6 +245,7 @@ class CheckProcesses:
         self._address = address
         self._threads = threads
         self._log = (log_format, log_level)
+        self._drain_grace = drain_grace
         self._authz = (1, authz)
         self._bundles: tuple[int, dict[str, bytes]] = (0, {})
         self._slots = [_Slot(i) for i in range(count)]
@@ -313,6 +322,18 @@ class CheckProcesses:
         if self._reservation is not None:
             self._reservation.close()
             self._reservation = None
+
+    def serving(self) -> int:
+        """How many workers run and have confirmed the current policy and bundles (for ``/readyz``)."""
+        authz, bundles = self._authz[0], self._bundles[0]
+        return sum(
+            1
+            for s in self._slots
+            if s.proc is not None
+            and s.proc.returncode is None
+            and s.applied.get("authz", 0) >= authz
+            and s.applied.get("bundles", 0) >= bundles
+        )
 
     def pids(self) -> list[int]:
         """The process ids of the running workers (for tests and benchmarks)."""
@@ -436,6 +457,8 @@ class CheckProcesses:
                 log_level,
                 "--parent-pid",
                 str(os.getpid()),
+                "--drain-grace",
+                str(self._drain_grace),
                 pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -451,9 +474,9 @@ class CheckProcesses:
         # Its state first: until these arrive the worker denies every Check.
         slot.writer.write(_encode(("authz", *self._authz)))
         slot.writer.write(_encode(("bundles", *self._bundles)))
-        self._tasks.append(
-            asyncio.create_task(self._listen(slot, reader), name=f"check-channel-{slot.index}")
-        )
+        self._tasks = [task for task in self._tasks if not task.done()]  # a restarted worker's old channel
+        listener = asyncio.create_task(self._listen(slot, reader), name=f"check-channel-{slot.index}")
+        self._tasks.append(listener)
         log.info("check_process.started", extra={"fields": {"slot": slot.index, "pid": slot.proc.pid}})
         self._wake()
 
@@ -532,6 +555,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="json")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--drain-grace", type=float, default=5.0)
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
 
@@ -581,7 +605,8 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     def stop(signum: int, _frame: object) -> None:
         # SIGTERM from the main process's drain: answer what is in flight, then go.
-        threading.Thread(target=lambda: (server.stop(5.0).wait(), os._exit(0)), daemon=True).start()
+        grace = args.drain_grace
+        threading.Thread(target=lambda: (server.stop(grace).wait(), os._exit(0)), daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
 

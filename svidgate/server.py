@@ -966,6 +966,9 @@ class Server:
         stale = self._stale_svid(snapshot)
         if stale is not None:
             return False, stale
+        if self._check_procs is not None and self._check_procs.serving() == 0:
+            # One restarting worker leaves the others answering on the port; none at all is an outage.
+            return False, "no Check process serving listen.check with the current policy"
         # A federated trust domain whose endpoint is down does not make this node useless for its own
         # workloads, so it is reported but does not hold readiness (a DaemonSet rollout would stall on it).
         missing = sorted(str(td) for td in self.config.federation if td not in snapshot.bundles)
@@ -1178,6 +1181,7 @@ class Server:
             self.config.authz,
             self.config.log.format,
             self.config.log.level,
+            self.settings.drain_grace,
         )
         self._check_procs = procs  # stopped by _shutdown from here on, whatever happens next
         try:

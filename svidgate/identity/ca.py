@@ -1,9 +1,10 @@
 """The built-in CA: a self-signed SPIFFE root per trust domain that mints X.509-SVIDs and JWT-SVIDs.
 
-State lives in one JSON file, ``<state_dir>/ca/ca.json`` (directory 0700, file 0600, replaced atomically), so
-a restart reuses the same root and every peer that trusts it keeps working. Anything unexpected there -- a
-file that does not parse, a CA of another trust domain, a file svidgate did not write -- is a `CaError`; the
-CA is never silently replaced, because replacing it would cut off every peer that trusts the old root.
+State lives in one JSON file, ``<state_dir>/ca/ca.json`` (directory 0700, file 0600, replaced atomically;
+`svidgate.identity.ca_state`), so a restart reuses the same root and every peer that trusts it keeps working.
+Anything unexpected there -- a file that does not parse, a CA of another trust domain, a file svidgate did not
+write -- is a `CaError`; the CA is never silently replaced, because replacing it would cut off every peer that
+trusts the old root.
 
 Rotation follows SPIRE's schedule: when the current authority is half-way through its life a *next* one is
 prepared and published in the bundle; at 5/6 of the current one's life signing switches to it (peers have had
@@ -13,51 +14,69 @@ which nothing it signed can still be valid (every SVID's notAfter/exp is capped 
 Each authority has two keys: the X.509 root key and a separate JWT signing key. One key per SVID type keeps a
 signature made for one protocol from ever being accepted in the other (SPIFFE_Trust_Domain_and_Bundle.md 2).
 
-**Under an upstream root** (`ca.upstream`, as SPIRE's ``disk`` UpstreamAuthority): every authority is an
-intermediate CA signed by a root that several svidgates share (one per node), instead of a self-signed root.
-Each node keeps its own intermediate key in its own state and rotates it on the same schedule; the bundle's
-X.509 authority is the shared root alone, so an SVID from any node verifies on every other, and each served
-chain is ``leaf, intermediate``. No intermediate outlives the root. JWT signing keys stay per node, as with
-SPIRE's disk plugin (it cannot publish JWT keys upstream): a JWT-SVID validates where that node's bundle is
-known.
+**Under an upstream root** (`ca.upstream`, as SPIRE's ``disk`` UpstreamAuthority;
+`svidgate.identity.ca_upstream`): every authority is an intermediate CA signed by a root that several
+svidgates share (one per node), instead of a self-signed root. Each node keeps its own intermediate key in its
+own state and rotates it on the same schedule; the bundle's X.509 authority is the shared root alone, so an
+SVID from any node verifies on every other, and each served chain is ``leaf, intermediate``. No intermediate
+outlives the root. JWT signing keys stay per node, as with SPIRE's disk plugin (it cannot publish JWT keys
+upstream): a JWT-SVID validates where that node's bundle is known.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
-import os
 import secrets
-import stat
-import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from svidgate.errors import CaError, SvidgateError
+from svidgate.errors import CaError
 from svidgate.identity import jwtsvid
 from svidgate.identity.bundle import Bundle
+from svidgate.identity.ca_state import (
+    STATE_DIR_NAME,
+    STATE_FILE_NAME,
+    Authority,
+    CaState,
+    ca_state_file,
+    create_exclusive,
+    encode_state,
+    ensure_private_dir,
+    read_state,
+    write_atomic,
+)
+from svidgate.identity.ca_upstream import UpstreamAuthority
 from svidgate.identity.clock import Clock
-from svidgate.identity.keys import KeyType, SigningKey, generate_private_key, key_id, key_type_of
+from svidgate.identity.keys import KeyType, SigningKey, generate_private_key
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "svidgate-ca/1"
-STATE_DIR_NAME = "ca"
-STATE_FILE_NAME = "ca.json"
+# The CA's public names. `UpstreamAuthority` (what `load_or_create` takes) and `ca_state_file` (where the
+# state lives) are defined beside it, in ca_upstream and ca_state, and are part of this module's API too.
+__all__ = [
+    "ACTIVATE_AT",
+    "BACKDATE_SECONDS",
+    "DEFAULT_CA_TTL",
+    "DEFAULT_REFRESH_HINT",
+    "PREPARE_AT",
+    "Authority",
+    "BuiltinCa",
+    "UpstreamAuthority",
+    "ca_state_file",
+]
+
 DEFAULT_CA_TTL = 365 * 86400.0
 #: Certificates are dated this far into the past so that peers whose clocks lag a little accept them at once.
 BACKDATE_SECONDS = 60.0
@@ -66,146 +85,6 @@ PREPARE_AT = 1 / 2
 ACTIVATE_AT = 5 / 6
 #: `spiffe_refresh_hint` of the bundle: how often federated peers should re-fetch it.
 DEFAULT_REFRESH_HINT = 300
-
-
-def ca_state_file(state_dir: Path) -> Path:
-    """Where the built-in CA of `state_dir` keeps its state."""
-    return Path(state_dir) / STATE_DIR_NAME / STATE_FILE_NAME
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Authority:
-    """One generation of the CA: an X.509 root and a JWT signing key with the same lifetime.
-
-    `x509_key` and `jwt_key` are None for a retired authority loaded from disk: it only verifies.
-    """
-
-    certificate: x509.Certificate
-    x509_key: SigningKey | None
-    jwt_public_key: PublicKeyTypes
-    jwt_key: SigningKey | None
-
-    @property
-    def not_before(self) -> float:
-        return self.certificate.not_valid_before_utc.timestamp()
-
-    @property
-    def not_after(self) -> float:
-        return self.certificate.not_valid_after_utc.timestamp()
-
-    @property
-    def jwt_key_id(self) -> str:
-        return key_id(self.jwt_public_key)
-
-    def lifetime_point(self, fraction: float) -> float:
-        return self.not_before + (self.not_after - self.not_before) * fraction
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class UpstreamAuthority:
-    """A shared root CA that signs this node's intermediates (``ca.upstream``).
-
-    Construct with `load`, which validates it completely. Only a self-signed root is accepted (SPIRE's disk
-    plugin without a bundle file does the same): it is what the bundle publishes.
-    """
-
-    certificate: x509.Certificate
-    key: SigningKey
-
-    def __repr__(self) -> str:  # never the key
-        return f"UpstreamAuthority(subject={self.certificate.subject.rfc4514_string()!r})"
-
-    @property
-    def not_before(self) -> float:
-        return self.certificate.not_valid_before_utc.timestamp()
-
-    @property
-    def not_after(self) -> float:
-        return self.certificate.not_valid_after_utc.timestamp()
-
-    @classmethod
-    def load(cls, cert_file: Path, key_file: Path, now: float) -> UpstreamAuthority:
-        """Read and validate the upstream root and its private key.
-
-        Args:
-            cert_file: PEM with exactly one certificate: a self-signed CA that may sign CAs.
-            key_file: its private key (PEM, PKCS#8 or traditional, unencrypted).
-            now: the current time (the root must be valid now).
-
-        Returns:
-            The upstream authority.
-
-        Raises:
-            CaError: a file cannot be read or parsed, the certificate is not a CA root that may sign an
-                intermediate, the key does not match it, or it is not valid at `now`.
-        """
-        try:
-            cert_pem = Path(cert_file).read_bytes()
-            key_pem = Path(key_file).read_bytes()
-        except OSError as exc:
-            raise CaError(f"ca.upstream: cannot read {exc.filename}: {exc.strerror or exc}") from None
-        try:
-            certs = x509.load_pem_x509_certificates(cert_pem)
-        except ValueError:
-            raise CaError(f"ca.upstream: {cert_file}: no PEM certificate in it") from None
-        if len(certs) != 1:
-            raise CaError(
-                f"ca.upstream: {cert_file}: holds {len(certs)} certificates; give exactly one, the root"
-            )
-        cert = certs[0]
-        try:
-            key = _signing_key(serialization.load_pem_private_key(key_pem, None))
-        except (ValueError, TypeError, SvidgateError):
-            # The exception text could quote the file; a key file's content never goes into a message.
-            raise CaError(
-                f"ca.upstream: {key_file}: not an unencrypted EC (P-256/P-384) or RSA private key in PEM"
-            ) from None
-        if key.public_key() != cert.public_key():
-            raise CaError(f"ca.upstream: {key_file} is not the private key of {cert_file}")
-        where = f"ca.upstream: {cert_file}"
-        try:
-            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            raise CaError(f"{where}: not a CA certificate (no basicConstraints)") from None
-        if not constraints.ca:
-            raise CaError(f"{where}: not a CA certificate (basicConstraints CA:FALSE)")
-        if constraints.path_length == 0:
-            raise CaError(f"{where}: pathlen 0 forbids the intermediate CA svidgate issues under it")
-        with contextlib.suppress(x509.ExtensionNotFound):
-            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-            if not usage.key_cert_sign:
-                raise CaError(f"{where}: its keyUsage does not allow keyCertSign")
-        if cert.issuer != cert.subject:
-            raise CaError(f"{where}: not self-signed; ca.upstream takes the root of the shared trust")
-        try:
-            cert.verify_directly_issued_by(cert)
-        except (ValueError, TypeError, InvalidSignature):
-            raise CaError(f"{where}: its self-signature does not verify") from None
-        upstream = cls(cert, key)
-        if not upstream.not_before <= now < upstream.not_after:
-            raise CaError(
-                f"{where}: not valid now (valid {_datetime(upstream.not_before).isoformat()} to "
-                f"{_datetime(upstream.not_after).isoformat()})"
-            )
-        return upstream
-
-    def issued(self, cert: x509.Certificate) -> bool:
-        """Whether `cert` was signed by this root."""
-        if cert.issuer != self.certificate.subject:
-            return False
-        try:
-            cert.verify_directly_issued_by(self.certificate)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        return True
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _State:
-    current: Authority
-    next: Authority | None
-    retired: tuple[Authority, ...]
-    sequence: int
 
 
 class BuiltinCa:
@@ -221,7 +100,7 @@ class BuiltinCa:
         clock: Clock,
         ca_ttl: float,
         state_file: Path | None,
-        state: _State,
+        state: CaState,
         upstream: UpstreamAuthority | None = None,
     ) -> None:
         self._upstream = upstream
@@ -273,19 +152,19 @@ class BuiltinCa:
             Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise CaError(f"cannot create state directory {state_dir}: {exc.strerror or exc}") from None
-        _ensure_private_dir(ca_dir)
+        ensure_private_dir(ca_dir)
         state_file = ca_dir / STATE_FILE_NAME
-        state = _read_state(state_file, trust_domain)
+        state = read_state(state_file, trust_domain)
         if state is not None:
             _check_issuer(state, upstream, str(state_file))
         if state is None:
-            created = _State(
+            created = CaState(
                 current=_new_authority(trust_domain, key_type, clock(), ca_ttl, upstream),
                 next=None,
                 retired=(),
                 sequence=1,
             )
-            if _create_exclusive(state_file, _encode_state(trust_domain, created)):
+            if create_exclusive(state_file, encode_state(trust_domain, created)):
                 state = created
                 log.info(
                     "ca.created",
@@ -295,7 +174,7 @@ class BuiltinCa:
                 )
             else:
                 # Another process created it between our read and our write: use theirs, never overwrite.
-                state = _read_state(state_file, trust_domain)
+                state = read_state(state_file, trust_domain)
                 if state is None:
                     raise CaError(f"{state_file}: appeared and vanished while creating the CA")
         else:
@@ -350,7 +229,7 @@ class BuiltinCa:
                 not issued under `upstream` (or is, without it).
         """
         state_file = ca_state_file(state_dir)
-        state = _read_state(state_file, trust_domain)
+        state = read_state(state_file, trust_domain)
         if state is None:
             return None
         _check_issuer(state, upstream, str(state_file))
@@ -366,7 +245,7 @@ class BuiltinCa:
         upstream: UpstreamAuthority | None = None,
     ) -> BuiltinCa:
         """A CA that persists nothing (for tests and one-off `svidgate mint`)."""
-        state = _State(_new_authority(trust_domain, key_type, clock(), ca_ttl, upstream), None, (), 1)
+        state = CaState(_new_authority(trust_domain, key_type, clock(), ca_ttl, upstream), None, (), 1)
         return cls(trust_domain, key_type, clock, ca_ttl, None, state, upstream)
 
     # -- read-only views -----
@@ -543,14 +422,14 @@ class BuiltinCa:
                 return False
             state = replace(state, sequence=old.sequence + 1)
             if self._state_file is not None:
-                _write_atomic(self._state_file, _encode_state(self._trust_domain, state))
+                write_atomic(self._state_file, encode_state(self._trust_domain, state))
             self._state = state
             self._log_transition(old, state)
             return True
 
     # -- internals -----
 
-    def _advance(self, state: _State, now: float) -> _State:
+    def _advance(self, state: CaState, now: float) -> CaState:
         state = replace(state, retired=tuple(a for a in state.retired if a.not_after > now))
         if state.next is None and now >= state.current.lifetime_point(PREPARE_AT):
             state = replace(
@@ -560,7 +439,7 @@ class BuiltinCa:
         if state.next is not None and now >= state.current.lifetime_point(ACTIVATE_AT):
             # A retired authority stays published only while something it signed can still be valid.
             keep = (state.current,) if state.current.not_after > now else ()
-            state = _State(
+            state = CaState(
                 current=state.next, next=None, retired=keep + state.retired, sequence=state.sequence
             )
         return state
@@ -582,7 +461,7 @@ class BuiltinCa:
             )
         return authority
 
-    def _log_transition(self, old: _State, new: _State) -> None:
+    def _log_transition(self, old: CaState, new: CaState) -> None:
         if new.current is not old.current:
             log.info("ca.activated", extra={"fields": _authority_fields(self._trust_domain, new.current)})
         if new.next is not None and new.next is not old.next:
@@ -697,7 +576,7 @@ def _authority_fields(trust_domain: TrustDomain, authority: Authority, **extra: 
     }
 
 
-def _check_issuer(state: _State, upstream: UpstreamAuthority | None, where: str) -> None:
+def _check_issuer(state: CaState, upstream: UpstreamAuthority | None, where: str) -> None:
     """Refuse state whose authorities do not belong under `upstream` (or are intermediates without it).
 
     Switching between a self-signed CA and an upstream root, or to another root, changes what every peer must
@@ -717,219 +596,3 @@ def _check_issuer(state: _State, upstream: UpstreamAuthority | None, where: str)
                 f"({upstream.certificate.subject.rfc4514_string()}); use another state_dir, or remove this "
                 "one deliberately (every peer trusting the old CA loses it)"
             )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Persistence
-
-
-def _ensure_private_dir(path: Path) -> None:
-    try:
-        path.mkdir(mode=0o700, exist_ok=True)
-        info = path.lstat()
-    except FileExistsError:
-        raise CaError(f"{path} exists and is not a directory") from None
-    except OSError as exc:
-        raise CaError(f"cannot create state directory {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise CaError(f"{path} exists and is not a directory")
-    # Private keys live below; other users must not even list the directory.
-    _restrict_mode(path, info, 0o700, "ca.state_dir_permissions_tightened")
-
-
-def _restrict_mode(path: Path, info: os.stat_result, mode: int, event: str) -> None:
-    """Set `path` to `mode` when group or others have any access to it, and log `event` when it did."""
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        try:
-            path.chmod(mode)
-        except OSError as exc:
-            raise CaError(f"cannot restrict {path} to mode {mode:04o}: {exc.strerror or exc}") from None
-        log.warning(event, extra={"fields": {"path": str(path)}})
-
-
-def _read_state(path: Path, trust_domain: TrustDomain) -> _State | None:
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise CaError(f"cannot read CA state {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise CaError(f"{path} is not a regular file; refusing to use it as CA state")
-    _restrict_mode(path, info, 0o600, "ca.state_file_permissions_tightened")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CaError(f"cannot read CA state {path}: {exc.strerror or exc}") from None
-    return _decode_state(raw, trust_domain, str(path))
-
-
-def _encode_state(trust_domain: TrustDomain, state: _State) -> bytes:
-    def authority(role: str, a: Authority) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "role": role,
-            "certificate": a.certificate.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-            "jwt_public_key": a.jwt_public_key.public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ).decode("ascii"),
-        }
-        # A retired authority only verifies: its private keys are not kept on disk longer than needed.
-        if role != "retired" and a.x509_key is not None and a.jwt_key is not None:
-            entry["private_key"] = _pkcs8(a.x509_key)
-            entry["jwt_private_key"] = _pkcs8(a.jwt_key)
-        return entry
-
-    authorities = [authority("current", state.current)]
-    if state.next is not None:
-        authorities.append(authority("next", state.next))
-    authorities.extend(authority("retired", a) for a in state.retired)
-    doc = {
-        "format": STATE_FORMAT,
-        "trust_domain": trust_domain.name,
-        "sequence": state.sequence,
-        "authorities": authorities,
-    }
-    return (json.dumps(doc, indent=2) + "\n").encode("ascii")
-
-
-def _pkcs8(key: SigningKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode("ascii")
-
-
-def _decode_state(raw: bytes, trust_domain: TrustDomain, where: str) -> _State:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise CaError(f"{where}: not a svidgate CA state file (not JSON); refusing to replace it") from None
-    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-        raise CaError(
-            f"{where}: not a svidgate CA state file (no 'format': {STATE_FORMAT!r}); refusing to use it"
-        )
-    if doc.get("trust_domain") != trust_domain.name:
-        raise CaError(
-            f"{where}: holds the CA of trust domain {doc.get('trust_domain')!r}, not {trust_domain.name!r}; "
-            "use another state_dir or remove it deliberately"
-        )
-    sequence = doc.get("sequence")
-    if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
-        raise CaError(f"{where}: 'sequence' must be a non-negative integer")
-    entries = doc.get("authorities")
-    if not isinstance(entries, list):
-        raise CaError(f"{where}: 'authorities' must be an array")
-    current: list[Authority] = []
-    next_: list[Authority] = []
-    retired: list[Authority] = []
-    for index, entry in enumerate(entries):
-        role, authority = _decode_authority(entry, trust_domain, f"{where}: authorities[{index}]")
-        {"current": current, "next": next_, "retired": retired}[role].append(authority)
-    if len(current) != 1 or len(next_) > 1:
-        raise CaError(f"{where}: needs exactly one current and at most one next authority")
-    return _State(
-        current=current[0], next=next_[0] if next_ else None, retired=tuple(retired), sequence=sequence
-    )
-
-
-def _decode_authority(entry: object, trust_domain: TrustDomain, where: str) -> tuple[str, Authority]:
-    if not isinstance(entry, dict):
-        raise CaError(f"{where}: must be an object")
-    role = entry.get("role")
-    if role not in ("current", "next", "retired"):
-        raise CaError(f"{where}: 'role' must be current, next or retired")
-    try:
-        cert = x509.load_pem_x509_certificate(_ascii(entry, "certificate", where))
-        jwt_public_key = serialization.load_pem_public_key(_ascii(entry, "jwt_public_key", where))
-        x509_key = jwt_key = None
-        if role != "retired":
-            x509_key = _signing_key(
-                serialization.load_pem_private_key(_ascii(entry, "private_key", where), None)
-            )
-            jwt_key = _signing_key(
-                serialization.load_pem_private_key(_ascii(entry, "jwt_private_key", where), None)
-            )
-    except (ValueError, TypeError, SvidgateError) as exc:
-        raise CaError(f"{where}: corrupt key or certificate: {exc}") from None
-    uris = _uri_sans(cert)
-    if uris != [str(trust_domain.id)]:
-        raise CaError(f"{where}: the certificate is not a CA of {trust_domain} (URI SANs {uris})")
-    if x509_key is not None and x509_key.public_key() != cert.public_key():
-        raise CaError(f"{where}: the private key does not match the certificate")
-    if jwt_key is not None and jwt_key.public_key() != jwt_public_key:
-        raise CaError(f"{where}: the JWT private key does not match the JWT public key")
-    return role, Authority(cert, x509_key, jwt_public_key, jwt_key)
-
-
-def _ascii(entry: dict[str, Any], name: str, where: str) -> bytes:
-    value = entry.get(name)
-    if not isinstance(value, str):
-        raise CaError(f"{where}: {name!r} must be a PEM string")
-    return value.encode("ascii", errors="replace")
-
-
-def _signing_key(key: object) -> SigningKey:
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise CaError(f"unsupported key type {type(key).__name__}")
-    key_type_of(key)  # raises for curves/sizes svidgate does not sign with
-    return key
-
-
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
-        return []
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-def _temp_file(path: Path, data: bytes) -> str:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    return temp
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; without it a crash can leave the old file (or none) after a reboot.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    try:
-        temp = _temp_file(path, data)
-        os.replace(temp, path)
-    except OSError as exc:
-        raise CaError(f"cannot write CA state {path}: {exc.strerror or exc}") from None
-    _fsync_dir(path.parent)
-
-
-def _create_exclusive(path: Path, data: bytes) -> bool:
-    """Create `path` with `data` atomically unless it exists. Returns False if another writer won the race."""
-    try:
-        temp = _temp_file(path, data)
-    except OSError as exc:
-        raise CaError(f"cannot write CA state {path}: {exc.strerror or exc}") from None
-    try:
-        os.link(temp, path)  # link(2) fails with EEXIST instead of replacing: create-if-absent, atomically
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        raise CaError(f"cannot write CA state {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-    _fsync_dir(path.parent)
-    return True

@@ -35,27 +35,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import ssl
 import tempfile
-import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from svidgate.config import BundleEndpointServerConfig
 from svidgate.errors import BundleError, SourceError
-from svidgate.identity.bundle import Bundle, public_key_to_jwk, spiffe_bundle_json
+from svidgate.identity.bundle import Bundle
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.identity.spiffe_id import TrustDomain
 from svidgate.identity.x509svid import X509Svid
+from svidgate.sources.bundle_documents import (
+    authorities_digest,
+    bundle_document,
+    jwks_document,
+    oidc_paths,
+    openid_configuration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,77 +81,6 @@ SEQUENCE_FILE = "sequence.json"
 _JSON = "application/json"
 #: Instead of aiohttp's default, which names the Python and aiohttp versions to anyone who asks.
 _HEADERS = {"Server": "svidgate"}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Documents (pure)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def authorities_digest(bundle: Bundle) -> str:
-    """A digest of a bundle's authorities alone (sequence and hint left out): equal iff the keys are equal."""
-    plain = dataclasses.replace(bundle, sequence=None, refresh_hint=None)
-    return hashlib.sha256(spiffe_bundle_json(plain)).hexdigest()
-
-
-def bundle_document(bundle: Bundle, sequence: int, refresh_hint: int) -> bytes:
-    """The SPIFFE bundle endpoint's response body: `bundle` with the served sequence and refresh hint.
-
-    Raises:
-        BundleError: an authority has a key type a JWK cannot express.
-    """
-    return spiffe_bundle_json(dataclasses.replace(bundle, sequence=sequence, refresh_hint=refresh_hint))
-
-
-def jwt_algorithm(key: PublicKeyTypes) -> str | None:
-    """The JWS ``alg`` svidgate signs with for a key of this type (as `jwtsvid.jwt_algorithm_for_key`)."""
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}.get(key.curve.name)
-    if isinstance(key, rsa.RSAPublicKey):
-        return "RS256"
-    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        return "EdDSA"
-    return None
-
-
-def jwks_document(bundle: Bundle) -> bytes:
-    """The JWKS of the JWT-SVID keys, as SPIRE's OIDC discovery provider serves it (``use: sig`` and ``alg``).
-
-    Raises:
-        BundleError: a key type a JWK cannot express.
-    """
-    keys: list[dict[str, str]] = []
-    for kid, key in bundle.jwt_authorities.items():
-        jwk: dict[str, str] = {**public_key_to_jwk(key, f"jwt authority {kid!r}"), "kid": kid, "use": "sig"}
-        alg = jwt_algorithm(key)
-        if alg is not None:
-            jwk["alg"] = alg
-        keys.append(jwk)
-    return (json.dumps({"keys": keys}, indent=2) + "\n").encode("utf-8")
-
-
-def oidc_paths(issuer: str) -> tuple[str, str]:
-    """``(discovery path, JWKS path)`` for an issuer: OpenID Connect Discovery 1.0 section 4 puts the document
-    at the issuer's path + ``/.well-known/openid-configuration``; the JWKS sits beside it at ``keys``."""
-    base = urllib.parse.urlsplit(issuer).path.rstrip("/")
-    return f"{base}/.well-known/openid-configuration", f"{base}/keys"
-
-
-def openid_configuration(issuer: str, bundle: Bundle) -> bytes:
-    """The OpenID Connect discovery document for `issuer`, with the fields SPIRE's provider serves.
-
-    ``id_token_signing_alg_values_supported`` lists the algorithms of the keys actually in the bundle.
-    """
-    algorithms = sorted({alg for key in bundle.jwt_authorities.values() if (alg := jwt_algorithm(key))})
-    doc = {
-        "issuer": issuer,
-        "jwks_uri": issuer.rstrip("/") + "/keys",
-        "authorization_endpoint": "",
-        "response_types_supported": ["id_token"],
-        "subject_types_supported": [],
-        "id_token_signing_alg_values_supported": algorithms,
-    }
-    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------

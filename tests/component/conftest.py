@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.component.runtime_support import Layout, write_config
+from tests.support.runtime import Layout, write_config
 from tests.support.tempdir import short_dir
 
 

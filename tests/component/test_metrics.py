@@ -10,7 +10,7 @@ import grpc.aio
 from prometheus_client import CollectorRegistry
 
 from svidgate.metrics import CHECK_BUCKETS, Metrics
-from tests.component.runtime_support import (
+from tests.support.runtime import (
     BACKEND,
     TRUST_DOMAIN,
     WEB,

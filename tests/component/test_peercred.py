@@ -20,7 +20,8 @@ from svidgate.config import Selector, Workload
 from svidgate.errors import SvidgateError
 from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.peercred import PeerCredFront, PeerRegistry, bind_unix_socket, peer_credentials
-from tests.component.sds_fixtures import FRONTEND, Identities, sds_server, secrets_of, sotw_request, stub
+from tests.support.sds import FRONTEND, Identities, secrets_of, sotw_request
+from tests.support.sds_server import sds_server, stub
 
 
 @pytest.fixture

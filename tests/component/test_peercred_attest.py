@@ -15,7 +15,8 @@ from svidgate.config import Selector, Workload
 from svidgate.identity.entitlement import CallerInfo, KubernetesWorkload
 from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.peercred import PeerCredFront, PeerRegistry
-from tests.component.sds_fixtures import FRONTEND, Identities, sds_server, secrets_of, sotw_request, stub
+from tests.support.sds import FRONTEND, Identities, secrets_of, sotw_request
+from tests.support.sds_server import sds_server, stub
 from tests.support.tempdir import short_dir
 
 POD = KubernetesWorkload("shop", "frontend", "frontend-1", "uid-1", "node-1", "envoy")

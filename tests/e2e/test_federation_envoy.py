@@ -40,17 +40,17 @@ from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import system_clock
 from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import TrustDomain
-from tests.component.runtime_support import (
+from tests.support.ca import TestCA
+from tests.support.ca_state import roll_ca, write_ca_state
+from tests.support.checkserver import Backend, echo_backend
+from tests.support.envoy import EXAMPLES, EnvoyProcess, shipped_config
+from tests.support.runtime import (
     ServeProcess,
     check_request,
     fetch_jwt_svid,
     scrape,
     value,
 )
-from tests.e2e.checkserver import Backend, echo_backend
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
-from tests.support.ca import TestCA
-from tests.support.ca_state import roll_ca, write_ca_state
 from tests.support.tempdir import short_dir
 
 pytestmark = pytest.mark.e2e

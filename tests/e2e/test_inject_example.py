@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
+from tests.support.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.examples import load_backend
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir

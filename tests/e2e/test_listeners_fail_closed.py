@@ -9,7 +9,7 @@ Every Envoy must answer: no token 401, a bad token 401, a valid JWT-SVID 200.
 
 The Envoy in front of the Workload API socket sends the Workload Endpoint's ``workload.spiffe.io: true`` with
 its Checks, as every client of that socket must (without it svidgate denies; see
-tests/component/test_server_listeners.py).
+tests/component/runtime/test_listeners.py).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 from svidgate.server import Server
-from tests.component.runtime_support import AUDIENCE, Layout, fetch_jwt_svid, workload_channel, write_config
-from tests.e2e.checkserver import echo_backend
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
+from tests.support.checkserver import echo_backend
+from tests.support.envoy import EXAMPLES, EnvoyProcess, shipped_config
+from tests.support.runtime import AUDIENCE, Layout, fetch_jwt_svid, workload_channel, write_config
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir
 

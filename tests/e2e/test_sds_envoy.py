@@ -39,7 +39,7 @@ from svidgate.identity.x509svid import X509Svid
 from svidgate.metrics import Metrics
 from svidgate.peercred import PeerCredFront, PeerRegistry
 from svidgate.sds.servicer import SERVER_OPTIONS, SecretDiscoveryServicer
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
+from tests.support.envoy import EXAMPLES, EnvoyProcess, shipped_config
 
 pytestmark = pytest.mark.e2e
 

@@ -25,8 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import WorkloadApiClient
 
-from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.ca import TestCA
+from tests.support.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.examples import load_backend
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir

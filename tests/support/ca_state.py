@@ -9,15 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from svidgate.identity.ca import (
-    BACKDATE_SECONDS,
-    STATE_DIR_NAME,
-    STATE_FILE_NAME,
-    _encode_state,
-    _new_authority,
-    _read_state,
-    _State,
-)
+from svidgate.identity.ca import BACKDATE_SECONDS, _new_authority
+from svidgate.identity.ca_state import STATE_DIR_NAME, STATE_FILE_NAME, CaState, encode_state, read_state
 from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import TrustDomain
 
@@ -37,7 +30,7 @@ def write_ca_state(state_dir: Path, trust_domain: TrustDomain, *, not_before: fl
     authority = _new_authority(trust_domain, KeyType.EC_P256, now, lifetime - BACKDATE_SECONDS)
     path = state_file(state_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.write_bytes(_encode_state(trust_domain, _State(authority, None, (), 1)))
+    path.write_bytes(encode_state(trust_domain, CaState(authority, None, (), 1)))
     path.chmod(0o600)
 
 
@@ -47,8 +40,8 @@ def roll_ca(state_dir: Path, trust_domain: TrustDomain, *, now: float, lifetime:
     Only while svidgate is stopped: a running one owns the file.
     """
     path = state_file(state_dir)
-    old = _read_state(path, trust_domain)
+    old = read_state(path, trust_domain)
     assert old is not None, f"no CA state at {path}"
     new = _new_authority(trust_domain, KeyType.EC_P256, now, lifetime)
-    rolled = _State(current=new, next=None, retired=(old.current, *old.retired), sequence=old.sequence + 1)
-    path.write_bytes(_encode_state(trust_domain, rolled))
+    rolled = CaState(current=new, next=None, retired=(old.current, *old.retired), sequence=old.sequence + 1)
+    path.write_bytes(encode_state(trust_domain, rolled))
