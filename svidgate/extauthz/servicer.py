@@ -4,8 +4,8 @@ The core is one plain, synchronous method, `AuthorizationServicer.check(request)
 the same code is served by the ``grpc.aio`` servers of ``listen.grpc`` and ``listen.workload_api``
 (`add_to_server`) and by a threaded ``grpc.server`` on ``listen.check`` (`add_to_sync_server`,
 `new_sync_check_server`). Every gRPC listener svidgate opens answers Check with the same decision (see
-`svidgate.server.Services.register`); ``listen.check`` is the fast path: measured here, the threaded server
-answers the same Check with about a fifth fewer instructions and less CPU than ``grpc.aio``
+`svidgate.runtime.wiring.Services.register`); ``listen.check`` is the fast path: measured here, the threaded
+server answers the same Check with about a fifth fewer instructions and less CPU than ``grpc.aio``
 (bench/check_bench.py, bench/check_bench_callgrind.py).
 
 Fail closed, always with a response: a denial is a normal `CheckResponse` with a non-OK status and never an
@@ -26,7 +26,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING, Any, Final
 
@@ -750,20 +750,27 @@ def _register(server: grpc.Server | grpc.aio.Server, behavior: Callable[..., Any
     server.add_registered_method_handlers(_SERVICE, handlers)  # type: ignore[union-attr]
 
 
-def new_sync_check_server(servicer: AuthorizationServicer, max_workers: int = 4) -> grpc.Server:
-    """A threaded gRPC server with Check registered, not yet bound or started.
+def new_sync_check_server(
+    servicer: AuthorizationServicer,
+    max_workers: int = 4,
+    *,
+    options: Sequence[tuple[str, int]] = (("grpc.so_reuseport", 0),),
+) -> grpc.Server:
+    """A threaded gRPC server with Check registered, not yet bound or started: the one way svidgate builds
+    it (``listen.check``, tests and bench/ alike).
 
     Args:
         servicer: the Check service (shared with the aio server: same cache, policies and metrics).
         max_workers: worker threads (svidgate serve uses `server.check_workers`, default 2: more threads only
             contend for the GIL).
+        options: the server's channel options (`svidgate serve` passes `grpc_server_options()`).
 
     Returns:
         The server; the caller adds ports (``add_insecure_port``) and starts and stops it.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="svidgate-check"),
-        options=[("grpc.so_reuseport", 0)],
+        options=list(options),
     )
     servicer.add_to_sync_server(server)
     return server

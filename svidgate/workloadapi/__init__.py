@@ -10,7 +10,7 @@
 
 The generated messages live in `svidgate._gen` (see scripts/gen_protos.py). This package may import
 `svidgate.identity`, `svidgate.peercred`, `svidgate.config` and `svidgate.metrics`; it must never import
-`svidgate.server`, `svidgate.cli`, `svidgate.sds` or `svidgate.extauthz`.
+`svidgate.runtime`, `svidgate.cli`, `svidgate.sds` or `svidgate.extauthz`.
 """
 
 #: The gRPC service name. The standard's proto has no package: the wire paths are /SpiffeWorkloadAPI/<Method>.

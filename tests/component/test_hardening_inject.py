@@ -18,7 +18,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from svidgate.identity.jwtsvid import parse_jwt_svid_insecure
-from svidgate.server import Server
+from svidgate.runtime.server import Server
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir
 

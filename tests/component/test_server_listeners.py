@@ -25,7 +25,8 @@ import grpc.aio
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from svidgate.server import Server, StateDirLock, StateDirLockedError
+from svidgate.runtime.listeners import StateDirLock, StateDirLockedError
+from svidgate.runtime.server import Server
 from tests.component.runtime_support import (
     AUDIENCE,
     WORKLOAD_HEADER,

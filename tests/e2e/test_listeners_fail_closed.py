@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from svidgate.server import Server
+from svidgate.runtime.server import Server
 from tests.component.runtime_support import AUDIENCE, Layout, fetch_jwt_svid, workload_channel, write_config
 from tests.e2e.checkserver import echo_backend
 from tests.e2e.envoy import EXAMPLES, EnvoyProcess, shipped_config

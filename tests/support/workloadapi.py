@@ -1,7 +1,8 @@
 """A real svidgate Workload API on a unix socket, behind the real peercred front, for component tests.
 
 `serve_workload_api()` starts a grpc.aio server with `WorkloadApiServicer` on a private inner socket and a
-`PeerCredFront` on the public one, exactly as the runtime wires them, so that a client connecting to
+`PeerCredFront` (with the claim that owns its socket file) on the public one, exactly as the runtime wires
+them, so that a client connecting to
 `harness.socket` is identified by its kernel-verified uid/gid. The identities come from a real `BuiltinSource`
 (built-in CA, `FakeClock`), so rotation is driven by advancing the clock and calling `source.refresh()`.
 """
@@ -26,8 +27,9 @@ from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.metrics import Metrics
-from svidgate.peercred import PeerCredFront, PeerRegistry
+from svidgate.peercred import PeerRegistry
 from svidgate.workloadapi.server import MintJwtSvid, WorkloadApiServicer
+from tests.support.peercred import ClaimedFront
 from tests.support.tempdir import short_dir
 
 TRUST_DOMAIN = TrustDomain("example.org")
@@ -130,7 +132,7 @@ async def serve_workload_api(
         servicer.add_to_server(server)
         server.add_insecure_port(f"unix:{inner}")
         await server.start()
-        front = PeerCredFront(public, str(inner), registry)
+        front = ClaimedFront(public, str(inner), registry)
         await front.start()
         try:
             yield Harness(public, inner, clock, ca, source, source.feed, servicer, registry)
