@@ -52,6 +52,7 @@ from svidgate.identity.jwtsvid import UNKNOWN_KEY, JwtSvid, parse_jwt_svid_insec
 if TYPE_CHECKING:
     import grpc.aio
 
+    from svidgate.extauthz.metrics import AuthzMetrics
     from svidgate.extauthz.policy import CompiledAuthz, CompiledPolicy
     from svidgate.extauthz.reload import PolicyHolder
     from svidgate.identity.bundle import Bundle
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
     from svidgate.identity.snapshot import SnapshotFeed
     from svidgate.identity.sources.federation import BundleRefresher
     from svidgate.identity.spiffe_id import TrustDomain
-    from svidgate.metrics import Metrics
 
 __all__ = [
     "MISSING_SECURITY_HEADER",
@@ -318,7 +318,7 @@ class AuthorizationServicer:
         self,
         feed: SnapshotFeed,
         policies: PolicyHolder,
-        metrics: Metrics | None = None,
+        metrics: AuthzMetrics | None = None,
         clock: Clock = system_clock,
         injector: TokenInjector | None = None,
         peers: PeerResolver | None = None,
@@ -440,7 +440,7 @@ class AuthorizationServicer:
                 and (decided.valid_until == math.inf or self._clock() < decided.valid_until)
             ):
                 if decided.token_hit and self._metrics is not None:
-                    self._metrics.authz_recorder.cell().hits += 1
+                    self._metrics.recorder.cell().hits += 1
                 return decided.prepared
         owner, memo = self._memo
         if owner is not authz:
@@ -579,7 +579,7 @@ class AuthorizationServicer:
         except InjectError as err:
             return deny(403, err.reason, policy=policy.name, hide_details=hide)
         if self._metrics is not None:
-            self._metrics.authz_tokens_injected.labels(policy.name).inc()
+            self._metrics.tokens_injected.labels(policy.name).inc()
         return inject_decision(authz, policy, svid)
 
     def _record(
@@ -598,12 +598,10 @@ class AuthorizationServicer:
                 key = (decision.policy or "", decision.verdict, decision.reason, decision.dry_run)
                 counter = self._decision_counters.get(key)
                 if counter is None:
-                    counter = metrics.authz_decisions.labels(
-                        key[0], key[1], key[2], "true" if key[3] else "false"
-                    )
+                    counter = metrics.decisions.labels(key[0], key[1], key[2], "true" if key[3] else "false")
                     self._decision_counters[key] = counter
                 prepared.counter = counter
-            metrics.authz_recorder.check(counter, elapsed)
+            metrics.recorder.check(counter, elapsed)
         if not log.isEnabledFor(logging.INFO):
             # Decide about the line before anything is gathered for it: a logger that drops INFO would
             # discard it after the rate limiter's lock, six request fields and the logging call.
@@ -722,7 +720,7 @@ class AuthorizationServicer:
         else:
             # The grpc.aio interceptor counts calls on listen.grpc; the threaded server has none: count here.
             # Check never fails the RPC (denials and internal errors are CheckResponses): the code is OK.
-            recorder = metrics.authz_recorder
+            recorder = metrics.recorder
             started = metrics.grpc_started.labels(service=_SERVICE, method="Check")
             handled = metrics.grpc_handled.labels(service=_SERVICE, method="Check", code="OK")
 

@@ -107,7 +107,7 @@ class Services:
         self.authz = AuthorizationServicer(
             source.feed,
             self.policies,
-            metrics,
+            metrics.authz,
             clock,
             injector=self.injector,
             peers=self.peers.lookup,
@@ -119,7 +119,7 @@ class Services:
             config.sds,
             config.trust_domain,
             peers=self.peers,
-            metrics=metrics,
+            metrics=metrics.sds,
             clock=clock,
             templated=templated,
         )
@@ -131,7 +131,7 @@ class Services:
             config.workloads,
             self.peers,
             mint,
-            metrics,
+            metrics.workload_api,
             clock,
             leeway=config.authz.leeway,
             templated=templated,
@@ -147,7 +147,7 @@ class Services:
         wanted = config.kubernetes if config.attests_kubernetes else None
         if wanted != self._kubernetes or (wanted is not None and self._attestor is None):
             self._kubernetes = wanted
-            self._attestor = None if wanted is None else KubernetesAttestor(wanted, self._metrics)
+            self._attestor = None if wanted is None else KubernetesAttestor(wanted, self._metrics.attest)
 
     def register(self, server: grpc.aio.Server, listener: str) -> list[str]:
         """Put the services of one grpc.aio listener on its server: Check on every one, then its own.

@@ -72,8 +72,8 @@ if TYPE_CHECKING:
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
     from svidgate.identity.sources.base import TemplatedSvids
     from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
-    from svidgate.metrics import Metrics
     from svidgate.peercred import PeerRegistry
+    from svidgate.sds.metrics import SdsMetrics
     from svidgate.sds.resources import Validation
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         sds: SdsConfig,
         trust_domain: TrustDomain,
         peers: PeerRegistry | None = None,
-        metrics: Metrics | None = None,
+        metrics: SdsMetrics | None = None,
         clock: Clock = system_clock,
         templated: TemplatedSvids | None = None,
     ) -> None:
@@ -391,7 +391,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 extra={"fields": {**caller.describe(), "template": template, "error": reason}},
             )
             if self._metrics is not None:
-                self._metrics.templated_ids_refused.labels(service="sds").inc()
+                self._metrics.templated_ids_refused.inc()
         return entitlement
 
     async def _hold(self, held: set[SpiffeId], entitlement: Entitlement, caller: CallerInfo) -> None:
@@ -465,7 +465,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
                 if metrics is not None:
                     for name, _ in event.resources:
-                        metrics.sds_acks.labels(resource=name).inc()
+                        metrics.acks.labels(resource=name).inc()
             elif isinstance(event, Nack):
                 # The NACKed content is remembered by the stream and not pushed again until it changes.
                 log.warning(
@@ -483,7 +483,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
                 if metrics is not None:
                     for name, _ in event.resources:
-                        metrics.sds_nacks.labels(resource=name).inc()
+                        metrics.nacks.labels(resource=name).inc()
             elif isinstance(event, StaleNonce):
                 log.debug(
                     "sds.stale_nonce",
@@ -535,7 +535,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         log.warning("sds.resource_rejected", extra={"fields": fields})
         if self._metrics is not None:
             for reason, count in reasons.items():
-                self._metrics.sds_rejected_names.labels(reason=reason).inc(count)
+                self._metrics.rejected_names.labels(reason=reason).inc(count)
 
     async def _refuse(
         self,
@@ -568,7 +568,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
     ) -> None:
         if self._metrics is not None:
             for resource in resources:
-                self._metrics.sds_pushes.labels(resource=resource.name).inc()
+                self._metrics.pushes.labels(resource=resource.name).inc()
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "sds.push",
@@ -757,12 +757,12 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
 
     def _stream_opened(self, api: str, caller: CallerInfo) -> None:
         if self._metrics is not None:
-            self._metrics.sds_streams.labels(api=api).inc()
+            self._metrics.streams.labels(api=api).inc()
         log.info("sds.stream_opened", extra={"fields": {**caller.describe(), "api": api}})
 
     def _stream_closed(self, api: str, caller: CallerInfo) -> None:
         if self._metrics is not None:
-            self._metrics.sds_streams.labels(api=api).dec()
+            self._metrics.streams.labels(api=api).dec()
         log.info("sds.stream_closed", extra={"fields": {**caller.describe(), "api": api}})
 
 

@@ -9,7 +9,7 @@
 - `spire_source`: `SpireSource`, an `IdentitySource` that streams identities from an upstream SPIRE agent.
 
 The generated messages live in `svidgate._gen` (see scripts/gen_protos.py). This package may import
-`svidgate.identity`, `svidgate.peercred`, `svidgate.config` and `svidgate.metrics`; it must never import
+`svidgate.identity`, `svidgate.peercred` and `svidgate.config`; it must never import `svidgate.metrics`,
 `svidgate.runtime`, `svidgate.cli`, `svidgate.sds` or `svidgate.extauthz`.
 """
 

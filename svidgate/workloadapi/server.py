@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from svidgate.config import Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
     from svidgate.identity.sources.base import TemplatedSvids
-    from svidgate.metrics import Metrics
     from svidgate.peercred import PeerRegistry
+    from svidgate.workloadapi.metrics import WorkloadApiMetrics
 
 __all__ = ["MintJwtSvid", "WorkloadApiServicer"]
 
@@ -121,8 +121,8 @@ class WorkloadApiServicer:
             deliberately open socket): every caller then has no credentials and only `any` selectors match.
         mint_jwt_svid: mints a JWT-SVID for (SPIFFE ID, audience); may return the `JwtSvid` or an awaitable.
             `SvidgateError` from it becomes Unavailable.
-        metrics: when given, records `svidgate_workload_api_streams` and
-            `svidgate_workload_api_requests_total`.
+        metrics: when given, records `svidgate_workload_api_streams` (calls by status code are the gRPC
+            interceptor's `svidgate_grpc_server_handled_total`).
         clock: the time JWT-SVIDs are validated at.
         leeway: clock skew tolerated when validating JWT-SVIDs, seconds.
         allow_unauthenticated_verifiers: serve the bundle streams to callers entitled to no identity (SPIRE's
@@ -136,7 +136,7 @@ class WorkloadApiServicer:
         workloads: Sequence[Workload],
         peers: PeerRegistry | None,
         mint_jwt_svid: MintJwtSvid,
-        metrics: Metrics | None = None,
+        metrics: WorkloadApiMetrics | None = None,
         clock: Clock = system_clock,
         *,
         leeway: float = 30.0,
@@ -236,7 +236,7 @@ class WorkloadApiServicer:
                 extra={"fields": {**caller.describe(), "template": refusal[0], "error": refusal[1]}},
             )
             if self._metrics is not None:
-                self._metrics.templated_ids_refused.labels(service="workload_api").inc()
+                self._metrics.templated_ids_refused.inc()
         return entitlement
 
     async def _hold(self, held: set[SpiffeId], entitlement: Entitlement, caller: CallerInfo) -> None:
@@ -290,8 +290,7 @@ class WorkloadApiServicer:
         responses: Callable[[CallerInfo, IdentitySnapshot], Any | None],
     ) -> AsyncGenerator[Any, None]:
         """Send `responses(caller, snapshot)` now and after every change, skipping repeats and None."""
-        code = grpc.StatusCode.OK
-        gauge = self._metrics.workload_api_streams.labels(method=method) if self._metrics else None
+        gauge = self._metrics.streams.labels(method=method) if self._metrics else None
         if gauge is not None:
             gauge.inc()
         caller: CallerInfo | None = None
@@ -314,17 +313,12 @@ class WorkloadApiServicer:
                         yield response
                 snapshot = await self._changed(snapshot)
         except _RpcFailure as failure:
-            code = failure.code
             self._log_failure(method, caller, failure)
             await context.abort(failure.code, failure.details)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
         finally:
             self._release(held)
             if gauge is not None:
                 gauge.dec()
-            self._count(method, code)
 
     async def _serve_unary(
         self,
@@ -333,24 +327,13 @@ class WorkloadApiServicer:
         request: Any,
         handler: Callable[[CallerInfo, Any], Awaitable[Any]],
     ) -> Any:
-        code = grpc.StatusCode.OK
         caller: CallerInfo | None = None
         try:
             caller = self._caller(context)
             return await handler(caller, request)
         except _RpcFailure as failure:
-            code = failure.code
             self._log_failure(method, caller, failure)
             await context.abort(failure.code, failure.details)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            self._count(method, code)
-
-    def _count(self, method: str, code: grpc.StatusCode) -> None:
-        if self._metrics is not None:
-            self._metrics.workload_api_requests.labels(method=method, code=code.name).inc()
 
     @staticmethod
     def _log_failure(method: str, caller: CallerInfo | None, failure: _RpcFailure) -> None:

@@ -22,6 +22,7 @@ from svidgate.identity.keys import KeyType
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
+from svidgate.metrics import Metrics
 from svidgate.sds.resources import SECRET_TYPE_URL
 from svidgate.sds.servicer import SERVER_OPTIONS, SecretDiscoveryServicer
 
@@ -135,6 +136,9 @@ async def sds_server(
 ) -> AsyncIterator[tuple[SecretDiscoveryServicer, str]]:
     """A grpc.aio server with the SDS servicer; yields the servicer and the target to dial."""
     server = grpc.aio.server(options=list(SERVER_OPTIONS), maximum_concurrent_rpcs=None)
+    metrics = kwargs.pop("metrics", None)
+    if isinstance(metrics, Metrics):  # the process's metrics: SDS records into its own part
+        kwargs["metrics"] = metrics.sds
     servicer = SecretDiscoveryServicer(feed, workloads, sds or SdsConfig(), TD, **kwargs)  # type: ignore[arg-type]
     servicer.add_to_server(server)
     port = server.add_insecure_port(address)

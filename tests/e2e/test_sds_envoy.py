@@ -123,7 +123,7 @@ class Svidgate:
         registry = PeerRegistry()
         self._server = grpc.aio.server(options=list(SERVER_OPTIONS), maximum_concurrent_rpcs=None)
         SecretDiscoveryServicer(
-            self.feed, self.workloads, self.sds, self.trust_domain, peers=registry, metrics=self.metrics
+            self.feed, self.workloads, self.sds, self.trust_domain, peers=registry, metrics=self.metrics.sds
         ).add_to_server(self._server)
         self._server.add_insecure_port(f"unix:{self.inner}")
         await self._server.start()

@@ -97,7 +97,8 @@ async def serve_workload_api(
 
     Args:
         workloads: `Config.workloads` (default: `default_workloads()`).
-        metrics: passed to the servicer.
+        metrics: its Workload API part goes to the servicer; its gRPC interceptor counts the calls, as on
+            the runtime's servers.
         mint_jwt_svid: overrides the source's minting (to inject failures, or with `feed` to serve another
             source).
         feed: serve this feed instead of the built-in source's (e.g. a `SpireSource`'s).
@@ -124,11 +125,11 @@ async def serve_workload_api(
             workloads,
             registry,
             mint_jwt_svid or source.mint_jwt_svid,
-            metrics,
+            metrics.workload_api if metrics is not None else None,
             clock,
             allow_unauthenticated_verifiers=allow_unauthenticated_verifiers,
         )
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[metrics.interceptor()] if metrics is not None else None)
         servicer.add_to_server(server)
         server.add_insecure_port(f"unix:{inner}")
         await server.start()
