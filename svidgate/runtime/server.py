@@ -260,11 +260,12 @@ class Server:
             # instance is refused before it loads a CA or creates a gRPC server.
             self._state_lock.acquire()
             self._listeners.claim(config.listen)
-            self.source = await build_source(config, self._clock, self.metrics.bundle_update_rejected)
+            built = await build_source(config, self._clock, self.metrics.bundle_update_rejected)
+            self.source = built.source
             self.metrics.watch_feed(self.source.feed)
             self._spawn(self._run_source(self.source), "source")
             self._spawn(self._watch_snapshots(self.source), "snapshot-metrics")
-            self.services = Services(config, self.source, self.metrics, self._clock)
+            self.services = Services(config, built, self.metrics, self._clock)
             self._reloader.prepare = self.services.prepare_reload
             await self._start_grpc(self.services)
             await self._start_http()
