@@ -37,8 +37,8 @@ from svidgate.workloadapi.metrics import WorkloadApiMetrics
 if TYPE_CHECKING:
     from svidgate.identity.bundle import Bundle
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-    from svidgate.identity.sources.base import SourceStatus
     from svidgate.identity.spiffe_id import TrustDomain
+    from svidgate.sources.base import SourceStatus
 
 __all__ = ["CHECK_BUCKETS", "Metrics", "MetricsInterceptor"]
 

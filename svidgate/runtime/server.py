@@ -61,8 +61,6 @@ from svidgate.config import Config, ServerConfig
 from svidgate.errors import SvidgateError
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.snapshot import IdentitySnapshot
-from svidgate.identity.sources.base import IdentitySource, SourceStatus
-from svidgate.identity.sources.bundle_server import BundleEndpointServer, BundleSequence
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
 from svidgate.preflight import preflight
@@ -78,6 +76,8 @@ from svidgate.runtime.listeners import (
 from svidgate.runtime.reload import ConfigReloader
 from svidgate.runtime.signals import arm_stop_watchdog, install_signal_handlers
 from svidgate.runtime.wiring import AUTHZ_SERVICE, HEALTH_SERVICE, Services, build_source
+from svidgate.sources.base import IdentitySource, SourceStatus
+from svidgate.sources.bundle_server import BundleEndpointServer, BundleSequence
 
 log = logging.getLogger(__name__)
 

@@ -26,18 +26,18 @@ from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import Clock
 from svidgate.identity.entitlement import CallerInfo
-from svidgate.identity.sources import internal_ids, load_upstream
-from svidgate.identity.sources.base import IdentitySource, TemplatedSvids
-from svidgate.identity.sources.builtin import BuiltinSource
-from svidgate.identity.sources.federation import BundleRefresher, FederatedBundles
-from svidgate.identity.sources.files import FileSource
 from svidgate.identity.spiffe_id import TrustDomain
 from svidgate.metrics import Metrics
 from svidgate.peercred import PeerRegistry
 from svidgate.sds.servicer import SecretDiscoveryServicer
+from svidgate.sources import internal_ids, load_upstream
+from svidgate.sources.base import IdentitySource, TemplatedSvids
+from svidgate.sources.builtin import BuiltinSource
+from svidgate.sources.federation import BundleRefresher, FederatedBundles
+from svidgate.sources.files import FileSource
+from svidgate.sources.spire import SpireSource
 from svidgate.workloadapi import SECURITY_HEADER
 from svidgate.workloadapi.server import MintJwtSvid, WorkloadApiServicer
-from svidgate.workloadapi.spire_source import SpireSource
 
 __all__ = [
     "AUTHZ_SERVICE",

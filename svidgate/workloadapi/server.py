@@ -51,8 +51,8 @@ from svidgate.workloadapi.messages import (
 if TYPE_CHECKING:
     from svidgate.config import Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-    from svidgate.identity.sources.base import TemplatedSvids
     from svidgate.peercred import PeerRegistry
+    from svidgate.sources.base import TemplatedSvids
     from svidgate.workloadapi.metrics import WorkloadApiMetrics
 
 __all__ = ["MintJwtSvid", "WorkloadApiServicer"]

@@ -10,10 +10,10 @@ from svidgate.identity.bundle import pem_bundle
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.keys import KeyType
-from svidgate.identity.sources import BuiltinSource, FileSource
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.runtime.wiring import build_source
-from svidgate.workloadapi.spire_source import SpireSource
+from svidgate.sources import BuiltinSource, FileSource
+from svidgate.sources.spire import SpireSource
 from tests.support.files import replace_file
 from tests.support.workloadapi import APP, serve_workload_api
 

@@ -39,10 +39,10 @@ from svidgate.identity.ca import ACTIVATE_AT, PREPARE_AT, BuiltinCa
 from svidgate.identity.clock import Clock
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources.base import SourceHealth, SourceStatus
-from svidgate.identity.sources.federation import FederatedBundles
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
+from svidgate.sources.base import SourceHealth, SourceStatus
+from svidgate.sources.federation import FederatedBundles
 
 log = logging.getLogger(__name__)
 
