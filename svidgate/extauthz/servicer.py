@@ -336,7 +336,10 @@ class AuthorizationServicer:
         self._errors_log = DecisionLog()
         self._require_compact: dict[str, Callable[[str], object]] = {}
         self._decision_counters: dict[tuple[str, str, str, bool], Any] = {}
-        self._memo: tuple[CompiledAuthz | None, dict[tuple[object, ...], _Prepared]] = (None, {})
+        self._memo: tuple[CompiledAuthz | None, BoundedDict[tuple[object, ...], _Prepared]] = (
+            None,
+            BoundedDict(_MEMO_LIMIT),
+        )
         # The decision fast path: Checks decided before, by what the decision depends on (see `_decide`).
         self._decided: BoundedDict[tuple[object, ...], _Decided] = BoundedDict(
             policies.current.config.cache_size
@@ -446,7 +449,7 @@ class AuthorizationServicer:
         if owner is not authz:
             # The memo belongs to one CompiledAuthz: a reload starts a new one, and a thread still deciding
             # with the old configuration only ever writes into the old configuration's memo.
-            memo = {}
+            memo = BoundedDict(_MEMO_LIMIT)
             self._memo = (authz, memo)
             # A reload may change authz.cache_size too; the caches shrink on their next store.
             self.cache.max_entries = authz.config.cache_size
@@ -474,9 +477,8 @@ class AuthorizationServicer:
                     key = None
         prepared = memo.get(memo_key)
         if prepared is None:
-            if len(memo) >= _MEMO_LIMIT:
-                memo.clear()
-            prepared = memo[memo_key] = _Prepared(decide(authz, policy, outcome))
+            prepared = _Prepared(decide(authz, policy, outcome))
+            memo.put(memo_key, prepared)
         if key is not None:
             self._decided.put(
                 key, _Decided(prepared, authz, bundles, valid_until, isinstance(outcome, JwtSvid))

@@ -35,6 +35,7 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
+from svidgate.bounded import BoundedDict
 from svidgate.errors import SourceError
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo, Entitlement, entitle
@@ -208,7 +209,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         self._feed = feed
         self._templated = templated
         self._rules = _Rules(tuple(workloads))
-        self._entitled: dict[CallerInfo, Entitlement] = {}
+        self._entitled: BoundedDict[CallerInfo, Entitlement] = BoundedDict(MAX_ENTITLED)
         # Woken (set, then replaced) whenever the snapshot or the rules change; see the module docstring.
         self._changed = asyncio.Event()
         self._relay: asyncio.Task[None] | None = None
@@ -218,7 +219,9 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         self._metrics = metrics
         self._clock = clock
         self._resolver: SecretResolver | None = None
-        self._encoded: dict[tuple[str, ...], bytes] = {}
+        # Keys are content hashes, so entries never go stale; the bound only limits memory (distinct
+        # subscriptions x snapshots). Starting afresh when full is fine: a miss costs one serialisation.
+        self._encoded: BoundedDict[tuple[str, ...], bytes] = BoundedDict(MAX_ENCODED)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register this servicer on `server` (create the server with `SERVER_OPTIONS`).
@@ -291,11 +294,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         return body + tail
 
     def _remember(self, key: tuple[str, ...], body: bytes) -> None:
-        # Keys are content hashes, so entries never go stale; the bound only limits memory (distinct
-        # subscriptions x snapshots). Clearing whole is fine: a miss costs one serialisation.
-        if len(self._encoded) >= MAX_ENCODED:
-            self._encoded.clear()
-        self._encoded[key] = body
+        self._encoded.put(key, body)
 
     def update_workloads(self, workloads: Sequence[Workload]) -> None:
         """Swap the entitlement rules (config reload); every open stream re-evaluates its caller against them.
@@ -381,9 +380,8 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             cached = self._entitled.get(caller)
             if cached is not None:
                 return cached
-            if len(self._entitled) >= MAX_ENTITLED:
-                self._entitled.clear()
-            entitlement = self._entitled[caller] = entitle(rules.workloads, caller)
+            entitlement = entitle(rules.workloads, caller)
+            self._entitled.put(caller, entitlement)
         for template, reason in entitlement.refused:
             # Logged when computed (once per caller and rules), not on every request.
             log.warning(
