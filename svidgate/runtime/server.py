@@ -60,11 +60,11 @@ from svidgate import __version__
 from svidgate.config import Config, ServerConfig
 from svidgate.errors import SvidgateError
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.snapshot import IdentitySnapshot
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
 from svidgate.preflight import preflight
 from svidgate.runtime.drain import DrainInterceptor
+from svidgate.runtime.health import READY_MIN_LIFETIME_LEFT, readiness, source_document
 from svidgate.runtime.http import HttpEndpoint
 from svidgate.runtime.listeners import (
     ListenerError,
@@ -83,11 +83,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["READY_MIN_LIFETIME_LEFT", "STOP_MARGIN", "Server", "run", "serve"]
 
-#: `/readyz` turns unready when a served X.509-SVID has less than this fraction of its lifetime left. Every
-#: source renews at half-life (SPIRE's agent too; cert-manager's csi-driver-spiffe at two thirds), so an SVID
-#: this old means its upstream has not delivered for at least a quarter of the SVID's lifetime: time to route
-#: callers elsewhere before the certificate expires under them.
-READY_MIN_LIFETIME_LEFT = 0.25
 #: On SIGTERM/SIGINT the process exits within `server.drain_grace` plus this, in every state.
 STOP_MARGIN = 5.0
 
@@ -168,70 +163,19 @@ class Server:
         return list(self.source.statuses()) if self.source is not None else []
 
     def readiness(self) -> tuple[bool, str]:
-        """``/readyz``: ready when the own identity is loaded and fresh and every listener is bound.
-
-        Not ready while draining, before the listeners are bound, before the own trust domain's bundle and
-        (with workloads configured) an X.509-SVID are loaded, and whenever a served X.509-SVID has less than
-        `READY_MIN_LIFETIME_LEFT` of its lifetime left (its source has stopped renewing it). A federated trust
-        domain without a bundle is reported in the reason but keeps the node ready.
-
-        Returns:
-            ``(ready, reason)``; the reason names what is missing.
-        """
+        """``/readyz``: ``(ready, reason)`` (`svidgate.runtime.health.readiness`; the reason names what is
+        missing)."""
         if self._drain.is_set():
             return False, "draining"
         if not self._listening:
             return False, "listeners not bound"
         if self.source is None:
             return False, "identity source not loaded"
-        snapshot = self.source.feed.current()
-        if self.config.trust_domain not in snapshot.bundles:
-            return False, f"no bundle for the own trust domain {self.config.trust_domain} yet"
-        if any(not w.templated for w in self.config.workloads) and not snapshot.svids:
-            return False, "no X.509-SVID loaded yet"
-        stale = self._stale_svid(snapshot)
-        if stale is not None:
-            return False, stale
-        # A federated trust domain whose endpoint is down does not make this node useless for its own
-        # workloads, so it is reported but does not hold readiness (a DaemonSet rollout would stall on it).
-        missing = sorted(str(td) for td in self.config.federation if td not in snapshot.bundles)
-        if missing:
-            return True, "ok; no bundle yet for federated trust domain(s) " + ", ".join(missing)
-        return True, "ok"
-
-    def _stale_svid(self, snapshot: IdentitySnapshot) -> str | None:
-        now = self._clock()
-        for spiffe_id, svid in snapshot.svids.items():
-            lifetime = svid.expires_at - svid.leaf.not_valid_before_utc.timestamp()
-            left = svid.expires_at - now
-            if left >= lifetime * READY_MIN_LIFETIME_LEFT:
-                continue
-            when = "has expired" if left <= 0 else f"expires in {left:.0f}s"
-            own = self.source_statuses()[:1]
-            upstream = ""
-            if own:
-                state = "up" if own[0].up else f"down: {own[0].error}"
-                upstream = f"; source {own[0].source} is {state}"
-            return (
-                f"X.509-SVID {spiffe_id} {when} (less than {READY_MIN_LIFETIME_LEFT:.0%} of its lifetime "
-                f"left) and has not been renewed{upstream}"
-            )
-        return None
+        return readiness(self.config, self.source.feed.current(), self.source_statuses(), self._clock())
 
     def readiness_details(self) -> dict[str, object]:
         """The ``sources`` field of ``/readyz``: every upstream's health (federation per trust domain)."""
-        return {
-            "sources": [
-                {
-                    "source": status.source,
-                    "trust_domain": status.trust_domain,
-                    "up": status.up,
-                    "last_success": status.last_success,
-                    **({"error": status.error} if status.error else {}),
-                }
-                for status in self.source_statuses()
-            ]
-        }
+        return {"sources": [source_document(status) for status in self.source_statuses()]}
 
     # -- start ----------------------------------------------------------------------------------------------
 
