@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from svidgate.attest.k8s import KubernetesAttestor
+from svidgate.changes import ChangeSignal
 from svidgate.config import Config, FederationConfig, KubernetesConfig, Workload
 from svidgate.errors import SourceError
 from svidgate.extauthz.inject import TokenInjector
@@ -194,6 +195,9 @@ class Services:
             peers=self.peers.lookup,
             refresh_bundle=built.refresh_bundle,
         )
+        # One wake-up for every stream: a snapshot publication or a reload wakes SDS and Workload API
+        # streams through the same signal (one relay task for the process).
+        changes = ChangeSignal(source.feed)
         self.sds = SecretDiscoveryServicer(
             source.feed,
             config.workloads,
@@ -203,6 +207,7 @@ class Services:
             metrics=metrics.sds,
             clock=clock,
             templated=templated,
+            changes=changes,
         )
         self.workload_api = WorkloadApiServicer(
             source.feed,
@@ -213,6 +218,7 @@ class Services:
             clock,
             leeway=config.authz.leeway,
             templated=templated,
+            changes=changes,
         )
 
     async def attest(self, caller: CallerInfo) -> CallerInfo:

@@ -6,9 +6,9 @@ writes what they plan, and logs and counts what they report. Building secrets is
 
 Per stream: the handler coroutine reads requests; one watcher task pushes what changed. Two things change
 under an open stream: the identity snapshot (`SnapshotFeed`) and, on a config reload, the entitlement rules
-(`workloads[]`, held in an immutable `_Rules` replaced whole by `update_workloads`). One servicer-wide relay
-task turns snapshot publications into the same wake-up event that a reload sets, so each watcher waits on one
-event (no extra task per stream) and, when woken, re-plans against whichever of the two changed. A per-stream
+(`workloads[]`, held in an immutable `_Rules` replaced whole by `update_workloads`). Both wake the watchers
+through one `svidgate.changes.ChangeSignal` (shared with the Workload API): each watcher waits on one event
+(no extra task per stream) and, when woken, re-plans against whichever of the two changed. A per-stream
 lock serialises planning and writing, so responses leave in the order their nonces were issued.
 
 Every stream shares one event loop with the other services (ext_authz Check among them), so a request whose
@@ -36,6 +36,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
 from svidgate.bounded import BoundedDict
+from svidgate.changes import ChangeSignal
 from svidgate.errors import SourceError
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo, Entitlement, entitle
@@ -193,6 +194,8 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         clock: the time source (kept for expiry-aware logging; SDS decisions never depend on time).
         templated: mints the SVIDs of templated workloads on demand (the built-in source), or None when
             the configuration has none.
+        changes: the wake-up of every stream (`svidgate.changes.ChangeSignal` of `feed`), shared with the
+            Workload API by the runtime; a signal of its own by default.
     """
 
     def __init__(
@@ -205,15 +208,14 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         metrics: SdsMetrics | None = None,
         clock: Clock = system_clock,
         templated: TemplatedSvids | None = None,
+        changes: ChangeSignal | None = None,
     ) -> None:
         self._feed = feed
         self._templated = templated
         self._rules = _Rules(tuple(workloads))
         self._entitled: BoundedDict[CallerInfo, Entitlement] = BoundedDict(MAX_ENTITLED)
-        # Woken (set, then replaced) whenever the snapshot or the rules change; see the module docstring.
-        self._changed = asyncio.Event()
-        self._relay: asyncio.Task[None] | None = None
-        self._watchers = 0
+        # Woken whenever the snapshot or the rules change; see the module docstring.
+        self._changes = changes if changes is not None else ChangeSignal(feed)
         self._naming = naming_from_config(sds, trust_domain)
         self._peers = peers
         self._metrics = metrics
@@ -310,32 +312,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             return
         self._rules = _Rules(workloads)
         self._entitled.clear()
-        self._wake()
-
-    # -- change notification ---------------------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    async def _relay_snapshots(self, version: int) -> None:
-        """Turn every snapshot publication into a wake-up of the watchers (runs while any stream is open)."""
-        while True:
-            version = (await self._feed.wait_newer(version)).version
-            self._wake()
-
-    def _watch_started(self) -> None:
-        self._watchers += 1
-        if self._relay is None:
-            # The baseline version is read now, not when the task first runs: a snapshot published in between
-            # must still wake the watchers.
-            self._relay = asyncio.create_task(self._relay_snapshots(self._feed.current().version))
-
-    def _watch_stopped(self) -> None:
-        self._watchers -= 1
-        if self._watchers == 0 and self._relay is not None:
-            self._relay.cancel()
-            self._relay = None
+        self._changes.wake()
 
     # -- shared ----------------------------------------------------------------------------------------------
 
@@ -631,7 +608,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             """Push what changed whenever the snapshot or the rules change (until cancelled)."""
             nonlocal ending
             while True:
-                wake = self._changed  # taken before looking: any later change sets it
+                wake = self._changes.current()  # taken before looking: any later change sets it
                 if self._feed.current().version == version and self._rules is rules:
                     await wake.wait()
                     continue
@@ -677,7 +654,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                             return
                     if watcher is None:
                         watcher = asyncio.create_task(watch(snapshot.version, rules))
-                        self._watch_started()
+                        self._changes.watch_started()
                 request = await context.read()
         except asyncio.CancelledError:
             if not ending:
@@ -687,7 +664,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         finally:
             if watcher is not None:
                 watcher.cancel()
-                self._watch_stopped()
+                self._changes.watch_stopped()
             self._release(held)
             self._stream_closed(api, caller)
 

@@ -22,7 +22,6 @@ SPIRE's agent (pkg/agent/endpoints/workload/handler.go):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -33,6 +32,7 @@ import grpc
 import grpc.aio
 
 from svidgate._gen import workload_pb2, workload_pb2_grpc
+from svidgate.changes import ChangeSignal
 from svidgate.errors import SourceError, SpiffeIdError, SvidgateError
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo, Entitlement, entitle
@@ -142,6 +142,7 @@ class WorkloadApiServicer:
         leeway: float = 30.0,
         allow_unauthenticated_verifiers: bool = False,
         templated: TemplatedSvids | None = None,
+        changes: ChangeSignal | None = None,
     ) -> None:
         self._feed = feed
         self._templated = templated
@@ -152,7 +153,9 @@ class WorkloadApiServicer:
         self._clock = clock
         self._leeway = leeway
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
-        self._workloads_changed = asyncio.Event()
+        # Woken whenever the snapshot or the workloads change (the same mechanism, and with the runtime the
+        # same signal, as SDS).
+        self._changes = changes if changes is not None else ChangeSignal(feed)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the service on `server` under its standard name (paths ``/SpiffeWorkloadAPI/...``)."""
@@ -161,8 +164,7 @@ class WorkloadApiServicer:
     def set_workloads(self, workloads: Sequence[Workload]) -> None:
         """Swap the workloads (config reload); open streams re-evaluate their caller's entitlement at once."""
         self._workloads = tuple(workloads)
-        changed, self._workloads_changed = self._workloads_changed, asyncio.Event()
-        changed.set()
+        self._changes.wake()
 
     # -- the five RPCs ---------------------------------------------------------------------------------------
 
@@ -272,17 +274,6 @@ class WorkloadApiServicer:
             _fail(grpc.StatusCode.PERMISSION_DENIED, _NO_IDENTITY, "not_entitled")
         return identities
 
-    async def _changed(self, snapshot: IdentitySnapshot) -> IdentitySnapshot:
-        """Wait until the feed publishes a newer snapshot or the workloads are swapped."""
-        workloads_changed = asyncio.ensure_future(self._workloads_changed.wait())
-        newer = asyncio.ensure_future(self._feed.wait_newer(snapshot.version))
-        try:
-            await asyncio.wait((newer, workloads_changed), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            workloads_changed.cancel()
-            newer.cancel()
-        return self._feed.current()
-
     async def _serve_stream(
         self,
         method: str,
@@ -296,12 +287,16 @@ class WorkloadApiServicer:
         caller: CallerInfo | None = None
         held: set[SpiffeId] = set()
         refused_logged: set[tuple[str, str]] = set()
+        watching = False
         try:
             caller = self._caller(context)
             log.info("workloadapi.stream.open", extra={"fields": {"method": method, **caller.describe()}})
             last_sent: bytes | None = None
-            snapshot = self._feed.current()
+            self._changes.watch_started()
+            watching = True
             while True:
+                wake = self._changes.current()  # taken before looking: any later change sets it
+                snapshot = self._feed.current()
                 if method == "FetchX509SVID":
                     await self._hold(held, self._entitle(caller, refused_logged), caller)
                     snapshot = self._feed.current()
@@ -311,11 +306,13 @@ class WorkloadApiServicer:
                     if encoded != last_sent:
                         last_sent = encoded
                         yield response
-                snapshot = await self._changed(snapshot)
+                await wake.wait()
         except _RpcFailure as failure:
             self._log_failure(method, caller, failure)
             await context.abort(failure.code, failure.details)
         finally:
+            if watching:
+                self._changes.watch_stopped()
             self._release(held)
             if gauge is not None:
                 gauge.dec()
