@@ -1,4 +1,4 @@
-"""One wake-up mechanism for every long-lived stream (SDS and the Workload API alike).
+"""What changes under open streams, and the one wake-up mechanism for every one of them.
 
 Two things change under an open stream: the identity snapshot (a source publishes to its `SnapshotFeed`) and
 what a reload changes (the workloads that entitle callers). `ChangeSignal` turns both into one event: a
@@ -7,19 +7,34 @@ always wakes it, and nothing made before the look is missed either. Snapshot pub
 the signal by one task while any watcher runs, so waking 10k streams costs one `asyncio.Event.set()`: no task
 or future per stream per wait.
 
-One signal may be shared by several services (the runtime gives SDS and the Workload API the same one), so
-that a reload wakes every stream once. Must be used from the event loop.
+The signal also holds the `Rules` in force: what a reload changes for entitlement decisions, one immutable
+value swapped once (`swap_rules`). The runtime gives SDS, the Workload API and token injection the same
+signal, so a reload is one reference assignment and one wake-up, and no service keeps a copy of
+``workloads[]`` of its own. Waking must be done from the event loop; `rules` may be read from any thread (one
+attribute read).
 
-This module imports only `svidgate.identity.snapshot`.
+This module imports `svidgate.identity.snapshot` and the config's `Workload` type.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+from svidgate.config import Workload
 from svidgate.identity.snapshot import SnapshotFeed
 
-__all__ = ["ChangeSignal"]
+__all__ = ["ChangeSignal", "Rules"]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Rules:
+    """The entitlement rules in force (``workloads[]``). Replaced whole on a reload, never mutated: a stream
+    compares the object it computed its entitlement from with the current one (identity, like a snapshot
+    version)."""
+
+    workloads: tuple[Workload, ...]
 
 
 class ChangeSignal:
@@ -27,10 +42,13 @@ class ChangeSignal:
 
     Args:
         feed: the identity source's feed; its publications wake every watcher.
+        workloads: the workloads in force at start.
     """
 
-    def __init__(self, feed: SnapshotFeed) -> None:
+    def __init__(self, feed: SnapshotFeed, workloads: Sequence[Workload] = ()) -> None:
         self.feed = feed
+        #: The rules in force; replaced whole by `swap_rules`.
+        self.rules = Rules(tuple(workloads))
         self._changed = asyncio.Event()
         self._relay: asyncio.Task[None] | None = None
         self._watchers = 0
@@ -38,6 +56,19 @@ class ChangeSignal:
     def current(self) -> asyncio.Event:
         """The event the next change sets: take it before looking at the state, await it after."""
         return self._changed
+
+    def swap_rules(self, workloads: Sequence[Workload]) -> bool:
+        """Put new rules in force and wake every watcher, unless `workloads` are the ones in force.
+
+        Returns:
+            True when the rules changed.
+        """
+        workloads = tuple(workloads)
+        if workloads == self.rules.workloads:
+            return False
+        self.rules = Rules(workloads)
+        self.wake()
+        return True
 
     def wake(self) -> None:
         """Wake every watcher (a reload changed what they serve, or the snapshot changed)."""

@@ -185,7 +185,10 @@ class Services:
         # Only the built-in CA can mint an SVID per pod (config refuses templates with other sources).
         templated = built.templated
         self.policies = PolicyHolder(config.authz)
-        self.injector = TokenInjector(source.mint_jwt_svid, config.workloads, clock)
+        # What a reload changes for entitlements (workloads[]) is one immutable value in one place, read by
+        # SDS, the Workload API and token injection; swapping it wakes every stream once (one relay task).
+        self.changes = ChangeSignal(source.feed, config.workloads)
+        self.injector = TokenInjector(source.mint_jwt_svid, clock=clock, rules=self.changes)
         self.authz = AuthorizationServicer(
             source.feed,
             self.policies,
@@ -195,9 +198,6 @@ class Services:
             peers=self.peers.lookup,
             refresh_bundle=built.refresh_bundle,
         )
-        # One wake-up for every stream: a snapshot publication or a reload wakes SDS and Workload API
-        # streams through the same signal (one relay task for the process).
-        changes = ChangeSignal(source.feed)
         self.sds = SecretDiscoveryServicer(
             source.feed,
             config.workloads,
@@ -207,7 +207,7 @@ class Services:
             metrics=metrics.sds,
             clock=clock,
             templated=templated,
-            changes=changes,
+            changes=self.changes,
         )
         self.workload_api = WorkloadApiServicer(
             source.feed,
@@ -218,7 +218,7 @@ class Services:
             clock,
             leeway=config.authz.leeway,
             templated=templated,
-            changes=changes,
+            changes=self.changes,
         )
 
     async def attest(self, caller: CallerInfo) -> CallerInfo:
@@ -285,9 +285,7 @@ class Services:
             if built.set_federation is not None:  # a SPIRE agent delivers federated bundles itself
                 built.set_federation(federation)
             self.policies.swap(new.authz)
-            self.injector.swap_workloads(workloads)
-            self.workload_api.set_workloads(workloads)
-            self.sds.update_workloads(workloads)
+            self.changes.swap_rules(workloads)  # SDS, the Workload API and token injection read these
             self._set_kubernetes(new)
 
         return apply

@@ -6,7 +6,7 @@ writes what they plan, and logs and counts what they report. Building secrets is
 
 Per stream: the handler coroutine reads requests; one watcher task pushes what changed. Two things change
 under an open stream: the identity snapshot (`SnapshotFeed`) and, on a config reload, the entitlement rules
-(`workloads[]`, held in an immutable `_Rules` replaced whole by `update_workloads`). Both wake the watchers
+(`workloads[]`, an immutable `svidgate.changes.Rules` replaced whole on a reload). Both wake the watchers
 through one `svidgate.changes.ChangeSignal` (shared with the Workload API): each watcher waits on one event
 (no extra task per stream) and, when woken, re-plans against whichever of the two changed. A per-stream
 lock serialises planning and writing, so responses leave in the order their nonces were issued.
@@ -28,7 +28,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
@@ -36,7 +35,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
 from svidgate.bounded import BoundedDict
-from svidgate.changes import ChangeSignal
+from svidgate.changes import ChangeSignal, Rules
 from svidgate.errors import SourceError
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo, Entitlement, entitle
@@ -123,14 +122,6 @@ MAX_ENCODED = 4096
 MAX_ENTITLED = 4096
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class _Rules:
-    """The entitlement rules in force. Replaced whole on a reload, never mutated: a stream compares the object
-    it computed its entitlement from with the current one (identity, like a snapshot version)."""
-
-    workloads: tuple[Workload, ...]
-
-
 def _serialize(message: Any) -> bytes:
     # Streams hand pre-encoded bytes (see `_encode_sotw`); FetchSecrets hands a message.
     return message if type(message) is bytes else message.SerializeToString()
@@ -194,8 +185,9 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         clock: the time source (kept for expiry-aware logging; SDS decisions never depend on time).
         templated: mints the SVIDs of templated workloads on demand (the built-in source), or None when
             the configuration has none.
-        changes: the wake-up of every stream (`svidgate.changes.ChangeSignal` of `feed`), shared with the
-            Workload API by the runtime; a signal of its own by default.
+        changes: the rules in force and the wake-up of every stream (`svidgate.changes.ChangeSignal` of
+            `feed`), shared with the Workload API by the runtime; given it, `workloads` is not used (the
+            signal holds them). Default: a signal of its own over `workloads`.
     """
 
     def __init__(
@@ -212,10 +204,13 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
     ) -> None:
         self._feed = feed
         self._templated = templated
-        self._rules = _Rules(tuple(workloads))
-        self._entitled: BoundedDict[CallerInfo, Entitlement] = BoundedDict(MAX_ENTITLED)
-        # Woken whenever the snapshot or the rules change; see the module docstring.
-        self._changes = changes if changes is not None else ChangeSignal(feed)
+        # The rules in force, and woken whenever the snapshot or the rules change; see the module docstring.
+        self._changes = changes if changes is not None else ChangeSignal(feed, workloads)
+        # Entitlements remembered under one `Rules` object: new rules start a new memo.
+        self._entitled: tuple[Rules | None, BoundedDict[CallerInfo, Entitlement]] = (
+            None,
+            BoundedDict(MAX_ENTITLED),
+        )
         self._naming = naming_from_config(sds, trust_domain)
         self._peers = peers
         self._metrics = metrics
@@ -307,12 +302,11 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         Args:
             workloads: `Config.workloads` of the new configuration.
         """
-        workloads = tuple(workloads)
-        if workloads == self._rules.workloads:
-            return
-        self._rules = _Rules(workloads)
-        self._entitled.clear()
-        self._changes.wake()
+        self._changes.swap_rules(workloads)
+
+    @property
+    def _rules(self) -> Rules:
+        return self._changes.rules
 
     # -- shared ----------------------------------------------------------------------------------------------
 
@@ -350,15 +344,19 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
         return parse_validation(requested, self._naming.validation)
 
-    def _entitlement(self, rules: _Rules, caller: CallerInfo) -> Entitlement:
+    def _entitlement(self, rules: Rules, caller: CallerInfo) -> Entitlement:
         if rules is not self._rules:  # superseded while the caller waited: not worth remembering
             entitlement = entitle(rules.workloads, caller)
         else:
-            cached = self._entitled.get(caller)
+            owner, memo = self._entitled
+            if owner is not rules:
+                memo = BoundedDict(MAX_ENTITLED)
+                self._entitled = (rules, memo)
+            cached = memo.get(caller)
             if cached is not None:
                 return cached
             entitlement = entitle(rules.workloads, caller)
-            self._entitled.put(caller, entitlement)
+            memo.put(caller, entitlement)
         for template, reason in entitlement.refused:
             # Logged when computed (once per caller and rules), not on every request.
             log.warning(
@@ -397,7 +395,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 self._templated.release(spiffe_id)
         held.clear()
 
-    def _subscriber(self, rules: _Rules, caller: CallerInfo, validation: Validation) -> Subscriber:
+    def _subscriber(self, rules: Rules, caller: CallerInfo, validation: Validation) -> Subscriber:
         entitled = self._entitlement(rules, caller).ids
         if not entitled:
             log.warning(
@@ -411,7 +409,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             )
         return Subscriber(entitled, validation)
 
-    def _reevaluated(self, rules: _Rules, caller: CallerInfo, api: str, old: Subscriber) -> Subscriber:
+    def _reevaluated(self, rules: Rules, caller: CallerInfo, api: str, old: Subscriber) -> Subscriber:
         entitled = self._entitlement(rules, caller).ids
         if entitled == old.entitled:
             return old
@@ -604,7 +602,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 await context.write(encode(response))
             return False
 
-        async def watch(version: int, rules: _Rules) -> None:
+        async def watch(version: int, rules: Rules) -> None:
             """Push what changed whenever the snapshot or the rules change (until cancelled)."""
             nonlocal ending
             while True:

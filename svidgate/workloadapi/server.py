@@ -128,6 +128,8 @@ class WorkloadApiServicer:
         allow_unauthenticated_verifiers: serve the bundle streams to callers entitled to no identity (SPIRE's
             option of the same name); off by default.
         templated: mints the SVIDs of templated workloads on demand (the built-in source), or None.
+        changes: the rules in force and the wake-up of every stream (`svidgate.changes.ChangeSignal`),
+            shared with SDS by the runtime; given it, `workloads` is not used. Default: a signal of its own.
     """
 
     def __init__(
@@ -146,16 +148,15 @@ class WorkloadApiServicer:
     ) -> None:
         self._feed = feed
         self._templated = templated
-        self._workloads: tuple[Workload, ...] = tuple(workloads)
         self._peers = peers
         self._mint = mint_jwt_svid
         self._metrics = metrics
         self._clock = clock
         self._leeway = leeway
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
-        # Woken whenever the snapshot or the workloads change (the same mechanism, and with the runtime the
-        # same signal, as SDS).
-        self._changes = changes if changes is not None else ChangeSignal(feed)
+        # The workloads in force, and woken whenever the snapshot or the workloads change (the same mechanism,
+        # and with the runtime the same signal, as SDS).
+        self._changes = changes if changes is not None else ChangeSignal(feed, workloads)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the service on `server` under its standard name (paths ``/SpiffeWorkloadAPI/...``)."""
@@ -163,8 +164,11 @@ class WorkloadApiServicer:
 
     def set_workloads(self, workloads: Sequence[Workload]) -> None:
         """Swap the workloads (config reload); open streams re-evaluate their caller's entitlement at once."""
-        self._workloads = tuple(workloads)
-        self._changes.wake()
+        self._changes.swap_rules(workloads)
+
+    @property
+    def _workloads(self) -> tuple[Workload, ...]:
+        return self._changes.rules.workloads
 
     # -- the five RPCs ---------------------------------------------------------------------------------------
 
