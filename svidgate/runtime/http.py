@@ -34,6 +34,8 @@ MAX_LINE = 8190
 MAX_HEADERS = 32
 #: Prometheus scrapes every 15-60 s and probes every few seconds: an idle connection is not kept longer.
 KEEPALIVE_TIMEOUT = 5.0
+#: On stop, how long a request in flight may still finish (aiohttp's default is 60 s; the drain is bounded).
+SHUTDOWN_TIMEOUT = 2.0
 
 _TEXT = "text/plain"
 #: Probe answers are about now: no proxy or client may cache them.
@@ -103,6 +105,7 @@ class HttpEndpoint:
         runner = web.AppRunner(
             app,
             handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
             access_log=None,
             logger=_aiohttp_log,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
