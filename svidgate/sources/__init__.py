@@ -9,7 +9,7 @@ Layering (the import-linter contract in pyproject.toml): this package sits betwe
 (`svidgate.sds`, `svidgate.extauthz`, `svidgate.workloadapi.server`) and `svidgate.identity`; it may use the
 Workload API client (`svidgate.workloadapi.client`, for SPIRE) but never imports a service, the runtime or the
 CLI.
-Which source to build is decided in one place, `svidgate.runtime.wiring.build_source`.
+Which source to build is decided in one place, `svidgate.sources.factory.build_source`.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from svidgate.identity.clock import system_clock
 from svidgate.identity.keys import generate_private_key, key_id
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
-from svidgate.runtime.wiring import build_source
 from svidgate.sources.builtin import BuiltinSource
 from svidgate.sources.bundle_server import BundleEndpointServer, BundleSequence
+from svidgate.sources.factory import build_source
 from tests.component.runtime_support import check_request
 from tests.support.ca import TestCA
 

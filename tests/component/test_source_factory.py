@@ -11,8 +11,8 @@ from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
-from svidgate.runtime.wiring import build_source
 from svidgate.sources import BuiltinSource, FileSource
+from svidgate.sources.factory import build_source
 from svidgate.sources.spire import SpireSource
 from tests.support.files import replace_file
 from tests.support.workloadapi import APP, serve_workload_api
