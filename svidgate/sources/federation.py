@@ -8,11 +8,11 @@ a bundle changed; the source merges `bundles()` into its next snapshot. `fetch_n
 task to fetch at once; adding or removing a trust domain is starting or cancelling one task.
 
 Each step has two halves: getting the document (`fetch_bundle`, or reading the file) and applying it
-(`_install`, which decides whether a parsed bundle replaces the one held). Fetching is asyncio all the way, so
+(`_install`, which decides whether a parsed bundle replaces the one held). Fetching is aiohttp's client, so
 it never blocks the event loop, and it runs under a **total deadline** (`bundle_endpoint.timeout`, default
 10 s) covering connect, TLS, request, headers and body: a per-read timeout would let an endpoint that sends
 one byte every few seconds hold the fetch for as long as it likes. Cancelling the task (SIGTERM) ends a fetch
-at once. File reads and document parsing run in a worker thread.
+at once. Loading TLS roots, file reads and document parsing run in a worker thread.
 
 Rules (SPIFFE_Federation.md):
 
@@ -43,7 +43,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import ssl
 import threading
 import time
@@ -51,8 +50,10 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import aiohttp
+from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, LineTooLong, TransferEncodingError
 from cryptography import x509
 
 from svidgate.config import BundleEndpoint, FederationConfig
@@ -79,8 +80,11 @@ log = logging.getLogger(__name__)
 MIN_REFRESH = 10.0
 MAX_REFRESH = 86400.0
 FIRST_RETRY = 10.0
-#: A response head (status line and headers) larger than this is refused.
-MAX_HEAD_BYTES = 64 * 1024
+#: aiohttp's limits on a response head: the status line and each header field are at most this long, and
+#: there are at most `MAX_RESPONSE_HEADERS` fields, so a head holds at most 2 MiB. A bundle endpoint sends a
+#: handful of short headers (a CDN in front of an https_web endpoint, one or two dozen).
+MAX_HEADER_LINE_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 32
 RACY_SECONDS = 2.0
 #: A trust domain's task looks at its schedule at least this often, so that a stepped clock is noticed soon.
 MAX_SLEEP = 60.0
@@ -89,7 +93,7 @@ MAX_SLEEP = 60.0
 UNKNOWN_KEY_FETCH_INTERVAL = 10.0
 
 #: Fetches a bundle endpoint: (endpoint, trust bundles to authenticate https_spiffe with) -> document bytes.
-#: The caller applies the endpoint's total deadline.
+#: `FederatedBundles` runs every call under the endpoint's total deadline, whatever the fetcher does.
 Fetcher = Callable[[BundleEndpoint, Mapping[TrustDomain, Bundle]], Awaitable[bytes]]
 
 
@@ -167,7 +171,7 @@ class WatchedFile:
 
 
 async def fetch_bundle(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> bytes:
-    """GET a SPIFFE bundle endpoint and return the document (no deadline of its own: the caller sets one).
+    """GET a SPIFFE bundle endpoint with aiohttp's client and return the document, within `endpoint.timeout`.
 
     Profiles (SPIFFE_Federation.md 5):
 
@@ -176,12 +180,19 @@ async def fetch_bundle(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, B
     - ``https_spiffe``: the server presents an X.509-SVID. What is pinned is the endpoint's SPIFFE ID
       (`endpoint.endpoint_spiffe_id`), not a key or a certificate: the chain must validate against the X.509
       authorities of that ID's trust domain *as currently held* (so the trust anchors roll forward with each
-      bundle update, as the spec intends), and the leaf's one URI SAN must be exactly that ID. The URL's host
-      name is not checked; SVIDs need not carry DNS names.
+      bundle update, as the spec intends), and the leaf's one URI SAN must be exactly that ID, checked as the
+      handshake completes, before the request is sent. The URL's host name is not checked; SVIDs need not
+      carry DNS names.
 
-    Redirects are not followed and bodies over 1 MiB are refused. The response is read with
-    ``Connection: close``; its body is framed by Content-Length, chunked encoding or the end of the
-    connection.
+    Redirects are not followed: a 3xx fails the fetch, naming where it pointed. SPIFFE_Federation.md 5.2.1.4
+    and 5.2.2.4 say clients SHOULD follow one (with the same TLS checks), and 7.5.1 calls that a default
+    which operators who have vetted their endpoints may turn off so there are no surprises: a redirect moves
+    the trust put in the configured URL to a host the configuration never named (with https_web, to anyone
+    holding a Web PKI certificate for it). svidgate fetches exactly the URL it is configured with.
+
+    The body is read up to 1 MiB (a larger Content-Length is refused before reading, any other body once it
+    passes the cap); the status line and each header are at most `MAX_HEADER_LINE_BYTES`, and there are at
+    most `MAX_RESPONSE_HEADERS` headers.
 
     Args:
         endpoint: the endpoint configuration.
@@ -191,12 +202,159 @@ async def fetch_bundle(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, B
         The response body.
 
     Raises:
-        SourceError: TLS, HTTP or authentication failure, with the reason.
+        SourceError: one line naming the URL and what failed: the deadline, the connection, TLS or the
+            endpoint's SPIFFE ID, the HTTP status, a body over 1 MiB or a malformed response.
     """
     url = urllib.parse.urlsplit(endpoint.url)
     if url.scheme != "https" or not url.hostname:
         raise SourceError(f"{endpoint.url}: not an https URL")
-    expected_id: SpiffeId | None = None
+    # Loading roots (the system store: files read and parsed for some milliseconds) is no work for the loop.
+    context = await asyncio.to_thread(_tls_context, endpoint, bundles)
+    try:
+        async with (
+            _session(endpoint) as session,
+            session.get(endpoint.url, ssl=context, allow_redirects=False) as response,
+        ):
+            return await _read_bundle(response, endpoint.url)
+    except TimeoutError:  # aiohttp's total deadline (ClientTimeout), or a connect/read timeout beneath it
+        raise SourceError(
+            f"{endpoint.url}: no complete response within the {endpoint.timeout:g}s deadline"
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise _fetch_error(endpoint.url, exc) from None
+    except OSError as exc:  # anything aiohttp let through unwrapped
+        raise SourceError(f"{endpoint.url}: {type(exc).__name__}: {exc}") from None
+
+
+def _session(endpoint: BundleEndpoint) -> aiohttp.ClientSession:
+    """A session for one fetch.
+
+    One per fetch, neither per trust domain nor shared: fetches are minutes apart and a connection is never
+    reused (``Connection: close``; an https_spiffe connection was authenticated with the anchors held when
+    it opened, which a later fetch must not inherit), so a longer-lived session would hold nothing useful,
+    only state to close on cancellation and reload.
+
+    aiohttp retries the GET once, within the same deadline, when a connection closes before any response
+    (RFC 9112 9.3.1 allows it for idempotent requests).
+    """
+    return aiohttp.ClientSession(
+        # The connection closes with the fetch, by abort (aiohttp's default without ssl_shutdown_timeout):
+        # a close_notify exchange with a misbehaving peer would be one more thing that could wait.
+        connector=aiohttp.TCPConnector(force_close=True),
+        timeout=aiohttp.ClientTimeout(total=endpoint.timeout),
+        # No compression asked for, so none to undo; a JSON (or PEM) bundle is what is accepted.
+        headers={"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "svidgate"},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        max_line_size=MAX_HEADER_LINE_BYTES,
+        max_field_size=MAX_HEADER_LINE_BYTES,
+        max_headers=MAX_RESPONSE_HEADERS,
+    )
+
+
+async def _read_bundle(response: aiohttp.ClientResponse, url: str) -> bytes:
+    if response.status != 200:
+        message = f"{url}: HTTP {response.status} {response.reason or ''}".rstrip()
+        location = response.headers.get("Location")
+        if 300 <= response.status < 400 and location is not None:
+            message += f"; the redirect to {location[:200]!r} is not followed (SPIFFE_Federation.md 7.5.1)"
+        raise SourceError(message)
+    transfer_encoding = ", ".join(response.headers.getall("Transfer-Encoding", ()))
+    if transfer_encoding and transfer_encoding.lower() != "chunked":
+        # RFC 9112 6.1: chunked must be the final coding; none other was asked for (Accept-Encoding).
+        raise SourceError(f"{url}: unsupported Transfer-Encoding {transfer_encoding[:40]!r}")
+    content_encoding = ", ".join(response.headers.getall("Content-Encoding", ()))
+    if content_encoding and content_encoding.lower() != "identity":
+        raise SourceError(f"{url}: unsupported Content-Encoding {content_encoding[:40]!r}")
+    # llhttp (aiohttp's C parser) refuses a repeated Content-Length itself; its pure-Python parser (without
+    # the C extension) takes one of them. Framing must be unambiguous whichever parser read the head.
+    if len(set(response.headers.getall("Content-Length", ()))) > 1:
+        raise SourceError(f"{url}: more than one Content-Length header (conflicting framing)")
+    too_large = SourceError(f"{url}: bundle larger than {MAX_BUNDLE_BYTES} bytes")
+    if response.content_length is not None and response.content_length > MAX_BUNDLE_BYTES:
+        raise too_large
+    body = bytearray()
+    # Never asks for more than one byte past the cap: a body that does not end there is refused.
+    while chunk := await response.content.read(MAX_BUNDLE_BYTES + 1 - len(body)):
+        body += chunk
+        if len(body) > MAX_BUNDLE_BYTES:
+            raise too_large
+    return bytes(body)
+
+
+def _fetch_error(url: str, exc: aiohttp.ClientError) -> SourceError:
+    """One line for a failed fetch, from aiohttp's exception and, beneath it, its HTTP parser's."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        error = exc.certificate_error
+        if isinstance(error, _EndpointIdMismatchError):
+            return SourceError(f"{url}: {error}")
+        return SourceError(f"{url}: TLS failed: {_tls_reason(error)}")
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return SourceError(f"{url}: TLS failed: {_tls_reason(exc.os_error)}")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return SourceError(f"{url}: cannot resolve {exc.host}: {exc.os_error.strerror or exc.os_error}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        error = exc.os_error
+        return SourceError(f"{url}: cannot connect: {type(error).__name__}: {error.strerror or error}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return SourceError(f"{url}: the connection closed before the response was complete")
+    parser_error = _parser_error(exc)
+    if parser_error is not None:
+        return SourceError(f"{url}: {_malformed(parser_error)}")
+    return SourceError(f"{url}: {type(exc).__name__}: {exc}")
+
+
+def _tls_reason(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return f"certificate verify failed: {error.verify_message}"
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return str(error.reason)
+    return str(error)
+
+
+def _parser_error(exc: BaseException) -> HttpProcessingError | None:
+    """The innermost HTTP parser error among `exc`'s causes (aiohttp re-wraps the parser's own)."""
+    found: HttpProcessingError | None = None
+    cause = exc.__cause__
+    for _ in range(8):  # a bounded walk: a cause chain is short, and must not be a loop
+        if cause is None:
+            break
+        if isinstance(cause, HttpProcessingError):
+            found = cause
+        cause = cause.__cause__
+    return found
+
+
+def _malformed(error: HttpProcessingError) -> str:
+    """What was wrong with the response, in the words an operator reads in the log."""
+    if isinstance(error, BadStatusLine):
+        return "not an HTTP/1.1 response"
+    if isinstance(error, LineTooLong):
+        return f"a response line is longer than {MAX_HEADER_LINE_BYTES} bytes"
+    # llhttp's reason comes first, then an excerpt of the offending bytes, which are the peer's and stay out
+    # of the log line.
+    reason = "".join(c if c.isprintable() else " " for c in error.message.split(":\n", 1)[0])[:120]
+    lowered = reason.lower()
+    if lowered.startswith("not enough data"):  # Content-Length or chunked framing cut short
+        return "the connection closed before the response was complete"
+    if "content-length" in lowered:
+        if "duplicate" in lowered:
+            return "more than one Content-Length header (conflicting framing)"
+        return f"malformed Content-Length ({reason})"
+    if "chunk" in lowered or isinstance(error, TransferEncodingError):
+        return f"malformed chunked body ({reason})"
+    if "too many headers" in lowered:
+        return f"more than {MAX_RESPONSE_HEADERS} response headers"
+    return f"malformed response ({reason})"
+
+
+def _tls_context(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, Bundle]) -> ssl.SSLContext:
+    """The client TLS context of one fetch (see `fetch_bundle` for what each profile checks).
+
+    Raises:
+        SourceError: https_spiffe without authorities for the endpoint ID's trust domain, or a bad ca_file.
+    """
+    context: ssl.SSLContext
     if endpoint.profile == "https_spiffe":
         expected_id = endpoint.endpoint_spiffe_id
         if expected_id is None:
@@ -207,10 +365,17 @@ async def fetch_bundle(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, B
                 f"{endpoint.url}: no X.509 authorities for {expected_id.trust_domain} to authenticate "
                 f"{expected_id} with"
             )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False  # SPIFFE authenticates the URI SAN, checked below
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cadata=pem_bundle(anchor).decode("ascii"))
+        spiffe_context = _SpiffeEndpointContext(ssl.PROTOCOL_TLS_CLIENT)
+        spiffe_context.endpoint_id = expected_id
+        spiffe_context.check_hostname = False  # SPIFFE authenticates the URI SAN (`_SpiffeEndpointTLS`)
+        spiffe_context.verify_mode = ssl.CERT_REQUIRED
+        try:
+            spiffe_context.load_verify_locations(cadata=pem_bundle(anchor).decode("ascii"))
+        except ssl.SSLError as exc:
+            raise SourceError(
+                f"{endpoint.url}: cannot load the {expected_id.trust_domain} authorities: {exc}"
+            ) from None
+        context = spiffe_context
     else:
         cafile = str(endpoint.ca_file) if endpoint.ca_file is not None else None
         try:
@@ -218,115 +383,52 @@ async def fetch_bundle(endpoint: BundleEndpoint, bundles: Mapping[TrustDomain, B
         except (OSError, ssl.SSLError) as exc:
             raise SourceError(f"{endpoint.url}: cannot load ca_file {cafile}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    path = url.path or "/"
-    if url.query:
-        path += "?" + url.query
-    host = url.netloc.rpartition("@")[2]
-    writer: asyncio.StreamWriter | None = None
-    try:
-        reader, writer = await asyncio.open_connection(
-            url.hostname, url.port or 443, ssl=context, limit=MAX_HEAD_BYTES
-        )
-        if expected_id is not None:
-            _check_peer_spiffe_id(writer.get_extra_info("ssl_object"), expected_id, endpoint.url)
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n"
-            "User-Agent: svidgate\r\nConnection: close\r\n\r\n".encode("latin-1")
-        )
-        await writer.drain()
-        status, reason, headers = await _read_head(reader, endpoint.url)
-        if status != 200:
-            raise SourceError(f"{endpoint.url}: HTTP {status} {reason}")
-        return await _read_body(reader, headers, endpoint.url)
-    except ssl.SSLError as exc:
-        raise SourceError(f"{endpoint.url}: TLS failed: {exc.reason or exc}") from None
-    except asyncio.IncompleteReadError:
-        raise SourceError(f"{endpoint.url}: the connection closed before the response was complete") from None
-    except (asyncio.LimitOverrunError, ValueError):
-        raise SourceError(f"{endpoint.url}: a response line is longer than {MAX_HEAD_BYTES} bytes") from None
-    except OSError as exc:
-        raise SourceError(f"{endpoint.url}: {type(exc).__name__}: {exc}") from None
-    finally:
-        if writer is not None:
-            # No graceful TLS close: the response is read (or abandoned), and a close_notify exchange with a
-            # misbehaving peer is one more thing that could wait.
-            writer.transport.abort()
+    return context
 
 
-async def _read_head(reader: asyncio.StreamReader, url: str) -> tuple[int, str, dict[str, str]]:
-    status_line = await reader.readuntil(b"\r\n")
-    match = re.fullmatch(rb"HTTP/1\.[01] (\d{3})(?: ([^\r\n]*))?\r\n", status_line)
-    if match is None:
-        raise SourceError(f"{url}: not an HTTP/1.1 response")
-    headers: dict[str, str] = {}
-    size = len(status_line)
-    while True:
-        line = await reader.readuntil(b"\r\n")
-        size += len(line)
-        if size > MAX_HEAD_BYTES:
-            raise SourceError(f"{url}: response headers larger than {MAX_HEAD_BYTES} bytes")
-        if line == b"\r\n":
-            break
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep or not name or name != name.strip():
-            raise SourceError(f"{url}: malformed response header")
-        key = name.lower()
-        value = value.strip()
-        if key in headers and headers[key] != value:
-            if key == "content-length":
-                raise SourceError(f"{url}: conflicting Content-Length headers")
-            value = f"{headers[key]}, {value}"
-        headers[key] = value
-    reason = (match.group(2) or b"").decode("latin-1")
-    return int(match.group(1)), reason, headers
+class _EndpointIdMismatchError(ssl.SSLCertVerificationError):
+    """An https_spiffe endpoint's chain validated, but its leaf is not an X.509-SVID for the configured ID.
+
+    A certificate verification error, so that asyncio and aiohttp treat it as the failed handshake it is.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # SSLError's own str() shows the args tuple unless given an errno
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: Mapping[str, str], url: str) -> bytes:
-    too_large = SourceError(f"{url}: bundle larger than {MAX_BUNDLE_BYTES} bytes")
-    transfer_encoding = headers.get("transfer-encoding")
-    if transfer_encoding is not None:
-        # RFC 9112 6.1: chunked must be the final (here: the only, we asked for no compression) coding.
-        if transfer_encoding.lower() != "chunked":
-            raise SourceError(f"{url}: unsupported Transfer-Encoding {transfer_encoding!r}")
-        body = bytearray()
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size_text = size_line.split(b";", 1)[0].strip()
-            if not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size_text):
-                raise SourceError(f"{url}: malformed chunked body")
-            size = int(size_text, 16)
-            if size == 0:
-                return bytes(body)  # trailers, if any, are not needed
-            if len(body) + size > MAX_BUNDLE_BYTES:
-                raise too_large
-            body += await reader.readexactly(size)
-            if await reader.readexactly(2) != b"\r\n":
-                raise SourceError(f"{url}: malformed chunked body")
-    length = headers.get("content-length")
-    if length is not None:
-        if not re.fullmatch(r"\d{1,12}", length):
-            raise SourceError(f"{url}: malformed Content-Length {length[:20]!r}")
-        if int(length) > MAX_BUNDLE_BYTES:
-            raise too_large
-        return await reader.readexactly(int(length))
-    body = bytearray()
-    while chunk := await reader.read(65536):
-        body += chunk
-        if len(body) > MAX_BUNDLE_BYTES:
-            raise too_large
-    return bytes(body)
-
-
-def _check_peer_spiffe_id(ssl_object: ssl.SSLObject | None, expected: SpiffeId, url: str) -> None:
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+def _check_peer_spiffe_id(der: bytes | None, expected: SpiffeId) -> None:
     if not der:
-        raise SourceError(f"{url}: the server presented no certificate")
+        raise _EndpointIdMismatchError("the server presented no certificate")
     try:
         actual = spiffe_id_of(x509.load_der_x509_certificate(der), "endpoint certificate")
     except (X509SvidError, ValueError) as exc:
-        raise SourceError(f"{url}: {exc}") from None
+        raise _EndpointIdMismatchError(str(exc)) from None
     if actual != expected:
-        raise SourceError(f"{url}: the endpoint presented {actual}, expected {expected}")
+        raise _EndpointIdMismatchError(f"the endpoint presented {actual}, expected {expected}")
+
+
+class _SpiffeEndpointTLS(ssl.SSLObject):
+    """The TLS state of an https_spiffe connection: the handshake completes only with the endpoint's SVID.
+
+    OpenSSL validates the chain against the trust domain's authorities during the handshake, and Python has
+    no certificate verify callback; so the SPIFFE ID (our strict X.509-SVID rules, `spiffe_id_of`) is checked
+    here, the moment OpenSSL reports the handshake done and before a byte of HTTP is sent. asyncio's TLS
+    transport drives every handshake through this method (`SSLContext.sslobject_class`), and an
+    `ssl.SSLCertVerificationError` raised here fails the connection like any certificate error.
+    """
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        _check_peer_spiffe_id(
+            self.getpeercert(binary_form=True), cast(_SpiffeEndpointContext, self.context).endpoint_id
+        )
+
+
+class _SpiffeEndpointContext(ssl.SSLContext):
+    """A client context for an https_spiffe endpoint, holding the SPIFFE ID its server must present."""
+
+    sslobject_class = _SpiffeEndpointTLS
+    endpoint_id: SpiffeId
 
 
 @dataclass(slots=True)

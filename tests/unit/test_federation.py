@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
@@ -41,6 +42,7 @@ from svidgate.sources.federation import (
     fetch_bundle,
     parse_bundle_document,
 )
+from tests.support.bundle_endpoint import DrippingBundleEndpoint
 from tests.support.ca import TestCA
 from tests.support.files import replace_file
 
@@ -364,10 +366,13 @@ class BundleServer:
         self.status = 200
         #: When set, sent as the whole response (status line, headers and body) instead of `body`.
         self.raw: bytes | None = None
+        #: The head of every request received (request line and headers), in order.
+        self.requests: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                server.requests.append(f"{self.requestline}\r\n{self.headers}")
                 if server.raw is not None:
                     self.wfile.write(server.raw)
                     return
@@ -451,6 +456,18 @@ async def test_https_web_with_ca_file(
         await fetch_bundle(replace(endpoint, ca_file=None), {})
 
 
+async def test_https_web_checks_the_host_name(server: BundleServer, own_ca: TestCA, tmp_path: Path) -> None:
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(pem_bundle(own_ca.bundle()))
+    server.body = b"{}"
+    # The certificate names localhost (and the endpoint's SPIFFE ID), not 127.0.0.1: a trusted root is not
+    # enough for https_web (SPIFFE_Federation.md 5.2.1.4, RFC 6125).
+    endpoint = BundleEndpoint(f"https://127.0.0.1:{server.port}/b", "https_web", ca_file=roots)
+    with pytest.raises(SourceError, match="TLS failed: certificate verify failed: IP address mismatch"):
+        await fetch_bundle(endpoint, {})
+    assert server.requests == []
+
+
 async def test_https_http_error_status(server: BundleServer, own_ca: TestCA) -> None:
     server.status = 404
     with pytest.raises(SourceError, match="HTTP 404"):
@@ -505,6 +522,20 @@ async def test_fetch_reads_chunked_and_close_delimited_bodies(
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed chunked body"),
         (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", "longer than 65536 bytes"),
         (b"HTTP/1.1 302 Found\r\nLocation: https://elsewhere/\r\n\r\n", "HTTP 302 Found"),
+        # aiohttp's parser beneath: each failure is still one line saying what was wrong.
+        (b"", "closed before the response was complete"),
+        (b"HTTP/1.1 200 " + b"O" * 70_000 + b"\r\n\r\n", "a response line is longer than 65536 bytes"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 33 + b"\r\n{}", "more than 32 response headers"),
+        (b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n{}", "malformed response (Invalid "),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{}", "closed before the response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n{}", "unsupported Content-Encoding 'gzip'"),
+        # No Content-Length to refuse up front: the cap ends the read (a body that never ends included).
+        (b"HTTP/1.1 200 OK\r\n\r\n" + b" " * (MAX_BUNDLE_BYTES + 1), "bundle larger than 1048576 bytes"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + _chunked(b" " * 2 * MAX_BUNDLE_BYTES, 60_000),
+            "bundle larger than 1048576 bytes",
+        ),
     ],
 )
 async def test_fetch_refuses_bad_responses_with_one_precise_error(
@@ -513,6 +544,86 @@ async def test_fetch_refuses_bad_responses_with_one_precise_error(
     server.raw = raw
     with pytest.raises(SourceError, match=re.escape(error)):
         await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+
+
+async def test_a_body_of_exactly_the_cap_is_read(server: BundleServer, own_ca: TestCA) -> None:
+    document = b" " * MAX_BUNDLE_BYTES
+    for head in (b"Content-Length: %d\r\n" % MAX_BUNDLE_BYTES, b""):  # framed by its length, or by the close
+        server.raw = b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + document
+        assert await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()}) == document
+
+
+async def test_the_request_asks_for_a_bundle_and_nothing_else(server: BundleServer, own_ca: TestCA) -> None:
+    server.body = b"{}"
+    await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+    (request,) = server.requests
+    assert request.startswith("GET /bundle HTTP/1.1\r\n")
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in request.splitlines()[1:] if line)}
+    assert headers == {
+        "host": f"127.0.0.1:{server.port}",
+        "accept": "application/json",
+        "accept-encoding": "identity",  # no compression to undo (or to be bombed with)
+        "user-agent": "svidgate",
+        "connection": "close",
+    }
+
+
+async def test_https_spiffe_checks_the_endpoint_id_before_sending_the_request(
+    server: BundleServer, own_ca: TestCA
+) -> None:
+    server.body = b"{}"
+    wrong = SpiffeId.parse("spiffe://example.org/somebody-else")
+    with pytest.raises(SourceError, match=r"presented spiffe://example\.org/bundle-endpoint, expected"):
+        await fetch_bundle(spiffe_endpoint(server.port, wrong), {OWN: own_ca.bundle()})
+    await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+    assert len(server.requests) == 1  # only the second connection got as far as a request
+
+
+@pytest.mark.parametrize(
+    "status", [b"301 Moved Permanently", b"302 Found", b"307 Temporary Redirect", b"308 Permanent Redirect"]
+)
+async def test_redirects_are_not_followed(
+    server: BundleServer, own_ca: TestCA, other_ca: TestCA, tmp_path: Path, status: bytes
+) -> None:
+    """SPIFFE_Federation.md 5.2.1.4 and 5.2.2.4 say a client SHOULD follow a redirect; 7.5.1 lets operators
+    who vetted their endpoints turn that off, and svidgate does: the trust configured for one URL does not
+    move to another host in band. The fetch fails naming the target, and the target is never asked."""
+    target_dir = tmp_path / "target"
+    target_dir.mkdir()
+    target = BundleServer(own_ca, target_dir)  # the same SPIFFE ID: it would pass the TLS checks
+    try:
+        target.body = spiffe_bundle_json(other_ca.bundle())
+        location = f"https://127.0.0.1:{target.port}/bundle"
+        server.raw = b"HTTP/1.1 %s\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (status, location.encode())
+        expected = f"HTTP {status.decode()}; the redirect to '{location}' is not followed"
+        with pytest.raises(SourceError, match=re.escape(expected)):
+            await fetch_bundle(spiffe_endpoint(server.port), {OWN: own_ca.bundle()})
+        assert target.requests == []
+    finally:
+        target.stop()
+
+
+async def test_a_refused_connection_is_one_line(own_ca: TestCA) -> None:
+    with socket.socket() as probe:  # a port nobody listens on (bound, never listening)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        with pytest.raises(
+            SourceError, match=r"127\.0\.0\.1:\d+/bundle: cannot connect: ConnectionRefusedError"
+        ):
+            await fetch_bundle(spiffe_endpoint(port), {OWN: own_ca.bundle()})
+
+
+async def test_fetch_bundle_keeps_its_own_total_deadline(tmp_path: Path) -> None:
+    """Called on its own (no `FederatedBundles` deadline around it), a fetch from an endpoint that drips one
+    byte at a time still ends at `bundle_endpoint.timeout` (aiohttp's total timeout)."""
+    endpoint = DrippingBundleEndpoint(tmp_path)
+    try:
+        config = BundleEndpoint(endpoint.url, "https_web", ca_file=endpoint.ca_file, timeout=0.3)
+        with pytest.raises(SourceError, match=re.escape("no complete response within the 0.3s deadline")):
+            await fetch_bundle(config, {})
+        assert endpoint.dripping.is_set()
+    finally:
+        endpoint.stop()
 
 
 # -- one task per trust domain, each fetch under a total deadline --------------------------------------
