@@ -223,7 +223,9 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
     # registered on the threaded server, but Check answers a constant: the cost of the adapter alone).
     metrics = None if kind.endswith("-nometrics") else Metrics(CollectorRegistry())
     kind = kind.removesuffix("-nometrics")
-    servicer = AuthorizationServicer(feed, PolicyHolder(_authz_config(cache_size)), metrics)
+    servicer = AuthorizationServicer(
+        feed, PolicyHolder(_authz_config(cache_size)), metrics.authz if metrics is not None else None
+    )
     if kind == "svidgate-const":
         constant = external_auth_pb2.CheckResponse()
         constant.ok_response.SetInParent()

@@ -6,9 +6,9 @@ writes what they plan, and logs and counts what they report. Building secrets is
 
 Per stream: the handler coroutine reads requests; one watcher task pushes what changed. Two things change
 under an open stream: the identity snapshot (`SnapshotFeed`) and, on a config reload, the entitlement rules
-(`workloads[]`, held in an immutable `_Rules` replaced whole by `update_workloads`). One servicer-wide relay
-task turns snapshot publications into the same wake-up event that a reload sets, so each watcher waits on one
-event (no extra task per stream) and, when woken, re-plans against whichever of the two changed. A per-stream
+(`workloads[]`, an immutable `svidgate.changes.Rules` replaced whole on a reload). Both wake the watchers
+through one `svidgate.changes.ChangeSignal` (shared with the Workload API): each watcher waits on one event
+(no extra task per stream) and, when woken, re-plans against whichever of the two changed. A per-stream
 lock serialises planning and writing, so responses leave in the order their nonces were issued.
 
 Every stream shares one event loop with the other services (ext_authz Check among them), so a request whose
@@ -33,13 +33,14 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
+from svidgate.bounded import BoundedDict
+from svidgate.changes import ChangeSignal, Rules
 from svidgate.errors import SourceError
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo, Entitlement, entitle
@@ -76,8 +77,8 @@ if TYPE_CHECKING:
     from svidgate.config import SdsConfig, Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
     from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
-    from svidgate.metrics import Metrics
     from svidgate.peercred import PeerRegistry
+    from svidgate.sds.metrics import SdsMetrics
     from svidgate.sds.resources import Validation
     from svidgate.sources.base import TemplatedSvids
 
@@ -124,14 +125,6 @@ MAX_ENCODED = 4096
 #: Callers whose entitlement is remembered under the current rules (a reload re-evaluates every open stream;
 #: streams of one Envoy node share a caller, so this turns 10k evaluations into a few hundred).
 MAX_ENTITLED = 4096
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _Rules:
-    """The entitlement rules in force. Replaced whole on a reload, never mutated: a stream compares the object
-    it computed its entitlement from with the current one (identity, like a snapshot version)."""
-
-    workloads: tuple[Workload, ...]
 
 
 def _serialize(message: Any) -> bytes:
@@ -197,6 +190,9 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         clock: the time source (kept for expiry-aware logging; SDS decisions never depend on time).
         templated: mints the SVIDs of templated workloads on demand (the built-in source), or None when
             the configuration has none.
+        changes: the rules in force and the wake-up of every stream (`svidgate.changes.ChangeSignal` of
+            `feed`), shared with the Workload API by the runtime; given it, `workloads` is not used (the
+            signal holds them). Default: a signal of its own over `workloads`.
     """
 
     def __init__(
@@ -206,24 +202,28 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         sds: SdsConfig,
         trust_domain: TrustDomain,
         peers: PeerRegistry | None = None,
-        metrics: Metrics | None = None,
+        metrics: SdsMetrics | None = None,
         clock: Clock = system_clock,
         templated: TemplatedSvids | None = None,
+        changes: ChangeSignal | None = None,
     ) -> None:
         self._feed = feed
         self._templated = templated
-        self._rules = _Rules(tuple(workloads))
-        self._entitled: dict[CallerInfo, Entitlement] = {}
-        # Woken (set, then replaced) whenever the snapshot or the rules change; see the module docstring.
-        self._changed = asyncio.Event()
-        self._relay: asyncio.Task[None] | None = None
-        self._watchers = 0
+        # The rules in force, and woken whenever the snapshot or the rules change; see the module docstring.
+        self._changes = changes if changes is not None else ChangeSignal(feed, workloads)
+        # Entitlements remembered under one `Rules` object: new rules start a new memo.
+        self._entitled: tuple[Rules | None, BoundedDict[CallerInfo, Entitlement]] = (
+            None,
+            BoundedDict(MAX_ENTITLED),
+        )
         self._naming = naming_from_config(sds, trust_domain)
         self._peers = peers
         self._metrics = metrics
         self._clock = clock
         self._resolver: SecretResolver | None = None
-        self._encoded: dict[tuple[str, ...], bytes] = {}
+        # Keys are content hashes, so entries never go stale; the bound only limits memory (distinct
+        # subscriptions x snapshots). Starting afresh when full is fine: a miss costs one serialisation.
+        self._encoded: BoundedDict[tuple[str, ...], bytes] = BoundedDict(MAX_ENCODED)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register this servicer on `server` (create the server with `SERVER_OPTIONS`).
@@ -296,11 +296,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         return body + tail
 
     def _remember(self, key: tuple[str, ...], body: bytes) -> None:
-        # Keys are content hashes, so entries never go stale; the bound only limits memory (distinct
-        # subscriptions x snapshots). Clearing whole is fine: a miss costs one serialisation.
-        if len(self._encoded) >= MAX_ENCODED:
-            self._encoded.clear()
-        self._encoded[key] = body
+        self._encoded.put(key, body)
 
     def update_workloads(self, workloads: Sequence[Workload]) -> None:
         """Swap the entitlement rules (config reload); every open stream re-evaluates its caller against them.
@@ -311,37 +307,11 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         Args:
             workloads: `Config.workloads` of the new configuration.
         """
-        workloads = tuple(workloads)
-        if workloads == self._rules.workloads:
-            return
-        self._rules = _Rules(workloads)
-        self._entitled.clear()
-        self._wake()
+        self._changes.swap_rules(workloads)
 
-    # -- change notification ---------------------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    async def _relay_snapshots(self, version: int) -> None:
-        """Turn every snapshot publication into a wake-up of the watchers (runs while any stream is open)."""
-        while True:
-            version = (await self._feed.wait_newer(version)).version
-            self._wake()
-
-    def _watch_started(self) -> None:
-        self._watchers += 1
-        if self._relay is None:
-            # The baseline version is read now, not when the task first runs: a snapshot published in between
-            # must still wake the watchers.
-            self._relay = asyncio.create_task(self._relay_snapshots(self._feed.current().version))
-
-    def _watch_stopped(self) -> None:
-        self._watchers -= 1
-        if self._watchers == 0 and self._relay is not None:
-            self._relay.cancel()
-            self._relay = None
+    @property
+    def _rules(self) -> Rules:
+        return self._changes.rules
 
     # -- shared ----------------------------------------------------------------------------------------------
 
@@ -379,16 +349,19 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
         return parse_validation(requested, self._naming.validation)
 
-    def _entitlement(self, rules: _Rules, caller: CallerInfo) -> Entitlement:
+    def _entitlement(self, rules: Rules, caller: CallerInfo) -> Entitlement:
         if rules is not self._rules:  # superseded while the caller waited: not worth remembering
             entitlement = entitle(rules.workloads, caller)
         else:
-            cached = self._entitled.get(caller)
+            owner, memo = self._entitled
+            if owner is not rules:
+                memo = BoundedDict(MAX_ENTITLED)
+                self._entitled = (rules, memo)
+            cached = memo.get(caller)
             if cached is not None:
                 return cached
-            if len(self._entitled) >= MAX_ENTITLED:
-                self._entitled.clear()
-            entitlement = self._entitled[caller] = entitle(rules.workloads, caller)
+            entitlement = entitle(rules.workloads, caller)
+            memo.put(caller, entitlement)
         for template, reason in entitlement.refused:
             # Logged when computed (once per caller and rules), not on every request.
             log.warning(
@@ -396,7 +369,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 extra={"fields": {**caller.describe(), "template": template, "error": reason}},
             )
             if self._metrics is not None:
-                self._metrics.templated_ids_refused.labels(service="sds").inc()
+                self._metrics.templated_ids_refused.inc()
         return entitlement
 
     async def _hold(self, held: set[SpiffeId], entitlement: Entitlement, caller: CallerInfo) -> None:
@@ -427,7 +400,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 self._templated.release(spiffe_id)
         held.clear()
 
-    def _subscriber(self, rules: _Rules, caller: CallerInfo, validation: Validation) -> Subscriber:
+    def _subscriber(self, rules: Rules, caller: CallerInfo, validation: Validation) -> Subscriber:
         entitled = self._entitlement(rules, caller).ids
         if not entitled:
             log.warning(
@@ -441,7 +414,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             )
         return Subscriber(entitled, validation)
 
-    def _reevaluated(self, rules: _Rules, caller: CallerInfo, api: str, old: Subscriber) -> Subscriber:
+    def _reevaluated(self, rules: Rules, caller: CallerInfo, api: str, old: Subscriber) -> Subscriber:
         entitled = self._entitlement(rules, caller).ids
         if entitled == old.entitled:
             return old
@@ -470,7 +443,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
                 if metrics is not None:
                     for name, _ in event.resources:
-                        metrics.sds_acks.labels(resource=name).inc()
+                        metrics.acks.labels(resource=name).inc()
             elif isinstance(event, Nack):
                 # The NACKed content is remembered by the stream and not pushed again until it changes.
                 log.warning(
@@ -488,7 +461,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
                 if metrics is not None:
                     for name, _ in event.resources:
-                        metrics.sds_nacks.labels(resource=name).inc()
+                        metrics.nacks.labels(resource=name).inc()
             elif isinstance(event, StaleNonce):
                 log.debug(
                     "sds.stale_nonce",
@@ -540,7 +513,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         log.warning("sds.resource_rejected", extra={"fields": fields})
         if self._metrics is not None:
             for reason, count in reasons.items():
-                self._metrics.sds_rejected_names.labels(reason=reason).inc(count)
+                self._metrics.rejected_names.labels(reason=reason).inc(count)
 
     async def _refuse(
         self,
@@ -573,7 +546,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
     ) -> None:
         if self._metrics is not None:
             for resource in resources:
-                self._metrics.sds_pushes.labels(resource=resource.name).inc()
+                self._metrics.pushes.labels(resource=resource.name).inc()
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "sds.push",
@@ -634,11 +607,11 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 await context.write(encode(response))
             return False
 
-        async def watch(version: int, rules: _Rules) -> None:
+        async def watch(version: int, rules: Rules) -> None:
             """Push what changed whenever the snapshot or the rules change (until cancelled)."""
             nonlocal ending
             while True:
-                wake = self._changed  # taken before looking: any later change sets it
+                wake = self._changes.current()  # taken before looking: any later change sets it
                 if self._feed.current().version == version and self._rules is rules:
                     await wake.wait()
                     continue
@@ -684,7 +657,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                             return
                     if watcher is None:
                         watcher = asyncio.create_task(watch(snapshot.version, rules))
-                        self._watch_started()
+                        self._changes.watch_started()
                 request = await context.read()
         except asyncio.CancelledError:
             if not ending:
@@ -694,7 +667,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         finally:
             if watcher is not None:
                 watcher.cancel()
-                self._watch_stopped()
+                self._changes.watch_stopped()
             self._release(held)
             self._stream_closed(api, caller)
 
@@ -762,12 +735,12 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
 
     def _stream_opened(self, api: str, caller: CallerInfo) -> None:
         if self._metrics is not None:
-            self._metrics.sds_streams.labels(api=api).inc()
+            self._metrics.streams.labels(api=api).inc()
         log.info("sds.stream_opened", extra={"fields": {**caller.describe(), "api": api}})
 
     def _stream_closed(self, api: str, caller: CallerInfo) -> None:
         if self._metrics is not None:
-            self._metrics.sds_streams.labels(api=api).dec()
+            self._metrics.streams.labels(api=api).dec()
         log.info("sds.stream_closed", extra={"fields": {**caller.describe(), "api": api}})
 
 
