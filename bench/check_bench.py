@@ -223,7 +223,9 @@ def _serve(kind: str, state: Path, cache_size: int) -> None:
     # registered on the threaded server, but Check answers a constant: the cost of the adapter alone).
     metrics = None if kind.endswith("-nometrics") else Metrics(CollectorRegistry())
     kind = kind.removesuffix("-nometrics")
-    servicer = AuthorizationServicer(feed, PolicyHolder(_authz_config(cache_size)), metrics)
+    servicer = AuthorizationServicer(
+        feed, PolicyHolder(_authz_config(cache_size)), metrics.authz if metrics is not None else None
+    )
     if kind == "svidgate-const":
         constant = external_auth_pb2.CheckResponse()
         constant.ok_response.SetInParent()
@@ -263,8 +265,9 @@ async def serve_aio_like_serve(servicer: Any, metrics: Any, feed: Any, intercept
     from svidgate.config import SdsConfig
     from svidgate.grpcutil import WrappingServer
     from svidgate.identity.spiffe_id import TrustDomain
+    from svidgate.runtime.drain import DrainInterceptor
+    from svidgate.runtime.listeners import grpc_server_options
     from svidgate.sds.servicer import SecretDiscoveryServicer
-    from svidgate.server import DrainInterceptor, grpc_server_options
 
     drain = DrainInterceptor(asyncio.Event())
     interceptor = metrics.interceptor()

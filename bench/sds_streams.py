@@ -96,7 +96,8 @@ async def serve() -> None:
 
     from svidgate.grpcutil import WrappingServer
     from svidgate.metrics import Metrics
-    from svidgate.server import DrainInterceptor, grpc_server_options
+    from svidgate.runtime.drain import DrainInterceptor
+    from svidgate.runtime.listeners import grpc_server_options
 
     metrics = Metrics(CollectorRegistry(), process_metrics=False)
     interceptor, drain = metrics.interceptor(), DrainInterceptor(asyncio.Event())
@@ -105,7 +106,7 @@ async def serve() -> None:
         grpc.aio.server(options=grpc_server_options(), maximum_concurrent_rpcs=None),
         lambda method, handler: interceptor.wrap(method, drain.wrap(handler)),
     )
-    SecretDiscoveryServicer(feed, workloads, SdsConfig(), td, metrics=metrics).add_to_server(server)
+    SecretDiscoveryServicer(feed, workloads, SdsConfig(), td, metrics=metrics.sds).add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(json.dumps({"port": port, "rss": rss_bytes()}), flush=True)

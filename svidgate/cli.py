@@ -254,7 +254,7 @@ def _builtin_ca(config: Config) -> BuiltinCa:
 def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     config, path = _config(args)
     # Imported here: the server pulls in gRPC, which the other commands do not need.
-    from svidgate import server
+    from svidgate.runtime import server
 
     # server.run configures logging and reports the config's warnings when it starts.
     return server.run(config, path)

@@ -541,7 +541,7 @@ class ServerConfig:
         check_workers: threads of the threaded Check server (`listen.check`), in each Check process.
         check_processes: processes answering Check on `listen.check` (TCP). 1: the main process; N > 1: N
             worker processes sharing the port (SO_REUSEPORT), fed policy and bundles by the main process
-            (`svidgate.checkprocs`).
+            (`svidgate.runtime.checkprocs`).
     """
 
     drain_grace: float = 10.0

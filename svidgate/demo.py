@@ -44,7 +44,7 @@ from svidgate.config import parse_config
 from svidgate.errors import SvidgateError
 from svidgate.identity.spiffe_id import SpiffeId
 from svidgate.logs import configure_logging
-from svidgate.server import Server
+from svidgate.runtime.server import Server
 
 __all__ = ["DemoError", "find_envoy", "run_demo"]
 

@@ -1,6 +1,6 @@
 """Small grpc.aio helpers shared by the server-side interceptors (metrics, drain).
 
-This module must not import the services or the runtime: `svidgate.metrics` and `svidgate.server` import it.
+This module must not import the services or the runtime: `svidgate.metrics` and `svidgate.runtime` import it.
 """
 
 from __future__ import annotations

@@ -1,42 +1,38 @@
-"""Prometheus metrics of svidgate: one `Metrics` object per process, on an injected registry.
+"""The metrics of one svidgate process: each service's own collectors, plus the process's series.
 
-Every service receives `metrics: Metrics | None` and records only when it is not None, so tests and tools run
-without a registry. Names follow Prometheus conventions (`svidgate_` prefix, base units, `_total` for
-counters, `_seconds` for time). Scrape-time values (seconds until each SVID expires, bundle sequence and age)
-are read from the identity snapshot when Prometheus scrapes, so they are never stale and cost nothing between
-scrapes. The gRPC interceptor counts every handled RPC by service, method and status code.
+Each service keeps its metrics beside it (`svidgate.sds.metrics.SdsMetrics`,
+`svidgate.extauthz.metrics.AuthzMetrics`, `svidgate.workloadapi.metrics.WorkloadApiMetrics`,
+`svidgate.attest.metrics.AttestMetrics`) and receives only those. `Metrics` registers all of them on one
+injected registry, together with what belongs to the process: the gRPC interceptor's per-call series
+(every service, by service, method and status code), reloads, readiness, the bundle endpoint, source errors,
+bundle rejections, and the scrape-time gauges read from the identity snapshot (SVID expiry, bundle sequence
+and age) and from the sources' health. Names follow Prometheus conventions (`svidgate_` prefix, base units,
+`_total` for counters, `_seconds` for time). Only prometheus_client's public API is used.
 
-This module must not import the services (`svidgate.sds`, `svidgate.extauthz`, `svidgate.workloadapi`): they
-import it.
+Services never import this module: the runtime builds `Metrics` and hands each service its part.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import hashlib
 import inspect
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from svidgate import __version__
+from svidgate.attest.metrics import AttestMetrics
+from svidgate.extauthz.metrics import CHECK_BUCKETS, AuthzMetrics, CheckRecorder, FlushingCounter
 from svidgate.grpcutil import wrap_handler
 from svidgate.identity.clock import Clock, system_clock
+from svidgate.sds.metrics import SdsMetrics
+from svidgate.workloadapi.metrics import WorkloadApiMetrics
 
 if TYPE_CHECKING:
     from svidgate.identity.bundle import Bundle
@@ -44,151 +40,11 @@ if TYPE_CHECKING:
     from svidgate.identity.spiffe_id import TrustDomain
     from svidgate.sources.base import SourceStatus
 
-__all__ = ["CHECK_BUCKETS", "CheckRecorder", "Metrics", "MetricsInterceptor"]
-
-#: Check latency buckets, 50 µs .. 100 ms: a cache hit answers in well under a millisecond and an ES256
-#: verification costs ~160 µs, so resolution is spent below 1 ms; Envoy's default ext_authz timeout is 200 ms.
-CHECK_BUCKETS: tuple[float, ...] = (
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-)
-
-
-class _Cell:
-    """One thread's running totals; written only by its own thread, read by `CheckRecorder.flush`."""
-
-    __slots__ = ("buckets", "counts", "hits", "misses", "seconds")
-
-    def __init__(self) -> None:
-        self.counts: dict[Any, int] = {}  # decisions counter child -> Checks
-        self.buckets = [0] * (len(CHECK_BUCKETS) + 1)  # the last one is +Inf
-        self.seconds = 0.0
-        self.hits = 0
-        self.misses = 0
-
-
-class CheckRecorder:
-    """Lock-free recording of the per-Check series (decisions, latency, token cache hits and misses).
-
-    Why: a Prometheus ``Counter.inc``/``Histogram.observe`` takes a lock and runs several Python calls (the
-    histogram walks its buckets in Python); measured with callgrind, the four updates of one Check cost
-    ~19k instructions, a fifth of a cached Check's own work. Here every thread adds to its own `_Cell`
-    (plain attribute and dict updates: one writer per cell, so no update is lost and no lock is needed), and
-    `flush` folds the growth of every cell into the Prometheus collectors. The collectors of `Metrics`
-    call `flush` before they are collected, so every scrape (and `get_sample_value`) sees every Check
-    recorded before it: names, labels and values are exactly those of direct recording.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._cells: list[_Cell] = []
-        self._flushed: dict[int, _Cell] = {}  # id(cell) -> the totals already folded in
-        self._lock = threading.Lock()
-        self._histogram: Any = None
-        self._hits: Any = None
-        self._misses: Any = None
-
-    def bind(self, histogram: Histogram, hits: Counter, misses: Counter) -> None:
-        """Name the collectors to fold into (`Metrics` does this once)."""
-        self._histogram, self._hits, self._misses = histogram, hits, misses
-
-    def cell(self) -> _Cell:
-        """The calling thread's cell."""
-        try:
-            cell: _Cell = self._local.cell
-        except AttributeError:
-            cell = self._local.cell = _Cell()
-            with self._lock:
-                self._cells.append(cell)
-                self._flushed[id(cell)] = _Cell()
-        return cell
-
-    def check(self, decision_counter: Any, seconds: float) -> None:
-        """Count one Check: its decisions counter child (``authz_decisions.labels(...)``) and duration."""
-        cell = self.cell()
-        counts = cell.counts
-        counts[decision_counter] = counts.get(decision_counter, 0) + 1
-        # bisect_left: the first bucket whose upper bound is >= seconds, Prometheus's `le` rule.
-        cell.buckets[bisect.bisect_left(CHECK_BUCKETS, seconds)] += 1
-        cell.seconds += seconds
-
-    def count(self, counter_child: Any) -> None:
-        """Count one event on a counter child (``Counter.labels(...)``), folded in at the next flush."""
-        counts = self.cell().counts
-        counts[counter_child] = counts.get(counter_child, 0) + 1
-
-    def cache_hit(self) -> None:
-        """Count one validated-token cache hit."""
-        self.cell().hits += 1
-
-    def cache_miss(self) -> None:
-        """Count one validated-token cache miss."""
-        self.cell().misses += 1
-
-    def flush(self) -> None:
-        """Fold everything recorded since the last flush into the Prometheus collectors."""
-        histogram = self._histogram
-        if histogram is None:
-            return
-        with self._lock:
-            for cell in self._cells:
-                done = self._flushed[id(cell)]
-                # Copies first (one C-level step each under the GIL), then the differences.
-                counts = dict(cell.counts)
-                buckets = list(cell.buckets)
-                seconds, hits, misses = cell.seconds, cell.hits, cell.misses
-                for child, total in counts.items():
-                    grown = total - done.counts.get(child, 0)
-                    if grown:
-                        child.inc(grown)
-                for i, total in enumerate(buckets):
-                    grown = total - done.buckets[i]
-                    if grown:
-                        # prometheus_client has no public "add n observations"; a test pins these names.
-                        histogram._buckets[i].inc(grown)
-                if seconds != done.seconds:
-                    histogram._sum.inc(seconds - done.seconds)
-                if hits != done.hits:
-                    self._hits.inc(hits - done.hits)
-                if misses != done.misses:
-                    self._misses.inc(misses - done.misses)
-                done.counts, done.buckets = counts, buckets
-                done.seconds, done.hits, done.misses = seconds, hits, misses
-
-
-class _FlushingCounter(Counter):
-    """A Counter that runs `before_collect` (the recorder's flush) when collected."""
-
-    before_collect: Callable[[], None] | None = None
-
-    def collect(self) -> Iterable[Metric]:
-        if self.before_collect is not None:
-            self.before_collect()
-        return super().collect()
-
-
-class _FlushingHistogram(Histogram):
-    """A Histogram that runs `before_collect` (the recorder's flush) when collected."""
-
-    before_collect: Callable[[], None] | None = None
-
-    def collect(self) -> Iterable[Metric]:
-        if self.before_collect is not None:
-            self.before_collect()
-        return super().collect()
+__all__ = ["CHECK_BUCKETS", "Metrics", "MetricsInterceptor"]
 
 
 class Metrics:
-    """All collectors of one svidgate process, registered on `registry`.
+    """Every collector of one svidgate process, registered on `registry`.
 
     Args:
         registry: where every collector is registered; `/metrics` serves this registry. Tests pass a fresh
@@ -208,118 +64,36 @@ class Metrics:
         self.registry = registry
         self._clock = clock
 
-        # --- SDS
-        self.sds_streams = Gauge(
-            "svidgate_sds_streams",
-            "SDS streams currently open.",
-            ["api"],
-            registry=registry,
-        )
-        self.sds_pushes = Counter(
-            "svidgate_sds_pushes_total",
-            "SDS responses sent, per resource name in the response.",
-            ["resource"],
-            registry=registry,
-        )
-        self.sds_acks = Counter(
-            "svidgate_sds_acks_total",
-            "SDS ACKs received, per resource name.",
-            ["resource"],
-            registry=registry,
-        )
-        self.sds_nacks = Counter(
-            "svidgate_sds_nacks_total",
-            "SDS NACKs received (a request with error_detail), per resource name.",
-            ["resource"],
-            registry=registry,
-        )
-        self.sds_rejected_names = Counter(
-            "svidgate_sds_rejected_resource_names_total",
-            "Requested SDS resource names that were not served.",
-            ["reason"],
-            registry=registry,
-        )
-
-        # --- ext_authz
-        # The per-Check series are recorded through `authz_recorder` (lock-free, per thread) and folded into
-        # these collectors whenever one of them is collected; direct `.inc()`/`.observe()` still work.
-        self.authz_recorder = CheckRecorder()
-        flush = self.authz_recorder.flush
-        self.authz_decisions = _FlushingCounter(
-            "svidgate_authz_decisions_total",
-            "ext_authz Check decisions.",
-            ["policy", "result", "reason", "dry_run"],
-            registry=registry,
-        )
-        self.authz_check_seconds = _FlushingHistogram(
-            "svidgate_authz_check_duration_seconds",
-            "Time to decide one ext_authz Check, from request parsed to response built.",
-            buckets=CHECK_BUCKETS,
-            registry=registry,
-        )
-        self.authz_token_cache_hits = _FlushingCounter(
-            "svidgate_authz_token_cache_hits_total",
-            "Validated-token cache hits (no signature work).",
-            registry=registry,
-        )
-        self.authz_token_cache_misses = _FlushingCounter(
-            "svidgate_authz_token_cache_misses_total",
-            "Validated-token cache misses.",
-            registry=registry,
-        )
-        self.authz_recorder.bind(
-            self.authz_check_seconds, self.authz_token_cache_hits, self.authz_token_cache_misses
-        )
-        for flushing in (
-            self.authz_decisions,
-            self.authz_check_seconds,
-            self.authz_token_cache_hits,
-            self.authz_token_cache_misses,
-        ):
-            flushing.before_collect = flush
-        self.authz_token_cache_entries = Gauge(
-            "svidgate_authz_token_cache_entries",
-            "Entries in the validated-token cache.",
-            registry=registry,
-        )
-        self.authz_tokens_injected = Counter(
-            "svidgate_authz_tokens_injected_total",
-            "JWT-SVIDs added to requests by policies in inject mode.",
-            ["policy"],
-            registry=registry,
-        )
-
-        # --- Workload API
-        self.workload_api_streams = Gauge(
-            "svidgate_workload_api_streams",
-            "Workload API streams currently open.",
-            ["method"],
-            registry=registry,
-        )
-        self.workload_api_requests = Counter(
-            "svidgate_workload_api_requests_total",
-            "Workload API calls, by method and gRPC status code.",
-            ["method", "code"],
-            registry=registry,
-        )
-
-        # --- gRPC (every service, through `MetricsInterceptor`)
-        # Flushing: the threaded Check server counts its calls through `authz_recorder`.
-        self.grpc_handled = _FlushingCounter(
+        # --- gRPC (every service, through `MetricsInterceptor`; the threaded Check server counts its calls
+        # through the Check recorder, so these flush it when collected)
+        self.grpc_handled = FlushingCounter(
             "svidgate_grpc_server_handled_total",
             "gRPC calls completed on the server, by service, method and status code.",
             ["service", "method", "code"],
             registry=registry,
         )
-        self.grpc_started = _FlushingCounter(
+        self.grpc_started = FlushingCounter(
             "svidgate_grpc_server_started_total",
             "gRPC calls started on the server, by service and method.",
             ["service", "method"],
             registry=registry,
         )
-        self.grpc_handled.before_collect = self.grpc_started.before_collect = self.authz_recorder.flush
 
-        # --- process lifecycle (server.py)
+        # --- the services' own
+        templated_ids_refused = Counter(
+            "svidgate_templated_spiffe_ids_refused_total",
+            "Templated SPIFFE IDs not issued because the caller's values do not make a valid SPIFFE ID, by "
+            "service.",
+            ["service"],
+            registry=registry,
+        )
+        self.sds = SdsMetrics(registry, templated_ids_refused.labels(service="sds"))
+        self.authz = AuthzMetrics(registry, self.grpc_started, self.grpc_handled)
+        self.workload_api = WorkloadApiMetrics(registry, templated_ids_refused.labels(service="workload_api"))
+        self.attest = AttestMetrics(registry)
+        self.grpc_handled.before_collect = self.grpc_started.before_collect = self.authz.recorder.flush
+
+        # --- process lifecycle (svidgate.runtime)
         self.config_reloads = Counter(
             "svidgate_config_reloads_total",
             "Configuration reloads (SIGHUP or file change), by result: applied, restart_required (applied "
@@ -360,26 +134,6 @@ class Metrics:
         self.snapshots_published = Counter(
             "svidgate_identity_snapshots_total",
             "Identity snapshots published by the source (rotations, bundle updates).",
-            registry=registry,
-        )
-        self.k8s_attestations = Counter(
-            "svidgate_k8s_attestations_total",
-            "Kubernetes attestations of unix-socket callers, by result: attested, or why not (not_in_pod, "
-            "pod_not_listed, container_not_listed, kubelet_unreachable, kubelet_error, pid_reused, ...).",
-            ["result"],
-            registry=registry,
-        )
-        self.k8s_pod_list_fetches = Counter(
-            "svidgate_k8s_pod_list_fetches_total",
-            "Pod list fetches from the kubelet, by result (ok, or the failure reason).",
-            ["result"],
-            registry=registry,
-        )
-        self.templated_ids_refused = Counter(
-            "svidgate_templated_spiffe_ids_refused_total",
-            "Templated SPIFFE IDs not issued because the caller's values do not make a valid SPIFFE ID, by "
-            "service.",
-            ["service"],
             registry=registry,
         )
         info = Gauge("svidgate_build_info", "svidgate version.", ["version"], registry=registry)
@@ -602,7 +356,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         def done(context: grpc.aio.ServicerContext[Any, Any], raised: BaseException | None) -> None:
             handled.labels(service=service, method=method, code=_code_name(context, raised)).inc()
 
-        recorder = self._metrics.authz_recorder
+        recorder = self._metrics.authz.recorder
         ok = handled.labels(service=service, method=method, code="OK")
         return wrap_handler(
             handler,
@@ -683,8 +437,3 @@ def _wrap_streaming(behavior: Callable[..., Any], started: Any, done: _Done) -> 
 
 def _as_iter(produced: Any) -> Iterator[Any]:
     yield from produced
-
-
-def monotonic() -> float:
-    """The clock for latency measurements (`authz_check_seconds`): monotonic, never the wall clock."""
-    return time.perf_counter()

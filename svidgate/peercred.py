@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from svidgate.config import MAX_UNIX_PATH_BYTES, UNIX_TEMP_NAME_BYTES
+from svidgate.config import MAX_UNIX_PATH_BYTES
 from svidgate.errors import SvidgateError
 from svidgate.identity.entitlement import CallerInfo
 
@@ -348,42 +348,6 @@ def socket_dir_problem(directory: Path) -> str | None:
     return None
 
 
-def check_stale_socket(path: Path) -> None:
-    """Make `path` free for a new listening socket, or refuse.
-
-    A socket file that nobody accepts on (a crash left it behind) is removed; one that accepts connections
-    belongs to a running instance and is never touched; anything that is not a socket is never touched.
-
-    Args:
-        path: the socket path.
-
-    Raises:
-        SvidgateError: another process listens on `path`, or `path` exists and is not a socket.
-    """
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise SvidgateError(f"{path}: exists and is not a unix socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        log.info("peercred.stale_socket_removed", extra={"fields": {"path": str(path)}})
-        return
-    except OSError as err:
-        if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            path.unlink(missing_ok=True)
-            return
-        raise SvidgateError(f"{path}: cannot probe the existing socket: {err}") from err
-    finally:
-        probe.close()
-    raise SvidgateError(f"{path}: another process is listening on this socket (is svidgate already running?)")
-
-
 #: The `listen()` backlog of the public unix sockets: Envoys and workloads reconnect in bursts (a node
 #: restart, a svidgate restart), and a full backlog refuses a unix connect at once (EAGAIN) where TCP would
 #: retry the SYN. The kernel caps it at ``net.core.somaxconn`` (4096 by default since Linux 5.4);
@@ -400,42 +364,6 @@ def effective_backlog(backlog: int = LISTEN_BACKLOG) -> int:
     return min(backlog, somaxconn)
 
 
-def bind_unix_socket(path: Path, mode: int = 0o600, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """Create a listening unix socket at `path` with file mode `mode`, atomically.
-
-    The socket is bound under a temporary name in the same directory, given its mode, and renamed into place,
-    so no process ever sees `path` with the umask's (looser) mode. A stale socket is removed first; a live one
-    is refused (`check_stale_socket`).
-
-    Args:
-        path: where to listen.
-        mode: file mode of the socket (0o600 owner only, 0o660 owner and group).
-        backlog: `listen()` backlog (`LISTEN_BACKLOG`); large, because Envoys reconnect in bursts.
-
-    Returns:
-        The listening (non-blocking) socket.
-
-    Raises:
-        SvidgateError: the path is taken by a live socket or a non-socket, or cannot be bound.
-    """
-    check_stale_socket(path)
-    tmp = path.with_name(f".{secrets.token_hex(4)}.tmp")
-    assert len(tmp.name) == UNIX_TEMP_NAME_BYTES  # the config checks that this name fits (sun_path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(tmp))
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError as err:
-        sock.close()
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise SvidgateError(f"{path}: cannot listen: {err}") from err
-    return sock
-
-
 #: The private directory of the inner sockets is ``$TMPDIR/svidgate-inner-<random>``.
 INNER_DIR_PREFIX = "svidgate-inner-"
 
@@ -449,7 +377,8 @@ def make_inner_dir() -> Path:
 def remove_stale_inner_dir(path: Path) -> bool:
     """Remove the inner-socket directory a killed svidgate left behind.
 
-    The caller must hold the socket lock the directory was recorded under (`svidgate.server.UnixSocketClaim`):
+    The caller must hold the socket lock the directory was recorded under
+    (`svidgate.runtime.listeners.UnixSocketClaim`):
     its previous holder is then dead, and no live instance uses the directory. Even so, only what svidgate
     made is touched: a real directory (a symlink is never followed) named ``svidgate-inner-*``, owned by this
     user, mode 0700, holding nothing but sockets. Anything else is left alone with a warning.
@@ -496,12 +425,17 @@ def remove_stale_inner_dir(path: Path) -> bool:
 class PeerCredFront:
     """The accepting front on a public unix socket that forwards to a gRPC server's inner socket.
 
+    The front accepts on a listening socket it is handed and closes it on `close()`; the socket file belongs
+    to `svidgate.runtime.listeners.UnixSocketClaim`, the one owner of each public socket file (its lock, the
+    stale-socket probe, its mode, and its removal on exit).
+
     Args:
-        path: the public socket (Envoy's SDS cluster, or the Workload API endpoint, points here).
+        path: the public socket's path (Envoy's SDS cluster, or the Workload API endpoint, points here), for
+            the log.
+        listening: the bound, listening, non-blocking unix socket at `path`.
         inner_path: the gRPC server's own unix socket (``server.add_insecure_port("unix:" + inner_path)``),
             in a directory only svidgate can enter.
         registry: where connections are recorded; the servicer looks peers up in it.
-        mode: file mode of the public socket (0o600 or 0o660).
         client_dir: where the inner connections' client sockets are bound: a directory only svidgate can
             enter (default: the directory of `inner_path`, which must be one already).
         attest: run on every caller before its connection is forwarded (Kubernetes attestation), or None.
@@ -510,9 +444,9 @@ class PeerCredFront:
     def __init__(
         self,
         path: Path,
+        listening: socket.socket,
         inner_path: str,
         registry: PeerRegistry,
-        mode: int = 0o600,
         client_dir: Path | None = None,
         attest: Attest | None = None,
     ) -> None:
@@ -520,12 +454,11 @@ class PeerCredFront:
         self.attest = attest
         self.inner_path = inner_path
         self.registry = registry
-        self.mode = mode
         self.client_dir = client_dir if client_dir is not None else Path(inner_path).parent
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self._listening: socket.socket | None = listening
         self._server: asyncio.Server | None = None
-        self._inode: int | None = None
 
     def client_address(self) -> str:
         """A fresh, unpredictable path in `client_dir` for one inner connection's client socket."""
@@ -552,45 +485,50 @@ class PeerCredFront:
             )
 
     async def start(self) -> None:
-        """Bind the public socket and start accepting.
+        """Start accepting.
 
         Raises:
-            SvidgateError: the socket path is in use by a live process, or cannot be bound; or the client
-                directory is missing or its paths would be too long for a unix socket.
+            SvidgateError: the client directory is missing or its paths would be too long for a unix socket
+                (the listening socket is closed then).
         """
-        self._check_client_dir()
-        sock = bind_unix_socket(self.path, self.mode, LISTEN_BACKLOG)
-        self._inode = os.stat(self.path).st_ino
-        # asyncio calls listen() again with its own backlog (100 unless told): pass ours, or a burst of 500
-        # connects has most of them refused (measured: 297 of 500 on SDS, 382 on the Workload API).
-        self._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: _Outer(self), sock=sock, backlog=LISTEN_BACKLOG
-        )
+        listening = self._listening
+        if listening is None:
+            raise SvidgateError(f"{self.path}: the front was closed")
+        try:
+            self._check_client_dir()
+            # asyncio calls listen() again with its own backlog (100 unless told): pass ours, or a burst of
+            # 500 connects has most of them refused (measured: 297 of 500 on SDS, 382 on the Workload API).
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                lambda: _Outer(self), sock=listening, backlog=LISTEN_BACKLOG
+            )
+        except BaseException:
+            self._listening = None
+            listening.close()
+            raise
         log.info(
             "peercred.listening",
             extra={
                 "fields": {
                     "path": str(self.path),
                     "inner": self.inner_path,
-                    "mode": f"{self.mode:04o}",
+                    "mode": f"{stat.S_IMODE(os.stat(self.path).st_mode):04o}",
                     "backlog": effective_backlog(),
                 }
             },
         )
 
     async def close(self) -> None:
-        """Stop accepting, close every proxied connection and remove the socket file (if it is still ours)."""
+        """Stop accepting and close every proxied connection (the socket file is its owner's to remove)."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        elif self._listening is not None:
+            self._listening.close()
+        self._listening = None
         for conn in list(self.connections):
             conn.close()
         for task in list(self.tasks):
             task.cancel()
-        with contextlib.suppress(OSError):
-            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
-                self.path.unlink()
-        self._inode = None
 
     async def __aenter__(self) -> PeerCredFront:
         await self.start()

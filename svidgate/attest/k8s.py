@@ -38,8 +38,8 @@ from svidgate.errors import AttestationError
 from svidgate.identity.entitlement import CallerInfo, KubernetesWorkload
 
 if TYPE_CHECKING:
+    from svidgate.attest.metrics import AttestMetrics
     from svidgate.config import KubernetesConfig
-    from svidgate.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class KubernetesAttestor:
     def __init__(
         self,
         config: KubernetesConfig,
-        metrics: Metrics | None = None,
+        metrics: AttestMetrics | None = None,
         *,
         pods: KubeletPods | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -189,8 +189,8 @@ class KubernetesAttestor:
 
     def _count(self, result: str) -> None:
         if self._metrics is not None:
-            self._metrics.k8s_attestations.labels(result=result).inc()
+            self._metrics.attestations.labels(result=result).inc()
 
     def _count_fetch(self, result: str) -> None:
         if self._metrics is not None:
-            self._metrics.k8s_pod_list_fetches.labels(result=result).inc()
+            self._metrics.pod_list_fetches.labels(result=result).inc()

@@ -8,6 +8,6 @@ fresh JWT-SVID to an outgoing request (`inject`). `explain` runs the same decisi
 explain``; `reload` holds the current policies so that a reload is one reference assignment.
 
 The pure modules (`policy`, `token`, `decision`, `cache`, `inject`, `explain`, `reload`) must never import
-gRPC or protobuf; only `servicer` does. Nothing here may import `svidgate.server`, `svidgate.cli`,
+gRPC or protobuf; only `servicer` does. Nothing here may import `svidgate.runtime`, `svidgate.cli`,
 `svidgate.sds` or `svidgate.workloadapi`: the runtime wires this package, never the other way round.
 """

@@ -29,9 +29,9 @@ from svidgate.identity.jwtsvid import AUDIENCE_MISMATCH, JwtSvid, validate_jwt_s
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+    from svidgate.extauthz.metrics import AuthzMetrics
     from svidgate.identity.bundle import Bundle
     from svidgate.identity.spiffe_id import TrustDomain
-    from svidgate.metrics import Metrics
 
 __all__ = ["TokenCache"]
 
@@ -52,7 +52,7 @@ class TokenCache:
         metrics: records hits, misses and the entry count when given.
     """
 
-    def __init__(self, max_entries: int, metrics: Metrics | None = None) -> None:
+    def __init__(self, max_entries: int, metrics: AuthzMetrics | None = None) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         # The threaded Check server calls in from several threads; an uncontended lock costs ~50 ns.
@@ -69,7 +69,7 @@ class TokenCache:
 
     def _gauge(self) -> None:
         if self._metrics is not None:
-            self._metrics.authz_token_cache_entries.set(len(self._entries))
+            self._metrics.token_cache_entries.set(len(self._entries))
 
     def lookup(self, token: str, bundles: Mapping[TrustDomain, Bundle], now: float) -> JwtSvid | None:
         """The cached validation of `token`, if it is still good (see the module docstring).
@@ -155,7 +155,7 @@ class TokenCache:
         if svid is not None:
             if self._metrics is not None:
                 # Inlined `CheckRecorder.cache_hit`: this is the hot path of every cached Check.
-                self._metrics.authz_recorder.cell().hits += 1
+                self._metrics.recorder.cell().hits += 1
             # The validator's rule exactly (empty `audiences` skips the check there too).
             if audiences and not any(aud in audiences for aud in svid.audience):
                 raise JwtSvidError(
@@ -163,7 +163,7 @@ class TokenCache:
                 )
             return svid
         if self._metrics is not None:
-            self._metrics.authz_recorder.cache_miss()
+            self._metrics.recorder.cache_miss()
         if precheck is not None:
             precheck(token)
         svid = validate_jwt_svid(token, bundles, audiences, now, leeway)

@@ -39,6 +39,7 @@ from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo, entitled_ids
 
 if TYPE_CHECKING:
+    from svidgate.changes import ChangeSignal
     from svidgate.config import Policy, Workload
     from svidgate.identity.jwtsvid import JwtSvid
     from svidgate.identity.spiffe_id import SpiffeId
@@ -141,13 +142,21 @@ class TokenInjector:
         minter: mints a JWT-SVID (the identity source's `mint_jwt_svid`).
         workloads: ``workloads[]``, for the entitlement check of verified callers.
         clock: the time source.
+        rules: the rules in force, shared with SDS and the Workload API (`svidgate.changes.ChangeSignal`);
+            given it, `workloads` is not used.
     """
 
     def __init__(
-        self, minter: Minter, workloads: Sequence[Workload] = (), clock: Clock = system_clock
+        self,
+        minter: Minter,
+        workloads: Sequence[Workload] = (),
+        clock: Clock = system_clock,
+        *,
+        rules: ChangeSignal | None = None,
     ) -> None:
         self._minter = minter
-        self._workloads: tuple[Workload, ...] = tuple(workloads)
+        self._own: tuple[Workload, ...] = tuple(workloads)
+        self._rules = rules
         self._clock = clock
         self._tokens: OrderedDict[tuple[SpiffeId, str], tuple[JwtSvid, float]] = OrderedDict()
         # Guards `_tokens` and `_flights` only, never held while minting: a mint (a signature, or a round trip
@@ -157,8 +166,17 @@ class TokenInjector:
         self._flights: dict[tuple[SpiffeId, str], _Flight] = {}
 
     def swap_workloads(self, workloads: Sequence[Workload]) -> None:
-        """Replace the workloads after a config reload (one reference assignment)."""
-        self._workloads = tuple(workloads)
+        """Replace the workloads after a config reload (one reference assignment; with shared `rules`, the
+        runtime swaps those instead)."""
+        if self._rules is not None:
+            self._rules.swap_rules(workloads)
+        else:
+            self._own = tuple(workloads)
+
+    @property
+    def _workloads(self) -> tuple[Workload, ...]:
+        # Read on Check's threads: one attribute read of an immutable value, no lock.
+        return self._rules.rules.workloads if self._rules is not None else self._own
 
     def inject(
         self, policy: Policy, peer: CallerInfo | None, context_extensions: Mapping[str, str]

@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from svidgate.bounded import BoundedDict
 from svidgate.canonical import canonical_host, normalize_host, normalize_path, strip_query
 from svidgate.config import Policy
 
@@ -66,8 +67,7 @@ __all__ = [
 _SPIFFE = "spiffe://"
 # Envoy sends the same few Host values over and over: canonicalising each once saves ~1 us per Check. A pure
 # function's memo, so sharing it between configurations and threads is safe; bounded against junk hosts.
-_HOSTS: dict[str, str | None] = {}
-_HOSTS_LIMIT = 4096
+_HOSTS: BoundedDict[str, str | None] = BoundedDict(4096)
 _UNSET: Final = object()
 
 #: The name of the built-in policy that a request with an ambiguous host or path selects. Not a valid
@@ -286,9 +286,8 @@ class CompiledAuthz:
         """
         canonical = _HOSTS.get(host, _UNSET)
         if canonical is _UNSET:
-            if len(_HOSTS) >= _HOSTS_LIMIT:
-                _HOSTS.clear()
-            canonical = _HOSTS[host] = canonical_host(host)
+            canonical = canonical_host(host)
+            _HOSTS.put(host, canonical)
         canonical_path = normalize_path(path)
         if not isinstance(canonical, str) or canonical_path is None:
             return self.ambiguous

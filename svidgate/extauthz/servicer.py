@@ -4,8 +4,8 @@ The core is one plain, synchronous method, `AuthorizationServicer.check(request)
 the same code is served by the ``grpc.aio`` servers of ``listen.grpc`` and ``listen.workload_api``
 (`add_to_server`) and by a threaded ``grpc.server`` on ``listen.check`` (`add_to_sync_server`,
 `new_sync_check_server`). Every gRPC listener svidgate opens answers Check with the same decision (see
-`svidgate.server.Services.register`); ``listen.check`` is the fast path: measured here, the threaded server
-answers the same Check with about a fifth fewer instructions and less CPU than ``grpc.aio``
+`svidgate.runtime.wiring.Services.register`); ``listen.check`` is the fast path: measured here, the threaded
+server answers the same Check with about a fifth fewer instructions and less CPU than ``grpc.aio``
 (bench/check_bench.py, bench/check_bench_callgrind.py).
 
 Fail closed, always with a response: a denial is a normal `CheckResponse` with a non-OK status and never an
@@ -31,7 +31,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING, Any, Final
 
@@ -57,13 +57,13 @@ from svidgate.identity.jwtsvid import UNKNOWN_KEY, JwtSvid, parse_jwt_svid_insec
 if TYPE_CHECKING:
     import grpc.aio
 
+    from svidgate.extauthz.metrics import AuthzMetrics
     from svidgate.extauthz.policy import CompiledAuthz, CompiledPolicy
     from svidgate.extauthz.reload import PolicyHolder
     from svidgate.identity.bundle import Bundle
     from svidgate.identity.entitlement import CallerInfo
     from svidgate.identity.snapshot import SnapshotFeed
     from svidgate.identity.spiffe_id import TrustDomain
-    from svidgate.metrics import Metrics
     from svidgate.sources.federation import BundleRefresher
 
 __all__ = [
@@ -323,7 +323,7 @@ class AuthorizationServicer:
         self,
         feed: SnapshotFeed,
         policies: PolicyHolder,
-        metrics: Metrics | None = None,
+        metrics: AuthzMetrics | None = None,
         clock: Clock = system_clock,
         injector: TokenInjector | None = None,
         peers: PeerResolver | None = None,
@@ -341,7 +341,10 @@ class AuthorizationServicer:
         self._errors_log = DecisionLog()
         self._require_compact: dict[str, Callable[[str], object]] = {}
         self._decision_counters: dict[tuple[str, str, str, bool], Any] = {}
-        self._memo: tuple[CompiledAuthz | None, dict[tuple[object, ...], _Prepared]] = (None, {})
+        self._memo: tuple[CompiledAuthz | None, BoundedDict[tuple[object, ...], _Prepared]] = (
+            None,
+            BoundedDict(_MEMO_LIMIT),
+        )
         # The decision fast path: Checks decided before, by what the decision depends on (see `_decide`).
         self._decided: BoundedDict[tuple[object, ...], _Decided] = BoundedDict(
             policies.current.config.cache_size
@@ -445,13 +448,13 @@ class AuthorizationServicer:
                 and (decided.valid_until == math.inf or self._clock() < decided.valid_until)
             ):
                 if decided.token_hit and self._metrics is not None:
-                    self._metrics.authz_recorder.cell().hits += 1
+                    self._metrics.recorder.cell().hits += 1
                 return decided.prepared
         owner, memo = self._memo
         if owner is not authz:
             # The memo belongs to one CompiledAuthz: a reload starts a new one, and a thread still deciding
             # with the old configuration only ever writes into the old configuration's memo.
-            memo = {}
+            memo = BoundedDict(_MEMO_LIMIT)
             self._memo = (authz, memo)
             # A reload may change authz.cache_size too; the caches shrink on their next store.
             self.cache.max_entries = authz.config.cache_size
@@ -479,9 +482,8 @@ class AuthorizationServicer:
                     key = None
         prepared = memo.get(memo_key)
         if prepared is None:
-            if len(memo) >= _MEMO_LIMIT:
-                memo.clear()
-            prepared = memo[memo_key] = _Prepared(decide(authz, policy, outcome))
+            prepared = _Prepared(decide(authz, policy, outcome))
+            memo.put(memo_key, prepared)
         if key is not None:
             self._decided.put(
                 key, _Decided(prepared, authz, bundles, valid_until, isinstance(outcome, JwtSvid))
@@ -584,7 +586,7 @@ class AuthorizationServicer:
         except InjectError as err:
             return deny(403, err.reason, policy=policy.name, hide_details=hide)
         if self._metrics is not None:
-            self._metrics.authz_tokens_injected.labels(policy.name).inc()
+            self._metrics.tokens_injected.labels(policy.name).inc()
         return inject_decision(authz, policy, svid)
 
     def _record(
@@ -603,12 +605,10 @@ class AuthorizationServicer:
                 key = (decision.policy or "", decision.verdict, decision.reason, decision.dry_run)
                 counter = self._decision_counters.get(key)
                 if counter is None:
-                    counter = metrics.authz_decisions.labels(
-                        key[0], key[1], key[2], "true" if key[3] else "false"
-                    )
+                    counter = metrics.decisions.labels(key[0], key[1], key[2], "true" if key[3] else "false")
                     self._decision_counters[key] = counter
                 prepared.counter = counter
-            metrics.authz_recorder.check(counter, elapsed)
+            metrics.recorder.check(counter, elapsed)
         if not log.isEnabledFor(logging.INFO):
             # Decide about the line before anything is gathered for it: a logger that drops INFO would
             # discard it after the rate limiter's lock, six request fields and the logging call.
@@ -727,7 +727,7 @@ class AuthorizationServicer:
         else:
             # The grpc.aio interceptor counts calls on listen.grpc; the threaded server has none: count here.
             # Check never fails the RPC (denials and internal errors are CheckResponses): the code is OK.
-            recorder = metrics.authz_recorder
+            recorder = metrics.recorder
             started = metrics.grpc_started.labels(service=_SERVICE, method="Check")
             handled = metrics.grpc_handled.labels(service=_SERVICE, method="Check", code="OK")
 
@@ -755,20 +755,27 @@ def _register(server: grpc.Server | grpc.aio.Server, behavior: Callable[..., Any
     server.add_registered_method_handlers(_SERVICE, handlers)  # type: ignore[union-attr]
 
 
-def new_sync_check_server(servicer: AuthorizationServicer, max_workers: int = 4) -> grpc.Server:
-    """A threaded gRPC server with Check registered, not yet bound or started.
+def new_sync_check_server(
+    servicer: AuthorizationServicer,
+    max_workers: int = 4,
+    *,
+    options: Sequence[tuple[str, int]] = (("grpc.so_reuseport", 0),),
+) -> grpc.Server:
+    """A threaded gRPC server with Check registered, not yet bound or started: the one way svidgate builds
+    it (``listen.check``, tests and bench/ alike).
 
     Args:
         servicer: the Check service (shared with the aio server: same cache, policies and metrics).
         max_workers: worker threads (svidgate serve uses `server.check_workers`, default 4: threads stay
             free while a Check waits for an unknown key's bundle fetch).
+        options: the server's channel options (`svidgate serve` passes `grpc_server_options()`).
 
     Returns:
         The server; the caller adds ports (``add_insecure_port``) and starts and stops it.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="svidgate-check"),
-        options=[("grpc.so_reuseport", 0)],
+        options=list(options),
     )
     servicer.add_to_sync_server(server)
     return server

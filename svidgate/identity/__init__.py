@@ -2,6 +2,6 @@
 
 Pure Python plus `cryptography`/`pyjwt`. This package must never import gRPC, protobuf or anything from
 `svidgate.config`, `svidgate.sources`, `svidgate.sds`, `svidgate.extauthz`, `svidgate.workloadapi` or
-`svidgate.server`: it is the bottom layer of the import contract in pyproject.toml (sources live above it, in
+`svidgate.runtime`: it is the bottom layer of the import contract in pyproject.toml (sources live above it, in
 `svidgate.sources`; the configuration names identity types, never the other way round).
 """

@@ -6,12 +6,13 @@ writes what they plan, and logs and counts what they report. Building secrets is
 
 Per stream: the handler coroutine reads requests, and nothing else runs for it while it is idle. Two things
 change under an open stream: the identity snapshot (`SnapshotFeed`) and, on a config reload, the entitlement
-rules (`workloads[]`, held in an immutable `_Rules` replaced whole by `update_workloads`). Open streams are
-kept in one registry (`_Stream` records); one servicer-wide fan-out task waits for snapshot publications, and
-on each (or on a reload) starts one short push task per stream that is behind, which re-plans against
-whichever of the two changed and writes. A per-stream lock serialises planning and writing, so responses leave
-in the order their nonces were issued. An idle stream costs its gRPC call, its handler task and its record:
-no watcher task (measured at 10k streams: 30.8 -> see bench/sds_streams.py and README's SDS table).
+rules (`workloads[]`, an immutable `svidgate.changes.Rules` replaced whole on a reload). Both wake one
+servicer-wide fan-out task through the `svidgate.changes.ChangeSignal` (shared with the Workload API); it
+queues the open streams (a registry of `_Stream` records) that are behind, and a bounded pool of pusher tasks
+re-plans each against whichever of the two changed and writes. A per-stream lock serialises planning and
+writing, so responses leave in the order their nonces were issued. An idle stream costs its gRPC call, its
+handler task and its record, no watcher task: measured with bench/sds_streams.py at 10k streams, 36.0 ->
+28.1-28.5 KiB per idle stream (with the metrics and drain wrapping of `svidgate serve`).
 
 Every stream shares one event loop with the other services (ext_authz Check among them), so a request whose
 size alone would hold that loop is refused whole before any work: more than `stream.MAX_RESOURCE_NAMES`
@@ -35,13 +36,14 @@ import asyncio
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
+from svidgate.bounded import BoundedDict
+from svidgate.changes import ChangeSignal, Rules
 from svidgate.errors import SourceError
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo, Entitlement, entitle
@@ -78,8 +80,8 @@ if TYPE_CHECKING:
     from svidgate.config import SdsConfig, Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
     from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
-    from svidgate.metrics import Metrics
     from svidgate.peercred import PeerRegistry
+    from svidgate.sds.metrics import SdsMetrics
     from svidgate.sds.resources import Validation
     from svidgate.sources.base import TemplatedSvids
 
@@ -130,14 +132,6 @@ MAX_PUSHERS = 1024
 MAX_ENTITLED = 4096
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class _Rules:
-    """The entitlement rules in force. Replaced whole on a reload, never mutated: a stream compares the object
-    it computed its entitlement from with the current one (identity, like a snapshot version)."""
-
-    workloads: tuple[Workload, ...]
-
-
 class _Stream:
     """One open SDS stream, as the fan-out sees it: what it was last planned against, and how to reach it.
 
@@ -166,7 +160,7 @@ class _Stream:
         context: grpc.aio.ServicerContext[Any, Any],
         state: StreamState[Any],
         encode: Callable[[Any], bytes],
-        rules: _Rules,
+        rules: Rules,
         handler: asyncio.Task[Any] | None,
         held: set[SpiffeId],
     ) -> None:
@@ -251,6 +245,9 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         clock: the time source (kept for expiry-aware logging; SDS decisions never depend on time).
         templated: mints the SVIDs of templated workloads on demand (the built-in source), or None when
             the configuration has none.
+        changes: the rules in force and the wake-up of every stream (`svidgate.changes.ChangeSignal` of
+            `feed`), shared with the Workload API by the runtime; given it, `workloads` is not used (the
+            signal holds them). Default: a signal of its own over `workloads`.
     """
 
     def __init__(
@@ -260,26 +257,34 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         sds: SdsConfig,
         trust_domain: TrustDomain,
         peers: PeerRegistry | None = None,
-        metrics: Metrics | None = None,
+        metrics: SdsMetrics | None = None,
         clock: Clock = system_clock,
         templated: TemplatedSvids | None = None,
+        changes: ChangeSignal | None = None,
     ) -> None:
         self._feed = feed
         self._templated = templated
-        self._rules = _Rules(tuple(workloads))
-        self._entitled: dict[CallerInfo, Entitlement] = {}
-        # The open streams the fan-out keeps current; the one task that follows the feed while any is open.
-        self._streams: set[_Stream] = set()
-        self._fanout: asyncio.Task[None] | None = None
-        # Streams waiting for a push, and the pusher tasks working through them.
-        self._behind: deque[_Stream] = deque()
-        self._pushers: set[asyncio.Task[None]] = set()
+        # The rules in force, and woken whenever the snapshot or the rules change; see the module docstring.
+        self._changes = changes if changes is not None else ChangeSignal(feed, workloads)
+        # Entitlements remembered under one `Rules` object: new rules start a new memo.
+        self._entitled: tuple[Rules | None, BoundedDict[CallerInfo, Entitlement]] = (
+            None,
+            BoundedDict(MAX_ENTITLED),
+        )
         self._naming = naming_from_config(sds, trust_domain)
         self._peers = peers
         self._metrics = metrics
         self._clock = clock
         self._resolver: SecretResolver | None = None
-        self._encoded: dict[tuple[str, ...], bytes] = {}
+        # Keys are content hashes, so entries never go stale; the bound only limits memory (distinct
+        # subscriptions x snapshots). Starting afresh when full is fine: a miss costs one serialisation.
+        self._encoded: BoundedDict[tuple[str, ...], bytes] = BoundedDict(MAX_ENCODED)
+        # The open streams the fan-out keeps current; the one task that follows the changes while any is open.
+        self._streams: set[_Stream] = set()
+        self._fanout: asyncio.Task[None] | None = None
+        # Streams waiting for a push, and the pusher tasks working through them.
+        self._behind: deque[_Stream] = deque()
+        self._pushers: set[asyncio.Task[None]] = set()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register this servicer on `server` (create the server with `SERVER_OPTIONS`).
@@ -352,11 +357,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         return body + tail
 
     def _remember(self, key: tuple[str, ...], body: bytes) -> None:
-        # Keys are content hashes, so entries never go stale; the bound only limits memory (distinct
-        # subscriptions x snapshots). Clearing whole is fine: a miss costs one serialisation.
-        if len(self._encoded) >= MAX_ENCODED:
-            self._encoded.clear()
-        self._encoded[key] = body
+        self._encoded.put(key, body)
 
     def update_workloads(self, workloads: Sequence[Workload]) -> None:
         """Swap the entitlement rules (config reload); every open stream re-evaluates its caller against them.
@@ -367,20 +368,25 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         Args:
             workloads: `Config.workloads` of the new configuration.
         """
-        workloads = tuple(workloads)
-        if workloads == self._rules.workloads:
-            return
-        self._rules = _Rules(workloads)
-        self._entitled.clear()
-        self._push_all()
+        self._changes.swap_rules(workloads)
+
+    @property
+    def _rules(self) -> Rules:
+        return self._changes.rules
 
     # -- change notification ---------------------------------------------------------------------------------
 
-    async def _follow_feed(self, version: int) -> None:
-        """The fan-out loop: on every snapshot publication, bring each open stream up to date."""
-        while True:
-            version = (await self._feed.wait_newer(version)).version
-            self._push_all()
+    async def _follow_changes(self) -> None:
+        """The fan-out loop: on every snapshot publication and reload, bring each open stream up to date."""
+        changes = self._changes
+        changes.watch_started()  # relays snapshot publications into the signal
+        try:
+            while True:
+                wake = changes.current()  # taken before looking: any later change sets it
+                self._push_all()
+                await wake.wait()
+        finally:
+            changes.watch_stopped()
 
     def _push_all(self) -> None:
         rules = self._rules
@@ -446,9 +452,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         stream.version = version
         self._streams.add(stream)
         if self._fanout is None:
-            # The baseline version is read now, not when the task first runs: a snapshot published in between
-            # must still reach the streams.
-            self._fanout = asyncio.create_task(self._follow_feed(self._feed.current().version))
+            self._fanout = asyncio.create_task(self._follow_changes())
         if self._feed.current().version != version or self._rules is not stream.rules:
             self._start_push(stream)  # changed while the stream's first answer was being written
 
@@ -494,16 +498,19 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
         return parse_validation(requested, self._naming.validation)
 
-    def _entitlement(self, rules: _Rules, caller: CallerInfo) -> Entitlement:
+    def _entitlement(self, rules: Rules, caller: CallerInfo) -> Entitlement:
         if rules is not self._rules:  # superseded while the caller waited: not worth remembering
             entitlement = entitle(rules.workloads, caller)
         else:
-            cached = self._entitled.get(caller)
+            owner, memo = self._entitled
+            if owner is not rules:
+                memo = BoundedDict(MAX_ENTITLED)
+                self._entitled = (rules, memo)
+            cached = memo.get(caller)
             if cached is not None:
                 return cached
-            if len(self._entitled) >= MAX_ENTITLED:
-                self._entitled.clear()
-            entitlement = self._entitled[caller] = entitle(rules.workloads, caller)
+            entitlement = entitle(rules.workloads, caller)
+            memo.put(caller, entitlement)
         for template, reason in entitlement.refused:
             # Logged when computed (once per caller and rules), not on every request.
             log.warning(
@@ -511,7 +518,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 extra={"fields": {**caller.describe(), "template": template, "error": reason}},
             )
             if self._metrics is not None:
-                self._metrics.templated_ids_refused.labels(service="sds").inc()
+                self._metrics.templated_ids_refused.inc()
         return entitlement
 
     async def _hold(self, held: set[SpiffeId], entitlement: Entitlement, caller: CallerInfo) -> None:
@@ -542,7 +549,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 self._templated.release(spiffe_id)
         held.clear()
 
-    def _subscriber(self, rules: _Rules, caller: CallerInfo, validation: Validation) -> Subscriber:
+    def _subscriber(self, rules: Rules, caller: CallerInfo, validation: Validation) -> Subscriber:
         entitled = self._entitlement(rules, caller).ids
         if not entitled:
             log.warning(
@@ -556,7 +563,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
             )
         return Subscriber(entitled, validation)
 
-    def _reevaluated(self, rules: _Rules, caller: CallerInfo, api: str, old: Subscriber) -> Subscriber:
+    def _reevaluated(self, rules: Rules, caller: CallerInfo, api: str, old: Subscriber) -> Subscriber:
         entitled = self._entitlement(rules, caller).ids
         if entitled == old.entitled:
             return old
@@ -585,7 +592,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
                 if metrics is not None:
                     for name, _ in event.resources:
-                        metrics.sds_acks.labels(resource=name).inc()
+                        metrics.acks.labels(resource=name).inc()
             elif isinstance(event, Nack):
                 # The NACKed content is remembered by the stream and not pushed again until it changes.
                 log.warning(
@@ -603,7 +610,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
                 )
                 if metrics is not None:
                     for name, _ in event.resources:
-                        metrics.sds_nacks.labels(resource=name).inc()
+                        metrics.nacks.labels(resource=name).inc()
             elif isinstance(event, StaleNonce):
                 log.debug(
                     "sds.stale_nonce",
@@ -655,7 +662,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         log.warning("sds.resource_rejected", extra={"fields": fields})
         if self._metrics is not None:
             for reason, count in reasons.items():
-                self._metrics.sds_rejected_names.labels(reason=reason).inc(count)
+                self._metrics.rejected_names.labels(reason=reason).inc(count)
 
     async def _refuse(
         self,
@@ -688,7 +695,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
     ) -> None:
         if self._metrics is not None:
             for resource in resources:
-                self._metrics.sds_pushes.labels(resource=resource.name).inc()
+                self._metrics.pushes.labels(resource=resource.name).inc()
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "sds.push",
@@ -860,12 +867,12 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
 
     def _stream_opened(self, api: str, caller: CallerInfo) -> None:
         if self._metrics is not None:
-            self._metrics.sds_streams.labels(api=api).inc()
+            self._metrics.streams.labels(api=api).inc()
         log.info("sds.stream_opened", extra={"fields": {**caller.describe(), "api": api}})
 
     def _stream_closed(self, api: str, caller: CallerInfo) -> None:
         if self._metrics is not None:
-            self._metrics.sds_streams.labels(api=api).dec()
+            self._metrics.streams.labels(api=api).dec()
         log.info("sds.stream_closed", extra={"fields": {**caller.describe(), "api": api}})
 
 

@@ -9,14 +9,14 @@ Layering (the import-linter contract in pyproject.toml): this package sits betwe
 (`svidgate.sds`, `svidgate.extauthz`, `svidgate.workloadapi.server`) and `svidgate.identity`; it may use the
 Workload API client (`svidgate.workloadapi.client`, for SPIRE) but never imports a service, the runtime or the
 CLI.
+Which source to build is decided in one place, `svidgate.sources.factory.build_source`.
 """
 
 from __future__ import annotations
 
 from svidgate.config import Config
-from svidgate.errors import SourceError
 from svidgate.identity.bundle import BundleRejectionSink
-from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
+from svidgate.identity.ca import UpstreamAuthority
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.spiffe_id import SpiffeId
 from svidgate.sources.base import IdentitySource, SourceHealth, SourceStatus
@@ -56,68 +56,6 @@ def internal_ids(config: Config) -> tuple[SpiffeId, ...]:
     return (endpoint.spiffe_id,)
 
 
-def create_source(
-    config: Config, clock: Clock = system_clock, on_bundle_rejected: BundleRejectionSink | None = None
-) -> BuiltinSource | FileSource:
-    """Build the source `config.source.kind` names (builtin or files), with federation attached.
-
-    Blocks briefly: the CA state is loaded (or created), the first SVIDs are minted and federated bundle files
-    are read. Bundle endpoints are never waited for here: `run()` fetches them, each trust domain in its own
-    task, so a slow partner cannot hold up start-up.
-
-    Args:
-        config: the configuration.
-        clock: the time source.
-        on_bundle_rejected: told of every rejected bundle update (own and federated; the runtime counts them).
-
-    Returns:
-        The source, its first snapshot already published.
-
-    Raises:
-        SourceError: the kind is ``spire`` (built by the runtime from `svidgate.sources.spire`) or the
-            source cannot produce its first snapshot.
-        CaError: the built-in CA state cannot be loaded or created.
-    """
-    # Always a watcher, empty when nothing is federated yet, so that a reload can add trust domains.
-    federation = FederatedBundles(
-        config.federation, clock, poll_interval=config.source.poll_interval, on_rejected=on_bundle_rejected
-    )
-    if config.source.kind == "builtin":
-        ca = BuiltinCa.load_or_create(
-            config.state_dir,
-            config.trust_domain,
-            config.ca.key_type,
-            clock,
-            ca_ttl=config.ca.ca_ttl,
-            upstream=load_upstream(config, clock),
-        )
-        return BuiltinSource(
-            ca,
-            config.workloads,
-            federation,
-            clock,
-            x509_svid_ttl=config.ca.x509_svid_ttl,
-            jwt_svid_ttl=config.ca.jwt_svid_ttl,
-            internal_ids=internal_ids(config),
-        )
-    if config.source.kind == "files":
-        src = config.source
-        assert src.cert_file is not None
-        assert src.key_file is not None
-        assert src.bundle_file is not None
-        return FileSource(
-            src.cert_file,
-            src.key_file,
-            src.bundle_file,
-            config.trust_domain,
-            federation,
-            clock,
-            poll_interval=src.poll_interval,
-            on_bundle_rejected=on_bundle_rejected,
-        )
-    raise SourceError(f"source kind {config.source.kind!r} is not built here (see svidgate.workloadapi)")
-
-
 __all__ = [
     "BuiltinSource",
     "FederatedBundles",
@@ -125,7 +63,6 @@ __all__ = [
     "IdentitySource",
     "SourceHealth",
     "SourceStatus",
-    "create_source",
     "federated_bundles",
     "fetch_bundle",
 ]

@@ -32,6 +32,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from svidgate.bounded import BoundedDict
 from svidgate.config import FederationConfig, Workload
 from svidgate.errors import CaError, JwtSvidError, SourceError, SvidgateError
 from svidgate.identity.bundle import Bundle
@@ -121,7 +122,9 @@ class BuiltinSource:
         self._svids: dict[SpiffeId, X509Svid] = {}
         self._due: dict[SpiffeId, float] = {}
         self._signing_cert = ca.current.certificate
-        self._jwt_cache: dict[tuple[SpiffeId, tuple[str, ...]], tuple[float, JwtSvid]] = {}
+        self._jwt_cache: BoundedDict[tuple[SpiffeId, tuple[str, ...]], tuple[float, JwtSvid]] = BoundedDict(
+            JWT_CACHE_SIZE
+        )
         self._jwt_lock = threading.Lock()
         # `run()` steps in a worker thread while a reload may call `set_workloads()` on the event loop. Only
         # the CA and minting happen under it, never network I/O.
@@ -191,9 +194,9 @@ class BuiltinSource:
                 if old is not None and (old.dns_names, old.hint) != (workload.dns_names, workload.hint):
                     self._due[spiffe_id] = float("-inf")
             with self._jwt_lock:
-                self._jwt_cache = {
-                    k: v for k, v in self._jwt_cache.items() if k[0] in updated or k[0] in held
-                }
+                kept = BoundedDict[tuple[SpiffeId, tuple[str, ...]], tuple[float, JwtSvid]](JWT_CACHE_SIZE)
+                kept.update((k, v) for k, v in self._jwt_cache.items() if k[0] in updated or k[0] in held)
+                self._jwt_cache = kept
         if self.refresh():
             return True
         if removed:
@@ -368,9 +371,7 @@ class BuiltinSource:
             raise SourceError(f"cannot mint a JWT-SVID for {spiffe_id}: {exc}") from None
         issued = float(svid.issued_at) if svid.issued_at is not None else now
         with self._jwt_lock:
-            if len(self._jwt_cache) >= JWT_CACHE_SIZE:
-                self._jwt_cache.clear()
-            self._jwt_cache[key] = (issued + (svid.expiry - issued) / 2, svid)
+            self._jwt_cache.put(key, (issued + (svid.expiry - issued) / 2, svid))
         return svid
 
     # -- internals -------------------------------------------------------------------------------------

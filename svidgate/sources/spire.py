@@ -18,7 +18,7 @@ authority for a use it had is reported and the last good bundle of that trust do
 Health (`statuses()`): the source is up while both streams are delivering; its last success is "now" while
 they are, and the moment one was lost once it is not. A lost agent therefore shows in
 `svidgate_source_up{source="spire"}` at once, and in `/readyz` once the SVIDs it left behind run low (see
-`svidgate.server`).
+`svidgate.runtime`).
 """
 
 from __future__ import annotations

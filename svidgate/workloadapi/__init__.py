@@ -10,8 +10,8 @@
 The SPIRE source that streams identities from an upstream agent through `client` is `svidgate.sources.spire`.
 
 The generated messages live in `svidgate._gen` (see scripts/gen_protos.py). This package may import
-`svidgate.identity`, `svidgate.peercred`, `svidgate.config` and `svidgate.metrics`; it must never import
-`svidgate.server`, `svidgate.cli`, `svidgate.sds` or `svidgate.extauthz`. `client` and `messages` sit below
+`svidgate.identity`, `svidgate.peercred` and `svidgate.config`; it must never import `svidgate.metrics`,
+`svidgate.runtime`, `svidgate.cli`, `svidgate.sds` or `svidgate.extauthz`. `client` and `messages` sit below
 `svidgate.sources` (the SPIRE source uses them) and must not import it.
 """
 

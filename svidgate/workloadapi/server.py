@@ -22,7 +22,6 @@ SPIRE's agent (pkg/agent/endpoints/workload/handler.go):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -33,6 +32,7 @@ import grpc
 import grpc.aio
 
 from svidgate._gen import workload_pb2, workload_pb2_grpc
+from svidgate.changes import ChangeSignal
 from svidgate.errors import SourceError, SpiffeIdError, SvidgateError
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo, Entitlement, entitle
@@ -51,9 +51,9 @@ from svidgate.workloadapi.messages import (
 if TYPE_CHECKING:
     from svidgate.config import Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-    from svidgate.metrics import Metrics
     from svidgate.peercred import PeerRegistry
     from svidgate.sources.base import TemplatedSvids
+    from svidgate.workloadapi.metrics import WorkloadApiMetrics
 
 __all__ = ["MintJwtSvid", "WorkloadApiServicer"]
 
@@ -121,13 +121,15 @@ class WorkloadApiServicer:
             deliberately open socket): every caller then has no credentials and only `any` selectors match.
         mint_jwt_svid: mints a JWT-SVID for (SPIFFE ID, audience); may return the `JwtSvid` or an awaitable.
             `SvidgateError` from it becomes Unavailable.
-        metrics: when given, records `svidgate_workload_api_streams` and
-            `svidgate_workload_api_requests_total`.
+        metrics: when given, records `svidgate_workload_api_streams` (calls by status code are the gRPC
+            interceptor's `svidgate_grpc_server_handled_total`).
         clock: the time JWT-SVIDs are validated at.
         leeway: clock skew tolerated when validating JWT-SVIDs, seconds.
         allow_unauthenticated_verifiers: serve the bundle streams to callers entitled to no identity (SPIRE's
             option of the same name); off by default.
         templated: mints the SVIDs of templated workloads on demand (the built-in source), or None.
+        changes: the rules in force and the wake-up of every stream (`svidgate.changes.ChangeSignal`),
+            shared with SDS by the runtime; given it, `workloads` is not used. Default: a signal of its own.
     """
 
     def __init__(
@@ -136,23 +138,25 @@ class WorkloadApiServicer:
         workloads: Sequence[Workload],
         peers: PeerRegistry | None,
         mint_jwt_svid: MintJwtSvid,
-        metrics: Metrics | None = None,
+        metrics: WorkloadApiMetrics | None = None,
         clock: Clock = system_clock,
         *,
         leeway: float = 30.0,
         allow_unauthenticated_verifiers: bool = False,
         templated: TemplatedSvids | None = None,
+        changes: ChangeSignal | None = None,
     ) -> None:
         self._feed = feed
         self._templated = templated
-        self._workloads: tuple[Workload, ...] = tuple(workloads)
         self._peers = peers
         self._mint = mint_jwt_svid
         self._metrics = metrics
         self._clock = clock
         self._leeway = leeway
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
-        self._workloads_changed = asyncio.Event()
+        # The workloads in force, and woken whenever the snapshot or the workloads change (the same mechanism,
+        # and with the runtime the same signal, as SDS).
+        self._changes = changes if changes is not None else ChangeSignal(feed, workloads)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the service on `server` under its standard name (paths ``/SpiffeWorkloadAPI/...``)."""
@@ -160,9 +164,11 @@ class WorkloadApiServicer:
 
     def set_workloads(self, workloads: Sequence[Workload]) -> None:
         """Swap the workloads (config reload); open streams re-evaluate their caller's entitlement at once."""
-        self._workloads = tuple(workloads)
-        changed, self._workloads_changed = self._workloads_changed, asyncio.Event()
-        changed.set()
+        self._changes.swap_rules(workloads)
+
+    @property
+    def _workloads(self) -> tuple[Workload, ...]:
+        return self._changes.rules.workloads
 
     # -- the five RPCs ---------------------------------------------------------------------------------------
 
@@ -236,7 +242,7 @@ class WorkloadApiServicer:
                 extra={"fields": {**caller.describe(), "template": refusal[0], "error": refusal[1]}},
             )
             if self._metrics is not None:
-                self._metrics.templated_ids_refused.labels(service="workload_api").inc()
+                self._metrics.templated_ids_refused.inc()
         return entitlement
 
     async def _hold(self, held: set[SpiffeId], entitlement: Entitlement, caller: CallerInfo) -> None:
@@ -272,17 +278,6 @@ class WorkloadApiServicer:
             _fail(grpc.StatusCode.PERMISSION_DENIED, _NO_IDENTITY, "not_entitled")
         return identities
 
-    async def _changed(self, snapshot: IdentitySnapshot) -> IdentitySnapshot:
-        """Wait until the feed publishes a newer snapshot or the workloads are swapped."""
-        workloads_changed = asyncio.ensure_future(self._workloads_changed.wait())
-        newer = asyncio.ensure_future(self._feed.wait_newer(snapshot.version))
-        try:
-            await asyncio.wait((newer, workloads_changed), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            workloads_changed.cancel()
-            newer.cancel()
-        return self._feed.current()
-
     async def _serve_stream(
         self,
         method: str,
@@ -290,19 +285,22 @@ class WorkloadApiServicer:
         responses: Callable[[CallerInfo, IdentitySnapshot], Any | None],
     ) -> AsyncGenerator[Any, None]:
         """Send `responses(caller, snapshot)` now and after every change, skipping repeats and None."""
-        code = grpc.StatusCode.OK
-        gauge = self._metrics.workload_api_streams.labels(method=method) if self._metrics else None
+        gauge = self._metrics.streams.labels(method=method) if self._metrics else None
         if gauge is not None:
             gauge.inc()
         caller: CallerInfo | None = None
         held: set[SpiffeId] = set()
         refused_logged: set[tuple[str, str]] = set()
+        watching = False
         try:
             caller = self._caller(context)
             log.info("workloadapi.stream.open", extra={"fields": {"method": method, **caller.describe()}})
             last_sent: bytes | None = None
-            snapshot = self._feed.current()
+            self._changes.watch_started()
+            watching = True
             while True:
+                wake = self._changes.current()  # taken before looking: any later change sets it
+                snapshot = self._feed.current()
                 if method == "FetchX509SVID":
                     await self._hold(held, self._entitle(caller, refused_logged), caller)
                     snapshot = self._feed.current()
@@ -312,19 +310,16 @@ class WorkloadApiServicer:
                     if encoded != last_sent:
                         last_sent = encoded
                         yield response
-                snapshot = await self._changed(snapshot)
+                await wake.wait()
         except _RpcFailure as failure:
-            code = failure.code
             self._log_failure(method, caller, failure)
             await context.abort(failure.code, failure.details)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
         finally:
+            if watching:
+                self._changes.watch_stopped()
             self._release(held)
             if gauge is not None:
                 gauge.dec()
-            self._count(method, code)
 
     async def _serve_unary(
         self,
@@ -333,24 +328,13 @@ class WorkloadApiServicer:
         request: Any,
         handler: Callable[[CallerInfo, Any], Awaitable[Any]],
     ) -> Any:
-        code = grpc.StatusCode.OK
         caller: CallerInfo | None = None
         try:
             caller = self._caller(context)
             return await handler(caller, request)
         except _RpcFailure as failure:
-            code = failure.code
             self._log_failure(method, caller, failure)
             await context.abort(failure.code, failure.details)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            self._count(method, code)
-
-    def _count(self, method: str, code: grpc.StatusCode) -> None:
-        if self._metrics is not None:
-            self._metrics.workload_api_requests.labels(method=method, code=code.name).inc()
 
     @staticmethod
     def _log_failure(method: str, caller: CallerInfo | None, failure: _RpcFailure) -> None:

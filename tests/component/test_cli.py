@@ -285,7 +285,7 @@ def test_explain_denies_a_subject_the_policy_does_not_allow(config_file: Path) -
 
 def test_serve_hands_the_config_to_the_server(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import svidgate.logs
-    import svidgate.server
+    import svidgate.runtime.server
 
     calls: list[tuple[Config, Path | None]] = []
 
@@ -293,7 +293,7 @@ def test_serve_hands_the_config_to_the_server(config_file: Path, monkeypatch: py
         calls.append((config, config_path))
         return 3
 
-    monkeypatch.setattr(svidgate.server, "run", fake_run)
+    monkeypatch.setattr(svidgate.runtime.server, "run", fake_run)
     monkeypatch.setattr(svidgate.logs, "configure_logging", lambda *args, **kwargs: None)
     assert run("serve", "--config", str(config_file)).code == 3
     ((config, path),) = calls

@@ -19,7 +19,9 @@ import pytest
 from svidgate.config import Selector, Workload
 from svidgate.errors import SvidgateError
 from svidgate.identity.snapshot import SnapshotFeed
-from svidgate.peercred import PeerCredFront, PeerRegistry, bind_unix_socket, peer_credentials
+from svidgate.peercred import PeerRegistry, peer_credentials
+from svidgate.runtime.listeners import UnixSocketClaim
+from tests.support.peercred import ClaimedFront
 from tests.support.sds import FRONTEND, Identities, secrets_of, sotw_request
 from tests.support.sds_server import sds_server, stub
 
@@ -40,7 +42,7 @@ async def test_sds_caller_identified_by_uid(sock_dir: Path) -> None:
     public = sock_dir / "sds.sock"
     async with (
         sds_server(feed, workloads, address=f"unix:{inner}", peers=registry),
-        PeerCredFront(public, str(inner), registry),
+        ClaimedFront(public, str(inner), registry),
     ):
         assert stat.S_IMODE(public.stat().st_mode) == 0o600
         # A local subchannel pool: closing the channel closes its connection (the global pool may keep it).
@@ -64,7 +66,7 @@ async def test_registry_entry_lives_as_long_as_the_connection(sock_dir: Path) ->
     inner = sock_dir / "echo.sock"
     server = await echo_server(inner)
     registry = PeerRegistry()
-    async with PeerCredFront(sock_dir / "pub.sock", str(inner), registry):
+    async with ClaimedFront(sock_dir / "pub.sock", str(inner), registry):
         reader, writer = await asyncio.open_unix_connection(str(sock_dir / "pub.sock"))
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
@@ -113,7 +115,7 @@ async def test_bytes_pumped_both_ways_with_back_pressure(sock_dir: Path) -> None
     server = await echo_server(inner)
     registry = PeerRegistry()
     payload = os.urandom(8 << 20)
-    async with PeerCredFront(sock_dir / "pub.sock", str(inner), registry):
+    async with ClaimedFront(sock_dir / "pub.sock", str(inner), registry):
         reader, writer = await asyncio.open_unix_connection(str(sock_dir / "pub.sock"))
 
         async def send() -> None:
@@ -141,31 +143,36 @@ def test_stale_socket_is_replaced(sock_dir: Path) -> None:
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(path))
     dead.close()  # the file stays, nobody listens: a crash left it
-    sock = bind_unix_socket(path, 0o660)
-    with sock:
+    claim = UnixSocketClaim(path, 0o660)
+    claim.claim()
+    with claim.listen():
         assert stat.S_IMODE(path.stat().st_mode) == 0o660
         assert stat.S_ISSOCK(path.stat().st_mode)
+    claim.release()
 
 
 def test_live_socket_is_refused(sock_dir: Path) -> None:
+    # The one stale-socket probe is the claim's; it also finds a live socket whose process holds no lock.
     path = sock_dir / "live.sock"
-    live = bind_unix_socket(path)
-    with live, pytest.raises(SvidgateError, match="another process is listening"):
-        bind_unix_socket(path)
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)
+    with live, pytest.raises(SvidgateError, match="another process is accepting connections"):
+        UnixSocketClaim(path).claim()
     assert path.exists()
 
 
 def test_non_socket_is_refused(sock_dir: Path) -> None:
     path = sock_dir / "file.sock"
     path.write_text("not a socket")
-    with pytest.raises(SvidgateError, match="not a unix socket"):
-        bind_unix_socket(path)
+    with pytest.raises(SvidgateError, match="not a socket"):
+        UnixSocketClaim(path).claim()
     assert path.read_text() == "not a socket"
 
 
 async def test_close_removes_only_its_own_socket(sock_dir: Path) -> None:
     path = sock_dir / "own.sock"
-    front = PeerCredFront(path, str(sock_dir / "nowhere.sock"), PeerRegistry())
+    front = ClaimedFront(path, str(sock_dir / "nowhere.sock"), PeerRegistry())
     await front.start()
     await front.close()
     assert not path.exists()
@@ -173,7 +180,7 @@ async def test_close_removes_only_its_own_socket(sock_dir: Path) -> None:
 
 async def test_inner_unreachable_closes_the_connection(sock_dir: Path) -> None:
     registry = PeerRegistry()
-    async with PeerCredFront(sock_dir / "pub.sock", str(sock_dir / "missing.sock"), registry):
+    async with ClaimedFront(sock_dir / "pub.sock", str(sock_dir / "missing.sock"), registry):
         reader, writer = await asyncio.open_unix_connection(str(sock_dir / "pub.sock"))
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
@@ -237,7 +244,7 @@ async def test_grpc_reports_the_bound_path_and_the_file_is_gone(sock_dir: Path) 
     options = [("grpc.use_local_subchannel_pool", 1)]
     async with (
         _PeerEcho(inner_dir / "grpc.sock", registry) as echo,
-        PeerCredFront(sock_dir / "pub.sock", str(inner_dir / "grpc.sock"), registry),
+        ClaimedFront(sock_dir / "pub.sock", str(inner_dir / "grpc.sock"), registry),
         grpc.aio.insecure_channel(f"unix:{sock_dir / 'pub.sock'}", options=options) as channel,
     ):
         peer = await _get_peer(channel)
@@ -268,7 +275,7 @@ async def test_squatting_the_names_seen_in_proc_net_unix_drops_no_caller(sock_di
     squatters: list[socket.socket] = []
     async with (
         _PeerEcho(inner_dir / "grpc.sock", registry),
-        PeerCredFront(sock_dir / "pub.sock", str(inner_dir / "grpc.sock"), registry),
+        ClaimedFront(sock_dir / "pub.sock", str(inner_dir / "grpc.sock"), registry),
         grpc.aio.insecure_channel(f"unix:{sock_dir / 'pub.sock'}", options=options) as victim,
     ):
         await _get_peer(victim)  # a live connection through the front
@@ -298,7 +305,7 @@ async def test_a_failed_bind_is_retried_once_with_a_new_name(
 ) -> None:
     inner_dir = _private_dir(sock_dir)
     registry = PeerRegistry()
-    front = PeerCredFront(sock_dir / "pub.sock", str(inner_dir / "grpc.sock"), registry)
+    front = ClaimedFront(sock_dir / "pub.sock", str(inner_dir / "grpc.sock"), registry)
     taken = inner_dir / "peer-taken"
     taken.write_text("")  # bind() on an existing path fails with EADDRINUSE
     fresh = front.client_address
@@ -328,7 +335,7 @@ async def test_a_failed_bind_is_retried_once_with_a_new_name(
 async def test_client_paths_too_long_for_a_unix_socket_are_refused_at_start(sock_dir: Path) -> None:
     deep = sock_dir / ("d" * 90)
     deep.mkdir(mode=0o700)
-    front = PeerCredFront(sock_dir / "pub.sock", str(deep / "g.sock"), PeerRegistry())
+    front = ClaimedFront(sock_dir / "pub.sock", str(deep / "g.sock"), PeerRegistry())
     with pytest.raises(SvidgateError, match="too long"):
         await front.start()
     assert not (sock_dir / "pub.sock").exists()

@@ -14,7 +14,8 @@ import pytest
 from svidgate.config import Selector, Workload
 from svidgate.identity.entitlement import CallerInfo, KubernetesWorkload
 from svidgate.identity.snapshot import SnapshotFeed
-from svidgate.peercred import PeerCredFront, PeerRegistry
+from svidgate.peercred import PeerRegistry
+from tests.support.peercred import ClaimedFront
 from tests.support.sds import FRONTEND, Identities, secrets_of, sotw_request
 from tests.support.sds_server import sds_server, stub
 from tests.support.tempdir import short_dir
@@ -57,7 +58,7 @@ async def test_callers_are_attested_before_they_are_served_and_a_slow_one_blocks
     inner, public = sock_dir / "inner.sock", sock_dir / "sds.sock"
     async with (
         sds_server(feed, workloads, address=f"unix:{inner}", peers=registry),
-        PeerCredFront(public, str(inner), registry, attest=attest),
+        ClaimedFront(public, str(inner), registry, attest=attest),
     ):
         slow = asyncio.create_task(fetch_default(public))
         await asyncio.wait_for(first_started.wait(), 10)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from svidgate.server import Server
+from svidgate.runtime.server import Server
 from tests.support.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.k8s import V1_HIERARCHY, FakeKubelet, PodCgroup, pod, skip_reason_for, v2_hierarchy
 from tests.support.server import running_server

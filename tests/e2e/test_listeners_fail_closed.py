@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from svidgate.server import Server
+from svidgate.runtime.server import Server
 from tests.support.checkserver import echo_backend
 from tests.support.envoy import EXAMPLES, EnvoyProcess, shipped_config
 from tests.support.runtime import AUDIENCE, Layout, fetch_jwt_svid, workload_channel, write_config

@@ -37,9 +37,10 @@ from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
 from svidgate.metrics import Metrics
-from svidgate.peercred import PeerCredFront, PeerRegistry
+from svidgate.peercred import PeerRegistry
 from svidgate.sds.servicer import SERVER_OPTIONS, SecretDiscoveryServicer
 from tests.support.envoy import EXAMPLES, EnvoyProcess, shipped_config
+from tests.support.peercred import ClaimedFront
 
 pytestmark = pytest.mark.e2e
 
@@ -105,7 +106,7 @@ class Svidgate:
         self.feed = SnapshotFeed(self.snapshot())
         self.metrics = Metrics(CollectorRegistry(), process_metrics=False)
         self._server: grpc.aio.Server | None = None
-        self._front: PeerCredFront | None = None
+        self._front: ClaimedFront | None = None
 
     def snapshot(self, svids: dict[SpiffeId, X509Svid] | None = None) -> IdentitySnapshot:
         self.version += 1
@@ -122,11 +123,11 @@ class Svidgate:
         registry = PeerRegistry()
         self._server = grpc.aio.server(options=list(SERVER_OPTIONS), maximum_concurrent_rpcs=None)
         SecretDiscoveryServicer(
-            self.feed, self.workloads, self.sds, self.trust_domain, peers=registry, metrics=self.metrics
+            self.feed, self.workloads, self.sds, self.trust_domain, peers=registry, metrics=self.metrics.sds
         ).add_to_server(self._server)
         self._server.add_insecure_port(f"unix:{self.inner}")
         await self._server.start()
-        self._front = PeerCredFront(self.socket, str(self.inner), registry)
+        self._front = ClaimedFront(self.socket, str(self.inner), registry)
         await self._front.start()
 
     async def stop(self) -> None:

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from svidgate._gen import workload_pb2, workload_pb2_grpc
 from svidgate.peercred import remove_stale_inner_dir
-from svidgate.server import Server
+from svidgate.runtime.server import Server
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 TRUST_DOMAIN = "example.org"

@@ -12,6 +12,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 
 from svidgate.config import SdsConfig, Workload
 from svidgate.identity.snapshot import SnapshotFeed
+from svidgate.metrics import Metrics
 from svidgate.sds.servicer import SERVER_OPTIONS, SecretDiscoveryServicer
 from tests.support.sds import TD, WORKLOADS
 
@@ -27,6 +28,9 @@ async def sds_server(
 ) -> AsyncIterator[tuple[SecretDiscoveryServicer, str]]:
     """A grpc.aio server with the SDS servicer; yields the servicer and the target to dial."""
     server = grpc.aio.server(options=list(SERVER_OPTIONS), maximum_concurrent_rpcs=None)
+    metrics = kwargs.pop("metrics", None)
+    if isinstance(metrics, Metrics):  # the process's metrics: SDS records into its own part
+        kwargs["metrics"] = metrics.sds
     servicer = SecretDiscoveryServicer(feed, workloads, sds or SdsConfig(), TD, **kwargs)  # type: ignore[arg-type]
     servicer.add_to_server(server)
     port = server.add_insecure_port(address)

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from svidgate.config import load_config
 from svidgate.identity.clock import Clock
-from svidgate.server import Server
+from svidgate.runtime.server import Server
 
 _T = TypeVar("_T")
 

@@ -1,7 +1,8 @@
 """A real svidgate Workload API on a unix socket, behind the real peercred front, for component tests.
 
 `serve_workload_api()` starts a grpc.aio server with `WorkloadApiServicer` on a private inner socket and a
-`PeerCredFront` on the public one, exactly as the runtime wires them, so that a client connecting to
+`PeerCredFront` (with the claim that owns its socket file) on the public one, exactly as the runtime wires
+them, so that a client connecting to
 `harness.socket` is identified by its kernel-verified uid/gid. The identities come from a real `BuiltinSource`
 (built-in CA, `FakeClock`), so rotation is driven by advancing the clock and calling `source.refresh()`.
 """
@@ -25,9 +26,10 @@ from svidgate.identity.keys import KeyType
 from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.metrics import Metrics
-from svidgate.peercred import PeerCredFront, PeerRegistry
+from svidgate.peercred import PeerRegistry
 from svidgate.sources.builtin import BuiltinSource
 from svidgate.workloadapi.server import MintJwtSvid, WorkloadApiServicer
+from tests.support.peercred import ClaimedFront
 from tests.support.tempdir import short_dir
 
 TRUST_DOMAIN = TrustDomain("example.org")
@@ -95,7 +97,8 @@ async def serve_workload_api(
 
     Args:
         workloads: `Config.workloads` (default: `default_workloads()`).
-        metrics: passed to the servicer.
+        metrics: its Workload API part goes to the servicer; its gRPC interceptor counts the calls, as on
+            the runtime's servers.
         mint_jwt_svid: overrides the source's minting (to inject failures, or with `feed` to serve another
             source).
         feed: serve this feed instead of the built-in source's (e.g. a `SpireSource`'s).
@@ -122,15 +125,15 @@ async def serve_workload_api(
             workloads,
             registry,
             mint_jwt_svid or source.mint_jwt_svid,
-            metrics,
+            metrics.workload_api if metrics is not None else None,
             clock,
             allow_unauthenticated_verifiers=allow_unauthenticated_verifiers,
         )
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[metrics.interceptor()] if metrics is not None else None)
         servicer.add_to_server(server)
         server.add_insecure_port(f"unix:{inner}")
         await server.start()
-        front = PeerCredFront(public, str(inner), registry)
+        front = ClaimedFront(public, str(inner), registry)
         await front.start()
         try:
             yield Harness(public, inner, clock, ca, source, source.feed, servicer, registry)

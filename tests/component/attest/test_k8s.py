@@ -55,7 +55,7 @@ def k8s_config(kubelet: FakeKubelet, **changes: object) -> KubernetesConfig:
 
 def attestor(kubelet: FakeKubelet, **changes: object) -> tuple[KubernetesAttestor, Metrics]:
     metrics = Metrics(CollectorRegistry(), process_metrics=False)
-    return KubernetesAttestor(k8s_config(kubelet, **changes), metrics), metrics
+    return KubernetesAttestor(k8s_config(kubelet, **changes), metrics.attest), metrics
 
 
 def result_count(metrics: Metrics, result: str) -> float:

@@ -39,7 +39,7 @@ class World:
         self.servicer = AuthorizationServicer(
             self.feed,
             self.policies,
-            Metrics(self.registry),
+            Metrics(self.registry).authz,
             clock=lambda: self.now,
             injector=TokenInjector(CaMinter(self.ca), workloads, lambda: self.now),
             peers=lambda peer: self.caller,

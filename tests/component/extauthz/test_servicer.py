@@ -98,7 +98,7 @@ def servicer(ca: TestCA, partner: TestCA, metrics: Metrics) -> AuthorizationServ
     return AuthorizationServicer(
         feed,
         PolicyHolder(authz_config()),
-        metrics,
+        metrics.authz,
         clock=lambda: NOW,
         injector=injector,
         peers=lambda peer: CallerInfo(uid=1000),
@@ -346,7 +346,7 @@ async def test_a_metrics_fault_denies_instead_of_failing_the_rpc(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("metrics down")
 
-    monkeypatch.setattr(metrics.authz_recorder, "check", broken)
+    monkeypatch.setattr(metrics.authz.recorder, "check", broken)
     token = ca.create_jwt_svid("spiffe://example.org/web", ["api"])
     response = await stub.Check(request(token))
     assert response.status.code != 0
@@ -361,7 +361,7 @@ def test_a_metrics_fault_denies_on_the_threaded_server(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("metrics down")
 
-    monkeypatch.setattr(metrics.authz_recorder, "check", broken)
+    monkeypatch.setattr(metrics.authz.recorder, "check", broken)
     token = ca.create_jwt_svid("spiffe://example.org/web", ["api"])
     response = sync_stub.Check(request(token))
     assert response.status.code != 0

@@ -21,7 +21,7 @@ from svidgate.config import load_config
 from svidgate.identity.bundle import public_key_to_jwk, spiffe_bundle_json
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.spiffe_id import TrustDomain
-from svidgate.server import Server
+from svidgate.runtime.server import Server
 from tests.support.ca import NOW, TestCA
 from tests.support.files import replace_file
 from tests.support.runtime import (

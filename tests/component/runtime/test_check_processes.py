@@ -23,10 +23,10 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 
-from svidgate.checkprocs import CheckProcesses, MergedRegistry, WorkerCounts, _receive
 from svidgate.config import Address, parse_config
 from svidgate.identity.bundle import Bundle
 from svidgate.metrics import Metrics
+from svidgate.runtime.checkprocs import CheckProcesses, MergedRegistry, WorkerCounts, _receive
 from tests.component.extauthz.test_servicer import request
 from tests.support.ca import TestCA
 from tests.support.runtime import (
@@ -162,7 +162,7 @@ def test_a_worker_without_state_denies() -> None:
     main_end, worker_end = socket.socketpair()
     worker = subprocess.Popen(
         [
-            *(sys.executable, "-m", "svidgate.checkprocs", "--channel-fd", str(worker_end.fileno())),
+            *(sys.executable, "-m", "svidgate.runtime.checkprocs", "--channel-fd", str(worker_end.fileno())),
             *("--address", f"127.0.0.1:{port}", "--threads", "1", "--cache-size", "10"),
             *("--log-level", "warning", "--parent-pid", str(os.getpid())),
         ],

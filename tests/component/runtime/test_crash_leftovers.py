@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from svidgate.config import load_config
 from svidgate.peercred import INNER_DIR_PREFIX, make_inner_dir, remove_stale_inner_dir
-from svidgate.server import ListenerError, Server
+from svidgate.runtime.listeners import ListenerError
+from svidgate.runtime.server import Server
 from tests.support.runtime import APP, Layout, ServeProcess, fetch_x509_svid, workload_channel
 from tests.support.server import running_server
 from tests.support.tempdir import short_dir
@@ -63,7 +64,7 @@ async def test_kill_9_leftover_is_removed_at_the_next_start(layout: Layout) -> N
 
 async def test_a_live_instances_inner_directory_is_never_touched(layout: Layout) -> None:
     async with running_server(layout.config) as live:
-        inner = live._inner
+        inner = live._listeners._inner
         assert inner is not None
         before = sorted(os.listdir(inner))
         # Another state_dir (its lock is free), the same sockets: the socket lock is what refuses it.

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from svidgate.server import DrainInterceptor
+from svidgate.runtime.drain import DrainInterceptor
 from tests.support.runtime import (
     APP,
     AUDIENCE,

@@ -27,7 +27,8 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from svidgate.identity.jwtsvid import parse_jwt_svid_insecure
-from svidgate.server import Server, StateDirLock, StateDirLockedError
+from svidgate.runtime.listeners import StateDirLock, StateDirLockedError
+from svidgate.runtime.server import Server
 from tests.support.runtime import (
     AUDIENCE,
     WORKLOAD_HEADER,

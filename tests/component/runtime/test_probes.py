@@ -12,7 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from svidgate.config import load_config
-from svidgate.server import HttpEndpoint, Server
+from svidgate.runtime.http import HttpEndpoint
+from svidgate.runtime.server import Server
 from tests.support.runtime import (
     Layout,
     http_get,
@@ -74,7 +75,9 @@ async def test_bad_requests_do_not_hurt_the_listener(layout: Layout) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
         writer.write(b"garbage\r\n\r\n")
         await writer.drain()
-        assert (await reader.read()).startswith(b"HTTP/1.1 400")
+        # aiohttp answers a request line it cannot parse as HTTP/1.0 (no version was read), as the bundle
+        # endpoint does; the hand-written server said HTTP/1.1.
+        assert (await reader.read()).startswith((b"HTTP/1.1 400", b"HTTP/1.0 400"))
         writer.close()
         status, _, _ = await asyncio.to_thread(http_get, server.http_port, "/healthz")
         assert status == 200

@@ -15,8 +15,8 @@ from typing import Any
 import grpc.aio
 import pytest
 
-import svidgate.server
-from svidgate.server import Server
+import svidgate.runtime.reload
+from svidgate.runtime.server import Server
 from tests.support.runtime import (
     APP,
     AUDIENCE,
@@ -123,8 +123,8 @@ async def test_any_exception_in_a_reload_is_rejected_and_the_watcher_keeps_going
 ) -> None:
     caplog.set_level(logging.INFO, logger="svidgate")
     write_config(layout, allow=[WEB, APP], poll="50ms")
-    real_load = svidgate.server.load_config
-    real_stat_key = svidgate.server._stat_key
+    real_load = svidgate.runtime.reload.load_config
+    real_stat_key = svidgate.runtime.reload.stat_key
     failures = {"load": 1, "stat": 1}
 
     def broken_load(path: Path) -> Any:
@@ -140,7 +140,7 @@ async def test_any_exception_in_a_reload_is_rejected_and_the_watcher_keeps_going
         return real_stat_key(path)
 
     async with running_server(layout.config) as server:
-        monkeypatch.setattr(svidgate.server, "load_config", broken_load)
+        monkeypatch.setattr(svidgate.runtime.reload, "load_config", broken_load)
         write_config(layout, allow=[WEB], poll="50ms")
         await _until(lambda: _reloads(server, "rejected") == 1)
         (rejected,) = _events(caplog, "config.reload_rejected")
@@ -148,7 +148,7 @@ async def test_any_exception_in_a_reload_is_rejected_and_the_watcher_keeps_going
         assert rejected.exc_info is not None  # a bug: its traceback is logged (in the one JSON line)
 
         # The watcher itself fails once, logs it, and goes on.
-        monkeypatch.setattr(svidgate.server, "_stat_key", broken_stat_key)
+        monkeypatch.setattr(svidgate.runtime.reload, "stat_key", broken_stat_key)
         await _until(lambda: bool(_events(caplog, "config.watch_failed")))
         write_config(layout, allow=[APP], poll="50ms")
         await _until(lambda: _reloads(server, "applied") == 1)

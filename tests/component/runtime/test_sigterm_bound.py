@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from svidgate.server import STOP_MARGIN
+from svidgate.runtime.server import STOP_MARGIN
 from tests.support.bundle_endpoint import DrippingBundleEndpoint
 from tests.support.runtime import Layout, ServeProcess, write_config
 
@@ -74,9 +74,9 @@ def test_the_watchdog_ends_a_process_whose_stop_overruns() -> None:
     script = (
         "import logging, sys, time\n"
         "from svidgate.logs import configure_logging\n"
-        "from svidgate.server import _arm_stop_watchdog\n"
+        "from svidgate.runtime.signals import arm_stop_watchdog\n"
         "configure_logging('json', 'info')\n"
-        "_arm_stop_watchdog(0.2)\n"
+        "arm_stop_watchdog(0.2)\n"
         "time.sleep(60)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30, check=False)

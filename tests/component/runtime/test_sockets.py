@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from svidgate.config import load_config
-from svidgate.server import ListenerError, Server, UnixSocketClaim
+from svidgate.runtime.listeners import ListenerError, UnixSocketClaim
+from svidgate.runtime.server import Server
 from tests.support.runtime import Layout
 from tests.support.server import running_server
 

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from svidgate.config import load_config
 from svidgate.identity.clock import FakeClock
-from svidgate.server import READY_MIN_LIFETIME_LEFT, Server
+from svidgate.runtime.server import READY_MIN_LIFETIME_LEFT, Server
 from svidgate.sources.spire import SpireSource
 from tests.support.runtime import Layout, http_get, scrape, value, write_config
 from tests.support.tempdir import short_dir

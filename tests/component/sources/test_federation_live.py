@@ -24,9 +24,9 @@ from svidgate.identity.clock import system_clock
 from svidgate.identity.keys import generate_private_key, key_id
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
-from svidgate.sources import create_source
 from svidgate.sources.builtin import BuiltinSource
 from svidgate.sources.bundle_server import BundleEndpointServer, BundleSequence
+from svidgate.sources.factory import build_source
 from tests.support.ca import TestCA
 from tests.support.runtime import check_request
 
@@ -129,8 +129,8 @@ class Own:
 @pytest.fixture
 async def own(tmp_path: Path, partner: Partner) -> AsyncIterator[Own]:
     config = own_config(tmp_path, partner)
-    # In a thread: the source fetches the partner once while it starts, and the partner serves on this loop.
-    source = await asyncio.to_thread(create_source, config, system_clock)
+    # Start-up never waits for a bundle endpoint: the partner is fetched by the source's own task.
+    source = (await build_source(config, system_clock)).source
     assert isinstance(source, BuiltinSource)
     servicer = AuthorizationServicer(
         source.feed,
@@ -234,7 +234,7 @@ authz:
         "own.yaml",
         base_dir=tmp_path,
     )
-    source = create_source(config, system_clock)
+    source = (await build_source(config, system_clock)).source
     assert isinstance(source, BuiltinSource)
     runner = asyncio.ensure_future(source.run())
     await asyncio.sleep(0)

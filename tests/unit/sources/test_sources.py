@@ -19,7 +19,7 @@ from svidgate.identity.jwtsvid import validate_jwt_svid
 from svidgate.identity.keys import KeyType
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import verify_x509_svid
-from svidgate.sources import BuiltinSource, FileSource, create_source
+from svidgate.sources import BuiltinSource, FileSource
 from svidgate.sources.federation import FederatedBundles
 from tests.support.ca import TestCA
 from tests.support.files import replace_file
@@ -208,26 +208,6 @@ def test_builtin_merges_federated_bundles(ca: BuiltinCa, clock: FakeClock, tmp_p
     assert source.refresh() is False
 
 
-def test_create_source_builtin_persists_the_ca(tmp_path: Path, clock: FakeClock) -> None:
-    text = (
-        f"trust_domain: example.org\nstate_dir: {tmp_path / 'state'}\n"
-        "workloads: [{spiffe_id: 'spiffe://example.org/frontend', selectors: [any]}]\n"
-    )
-    first = create_source(parse_config(text), clock)
-    second = create_source(parse_config(text), clock)
-    assert isinstance(first, BuiltinSource)
-    assert (
-        first.feed.current().bundles[TD].x509_authorities
-        == second.feed.current().bundles[TD].x509_authorities
-    )
-
-
-def test_create_source_rejects_spire(tmp_path: Path) -> None:
-    config = parse_config(f"state_dir: {tmp_path}\nsource: {{kind: spire, spire_socket: /run/agent.sock}}\n")
-    with pytest.raises(SourceError, match="spire"):
-        create_source(config)
-
-
 # -- FileSource ------------------------------------------------------------------------------------
 
 
@@ -370,16 +350,6 @@ def test_files_reject_a_chain_the_bundle_does_not_vouch_for(files: Files, clock:
 def test_files_cannot_mint_jwt(files: Files, clock: FakeClock) -> None:
     with pytest.raises(SourceError, match="cannot mint JWT-SVIDs"):
         files.source(clock).mint_jwt_svid(FRONTEND, ["a"])
-
-
-def test_create_source_files(files: Files, clock: FakeClock) -> None:
-    config = parse_config(
-        f"trust_domain: example.org\nsource: {{kind: files, cert_file: {files.cert}, key_file: {files.key},"
-        f" bundle_file: {files.bundle}}}\n"
-    )
-    source = create_source(config, clock)
-    assert isinstance(source, FileSource)
-    assert list(source.feed.current().svids) == [FRONTEND]
 
 
 async def test_files_with_an_intermediate_chain(tmp_path: Path, clock: FakeClock) -> None:

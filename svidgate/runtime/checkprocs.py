@@ -442,7 +442,7 @@ class CheckProcesses:
             slot.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "svidgate.checkprocs",
+                "svidgate.runtime.checkprocs",
                 "--channel-fd",
                 str(child.fileno()),
                 "--address",
@@ -569,7 +569,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
     from svidgate.logs import configure_logging
     from svidgate.metrics import Metrics
-    from svidgate.server import grpc_server_options
+    from svidgate.runtime.listeners import grpc_server_options
 
     configure_logging(args.log_format, args.log_level)
     channel = socket.socket(fileno=args.channel_fd)
@@ -584,7 +584,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     policies = PolicyHolder(AuthzConfig(cache_size=args.cache_size))
     registry = CollectorRegistry()
     metrics = Metrics(registry, process_metrics=False)
-    servicer = AuthorizationServicer(feed, policies, metrics)
+    servicer = AuthorizationServicer(feed, policies, metrics.authz)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="svidgate-check"),
         options=grpc_server_options(share_port=True),
