@@ -5,14 +5,16 @@ time: an unknown key, a value of the wrong type or a cross-reference that cannot
 whose message starts with the file and the key's path (``<file>: authz.policies[2].audiences: expected a
 list of strings``).
 
-Modules: `model` (the frozen sections and `Config`), `loader` (file → `Config`), `parser` (the values and
-sections), `strict_yaml`, `environment` (defaults that depend on ``XDG_*``/``HOME``), `reload` (what a
-reload can apply). This package imports only the identity domain types; never gRPC, never the services;
+Modules: `model` (each key declared once: the frozen sections and `Config`, pydantic dataclasses), `types`
+(SPIFFE IDs, durations, addresses, paths for the schema library), `values` (the value readers), `rules`
+(rules across keys), `errors` (the library's errors in svidgate's form), `loader` (file → `Config`, the JSON
+Schema), `strict_yaml`, `environment` (defaults that depend on ``XDG_*``/``HOME``), `reload` (what a reload
+can apply). This package imports only the identity domain types; never gRPC, never the services;
 and nothing under `svidgate.identity` imports it.
 """
 
 from svidgate.config.environment import default_config_text, default_runtime_dir, default_state_dir
-from svidgate.config.loader import config_path_from_env, load_config, parse_config
+from svidgate.config.loader import config_json_schema, config_path_from_env, load_config, parse_config
 from svidgate.config.model import (
     CONFIG_ENV,
     DEFAULT_CHECK_ADDRESS,
@@ -46,9 +48,9 @@ from svidgate.config.model import (
     UpstreamConfig,
     Workload,
 )
-from svidgate.config.parser import MAX_FETCH_TIMEOUT, parse_address, parse_duration
 from svidgate.config.reload import RESTART_REQUIRED_KEYS, restart_required_changes
 from svidgate.config.strict_yaml import MAX_YAML_DEPTH
+from svidgate.config.values import MAX_FETCH_TIMEOUT, parse_address, parse_duration
 from svidgate.errors import ConfigError
 
 __all__ = [
@@ -87,6 +89,7 @@ __all__ = [
     "SourceConfig",
     "UpstreamConfig",
     "Workload",
+    "config_json_schema",
     "config_path_from_env",
     "default_config_text",
     "default_runtime_dir",

@@ -1,25 +1,72 @@
-"""The configuration's model: one frozen, typed `Config` and its sections.
+"""The configuration's model: one frozen, typed `Config` and its sections, each key declared once.
 
-The values identity needs (`Workload`, `Selector`, the federation settings) are domain types of
-`svidgate.identity`, re-exported here under the names the configuration has always used; everything else
-is a section of the file. Valid-but-risky settings are reported by `Config.warnings`.
+Every section is a frozen pydantic dataclass that refuses unknown keys: a field's type
+(`svidgate.config.types`), its default and its docstring are the key's whole declaration. The loader
+validates the file against these classes; the JSON Schema (`svidgate config-schema`) and the key tables of
+docs/configuration.md are generated from them; the services read the result. The values identity needs
+(`Workload`, `Selector`, the federation settings) are domain types of `svidgate.identity`, built from the
+``*Entry`` sections here and re-exported under the names the configuration has always used. Valid-but-risky
+settings are reported by `Config.warnings`.
+
+Over 600 lines on purpose: the docstrings of the fields are the reference documentation of every key (the
+tables of docs/configuration.md are generated from them), so they are as long as the page's were.
 
 This module imports only the identity domain types; never gRPC, never the services.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from svidgate.errors import ConfigError, SpiffeIdError
+from pydantic import BeforeValidator, ConfigDict, GetCoreSchemaHandler, GetPydanticSchema
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_core import core_schema
+
+from svidgate.config.types import (
+    PATH,
+    AddressList,
+    AddressValue,
+    AllowList,
+    AnyStr,
+    Bool,
+    Count,
+    DocDefault,
+    Duration,
+    DurationOrZero,
+    FilePath,
+    Fraction,
+    HttpHostPort,
+    HttpsHostPort,
+    PositiveCount,
+    Rate,
+    Regex,
+    SelectorList,
+    SocketMode,
+    SpiffeIdValue,
+    Str,
+    StringMap,
+    StrList,
+    TrustDomainValue,
+    WorkloadId,
+    fail,
+)
+from svidgate.config.values import (
+    MAX_UNIX_PATH_BYTES,
+    UNIX_TEMP_NAME_BYTES,
+    Address,
+    AllowRule,
+    bracket,
+    type_name,
+)
 from svidgate.identity.ca import BACKDATE_SECONDS, DEFAULT_CA_TTL, DEFAULT_JWT_SVID_TTL, DEFAULT_X509_SVID_TTL
 from svidgate.identity.entitlement import Workload
 from svidgate.identity.federation import (
+    DEFAULT_BUNDLE_REFRESH,
+    DEFAULT_FETCH_TIMEOUT,
     DEFAULT_POLL_INTERVAL,
     BundleEndpoint,
     BundleEndpointServerSettings,
@@ -27,7 +74,7 @@ from svidgate.identity.federation import (
 )
 from svidgate.identity.keys import KeyType
 from svidgate.identity.selectors import KERNEL_VERIFIED_SELECTOR_TYPES, SELECTOR_TYPES, CallerLike, Selector
-from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.identity.spiffe_id import TrustDomain
 
 #: The names the configuration has always used for the federation settings (`svidgate.identity.federation`).
 FederationConfig = FederationSettings
@@ -45,73 +92,88 @@ DEFAULT_K8S_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/tok
 #: The cluster CA mounted next to it (the `kubernetes.kubelet_ca_file` default, as SPIRE's `kubelet_ca_path`).
 DEFAULT_K8S_CA_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
 
-#: `sockaddr_un.sun_path` holds 108 bytes on Linux, the terminating NUL included.
-MAX_UNIX_PATH_BYTES = 107
-#: A listening unix socket is bound under a temporary name in its directory (``.<8 hex digits>.tmp``, see
-#: `svidgate.peercred.bind_unix_socket`), given its mode and renamed into place.
-UNIX_TEMP_NAME_BYTES = len(".0123abcd.tmp")
-
 #: The built-in CA backdates every authority by `BACKDATE_SECONDS` and needs a lifetime beyond twice that.
 MIN_CA_TTL_EXCLUSIVE = 2 * BACKDATE_SECONDS
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A listening address: a unix socket path or a TCP host and port.
-
-    `str()` gives the canonical form used in the config and logs (``unix:///run/s.sock``, ``tcp://h:p``).
-    """
-
-    kind: Literal["unix", "tcp"]
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def grpc_target(self) -> str:
-        """The address in gRPC's syntax for `add_insecure_port()`: ``unix:/p``, ``h:p`` or ``[::1]:p``."""
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        return f"{_bracket(self.host)}:{self.port}"
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix://{self.path}"
-        return f"tcp://{_bracket(self.host)}:{self.port}"
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
+#: Where the metrics and health HTTP listener is when a configuration does not say (``listen.http`` absent).
+DEFAULT_HTTP_ADDRESS = ("127.0.0.1", 8082)
 #: Where Check is served when a configuration does not say (``listen.check`` absent).
 DEFAULT_CHECK_ADDRESS = "tcp://127.0.0.1:8081"
 
 
-@dataclass(frozen=True, slots=True)
+#: Every section of the file is a frozen pydantic dataclass that refuses unknown keys; a field's docstring is
+#: the key's documentation (JSON Schema ``description``, the docs tables).
+_SECTION = ConfigDict(extra="forbid", arbitrary_types_allowed=True, use_attribute_docstrings=True)
+
+
+def _none_is_empty(value: object) -> object:
+    # `ca:` with nothing under it (null) means "all defaults", as `ca: {}` does.
+    return {} if value is None else value
+
+
+#: A section whose null value means "all defaults".
+_Section = BeforeValidator(_none_is_empty)
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _built(schema: object, build: Callable[[Any], Any], is_built: Callable[[Any], bool]) -> GetPydanticSchema:
+    """Validate a value against `schema` (the file's shape, which the JSON Schema shows) and `build` the
+    domain value from it; a value that `is_built` already (set in code) is kept."""
+
+    def get(_source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        inner = handler.generate_schema(schema)
+
+        def wrap(value: Any, validate: core_schema.ValidatorFunctionWrapHandler) -> Any:
+            return value if is_built(value) else build(validate(value))
+
+        return core_schema.no_info_wrap_validator_function(wrap, inner)
+
+    return GetPydanticSchema(get)
+
+
+def _list_of(what: str) -> BeforeValidator:
+    def check(value: object) -> object:
+        if value is None:
+            return ()
+        if not isinstance(value, list | tuple):
+            fail(f"{PATH}: expected {what}, got {type_name(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class ListenConfig:
     """Where svidgate listens (the listener contract; docs/configuration.md states the same).
 
     Every gRPC listener answers ext_authz Check with the same decision: an Envoy pointed at any of them with
-    ``failure_mode_allow: true`` would turn an UNIMPLEMENTED into an allow.
-
-    Attributes:
-        grpc: SDS listeners (grpc.aio; they answer Check too). Unix sockets by default: SDS over TCP carries
-            no peer credentials, so it is opt-in by listing a ``tcp://`` address.
-        workload_api: the SPIFFE Workload API socket (unix only; it answers Check too, to requests carrying
-            the Workload Endpoint's security header), or None to not serve it.
-        http: ``(host, port)`` of the metrics/health HTTP listener, or None.
-        check: Check's own listener on grpcio's threaded server (the fast path, `DEFAULT_CHECK_ADDRESS` unless
-            the configuration says otherwise), or None (``null``) for no separate one: Check is then answered
-            on the `grpc` (and `workload_api`) listeners only.
-        bundle_endpoint: ``(host, port)`` of the SPIFFE bundle endpoint server (HTTPS), or None (the default:
-            not served). What it presents and serves is `Config.bundle_endpoint`.
+    ``failure_mode_allow: true`` would turn an UNIMPLEMENTED into an allow. The defaults of `grpc` and
+    `workload_api` depend on the environment (`svidgate.config.environment`); the loader fills them in.
     """
 
-    grpc: tuple[Address, ...]
-    workload_api: Address | None
-    http: tuple[str, int] | None
-    check: Address | None = None
-    bundle_endpoint: tuple[str, int] | None = None
+    grpc: AddressList
+    """SDS listeners (grpc.aio); they **also answer Check**, with the same decision. One address or a
+    list; `[]` for none. SDS over TCP is opt-in: list a `tcp://` address. Selectors of type `unix:` only
+    match over unix sockets (TCP carries no peer credentials), and `serve`/`check-config` warn about every
+    workload that a TCP SDS listener would hand out with no `unix:` selector constraining it."""
+    workload_api: AddressValue | None
+    """The SPIFFE Workload API socket; unix only (callers are identified by their peer credentials). It
+    also answers Check, to calls carrying `workload.spiffe.io: true` like every call there (without it: a
+    403 denial `missing_security_header`, never an RPC error). `null` = do not serve it."""
+    http: HttpHostPort | None
+    """`host:port` of the metrics (`/metrics`) and health (`/healthz`, `/readyz`) HTTP listener. `null` =
+    off."""
+    check: AddressValue | None = None
+    """ext_authz Check on grpcio's threaded server: the fast path, where Envoy's ext_authz should point.
+    Absent: this default. `null` = no separate Check listener (Check is still answered on `listen.grpc`
+    and `listen.workload_api`, e.g. for inject mode, which needs callers on a unix socket)."""
+    bundle_endpoint: HttpsHostPort | None = None
+    """`host:port` of the SPIFFE bundle endpoint server (HTTPS; see `bundle_endpoint` below). `null` = not
+    served. A partner's `bundle_endpoint.url` is `https://<this host>:<port>/`."""
 
     def check_listeners(self) -> tuple[Address, ...]:
         """Every address Check is answered on."""
@@ -120,251 +182,441 @@ class ListenConfig:
         return (*separate, *self.grpc, *workload_api)
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class UpstreamConfig:
     """``ca.upstream``: a root shared by several svidgates; each one's CA becomes an intermediate under it."""
 
-    cert_file: Path
-    key_file: Path
+    cert_file: FilePath
+    """PEM with exactly one certificate: the self-signed root (basicConstraints CA:TRUE, pathlen unset or
+    >= 1, keyCertSign). Checked when the config is loaded (`check-config` too): it must be valid now. Read
+    again at start-up; replacing it takes a restart."""
+    key_file: FilePath
+    """The root's unencrypted private key (PEM; EC P-256/P-384 or RSA); must match `cert_file`. Keep it
+    readable by svidgate's user only (a Kubernetes Secret in `../envoy-examples/kubernetes/`)."""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class CaConfig:
     """The built-in CA. All durations in seconds."""
 
     key_type: KeyType = KeyType.EC_P256
-    x509_svid_ttl: float = DEFAULT_X509_SVID_TTL
-    jwt_svid_ttl: float = DEFAULT_JWT_SVID_TTL
-    ca_ttl: float = DEFAULT_CA_TTL
+    """Key type of new CA authorities and SVIDs: `ec-p256`, `ec-p384`, `rsa-2048`."""
+    x509_svid_ttl: Duration = DEFAULT_X509_SVID_TTL
+    """Lifetime of X.509-SVIDs (at least `60s`). SVIDs are re-minted at half their actual lifetime."""
+    jwt_svid_ttl: Duration = DEFAULT_JWT_SVID_TTL
+    """Lifetime of JWT-SVIDs (at least `10s`); the default of `svidgate mint jwt --ttl`."""
+    ca_ttl: Duration = DEFAULT_CA_TTL
+    """Lifetime of a CA authority; more than `120s` (authorities are backdated by `60s`) and at least
+    twice the longer SVID TTL. The next authority is prepared at 1/2 and takes over at 5/6 of this
+    lifetime; nothing outlives its authority."""
     upstream: UpstreamConfig | None = None
+    """A root CA shared by several svidgates (one trust domain across many nodes without SPIRE, as SPIRE's
+    `disk` UpstreamAuthority). Each svidgate's CA authorities become intermediates signed by it: own key,
+    kept in `state_dir`, rotated on the schedule above, never outliving the root. The bundle's X.509
+    authority is the root alone; every served X.509-SVID chain is leaf + intermediate. JWT signing keys
+    stay per node. The CA state of a `state_dir` belongs to one root: switching to or from `ca.upstream`
+    or to another root is refused (use a fresh `state_dir`). See [README:
+    Scaling](../README.md#scaling-one-svidgate-per-node)."""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class SdsConfig:
     """SDS resource naming and the validation context flavour."""
 
-    default_svid_name: str = "default"
-    own_bundle_name: str = "ROOTCA"
-    all_bundles_name: str = "ALL"
+    default_svid_name: Str = "default"
+    """SDS resource name that means "the caller's (first entitled) SVID"."""
+    own_bundle_name: Str = "ROOTCA"
+    """Resource name of the own trust domain's bundle."""
+    all_bundles_name: Str = "ALL"
+    """Resource name of a validation context with every bundle (own and federated)."""
     validation: Literal["spiffe", "trusted_ca"] = "spiffe"
-    istio_compat: bool = False
-    pool_trust_domain_roots_unsafe: bool = False
+    """`spiffe`: validation contexts use Envoy's SPIFFE certificate validator (per-trust-domain bundles);
+    `trusted_ca`: a plain `trusted_ca` for Envoys built without that extension — for one trust domain only
+    (see below). A node can ask for either through its metadata `svidgate.validation`."""
+    istio_compat: Bool = False
+    """Istio agent semantics: `own_bundle_name` (`ROOTCA`) serves every bundle (own and federated), not
+    just the own one — with federation, through the SPIFFE validator (below)."""
+    pool_trust_domain_roots_unsafe: Bool = False
+    """Serve the roots of several trust domains as one `trusted_ca` when `trusted_ca` is asked for.
+    **Unsafe**: any federated CA can then issue certificates naming SPIFFE IDs of any trust domain, yours
+    included, and Envoy accepts them. `serve` and `check-config` warn when it is set."""
 
 
-@dataclass(frozen=True, slots=True)
-class AllowRule:
-    """Who a policy lets through, by the caller's JWT-SVID subject.
-
-    Kinds: ``id`` (exactly this SPIFFE ID), ``glob`` (``spiffe://td/a/*``: any ID whose path starts with
-    ``/a/`` and has at least one more segment; ``*`` is allowed only as the whole last segment),
-    ``trust_domain`` (``spiffe://td``: every ID of that trust domain) and ``any`` (``*``: any SVID that
-    validated).
-    """
-
-    kind: Literal["id", "glob", "trust_domain", "any"]
-    value: str
-
-    @classmethod
-    def parse(cls, text: str) -> AllowRule:
-        """Parse one `allow` entry.
-
-        Raises:
-            ConfigError: not one of the four forms (no path prefix; the caller adds it).
-        """
-        if text == "*":
-            return cls("any", "*")
-        try:
-            if text.endswith("/*"):
-                prefix = text[:-2]
-                if "*" in prefix:
-                    raise ConfigError(f"{text!r}: '*' is allowed only as the last path segment")
-                SpiffeId.parse(prefix)
-                return cls("glob", text)
-            if "*" in text:
-                raise ConfigError(
-                    f"{text!r}: '*' is allowed only as the last path segment ('spiffe://td/a/*')"
-                )
-            spiffe_id = SpiffeId.parse(text)
-        except SpiffeIdError as exc:
-            raise ConfigError(str(exc)) from None
-        if spiffe_id.path == "":
-            return cls("trust_domain", str(spiffe_id))
-        return cls("id", str(spiffe_id))
-
-    @property
-    def trust_domain(self) -> TrustDomain | None:
-        """The trust domain this rule is about (None for ``*``)."""
-        if self.kind == "any":
-            return None
-        return TrustDomain.parse(self.value[:-2] if self.kind == "glob" else self.value)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class PolicyMatch:
-    """Which requests a policy applies to; all criteria must hold, an empty criterion matches everything.
+    """Which requests a policy applies to; all criteria must hold, an empty criterion matches everything."""
 
-    Attributes:
-        hosts: lower-case `:authority` values (with or without port; a leading ``*.`` matches any subdomain).
-        path_prefix / path_exact / path_regex: at most one of them is set; the regex must match the whole
-            path (without the query string).
-        methods: upper-case HTTP methods.
-        context_extensions: key/value pairs that must all be present in the Check request's
-            `context_extensions` (set per route in Envoy).
-    """
-
-    hosts: tuple[str, ...] = ()
-    path_prefix: str | None = None
-    path_exact: str | None = None
-    path_regex: re.Pattern[str] | None = None
-    methods: tuple[str, ...] = ()
-    context_extensions: Mapping[str, str] = field(default_factory=dict)
+    hosts: Annotated[StrList, DocDefault("`[]` (any)")] = ()
+    """Exact host names or IP addresses, `*.suffix` wildcards (any depth, not the bare suffix) or `*`;
+    case-insensitive, the request's port and one trailing dot are ignored. ASCII only: write an
+    internationalised name in its `xn--` form."""
+    path_prefix: Str | None = None
+    """Plain string prefix of the canonical path (below); must start with `/` and be canonical itself
+    (`/a/../b` is refused: write `/b`). Case-sensitive."""
+    path_exact: Str | None = None
+    """The exact canonical path; must start with `/` and be canonical. Case-sensitive."""
+    path_regex: Regex | None = None
+    """Python regular expression that must match the whole canonical path. At most one of the three path
+    keys."""
+    methods: Annotated[StrList, DocDefault("`[]` (any)")] = ()
+    """Upper-case HTTP methods."""
+    context_extensions: StringMap = field(default_factory=dict)
+    """Key/value pairs that must all be present in the route's ext_authz `context_extensions` (how a route
+    names its policy: `{policy: payments}`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "context_extensions", MappingProxyType(dict(self.context_extensions)))
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class Policy:
-    """One ext_authz policy. The first policy (in config order) whose `match` holds decides.
+    """One ext_authz policy. The first policy (in config order) whose `match` holds decides."""
 
-    Attributes:
-        mode: ``validate`` checks the caller's JWT-SVID; ``inject`` mints a JWT-SVID for `inject_spiffe_id`
-            with audience `inject_audience` and adds it to the request (egress).
-        inject_spiffe_id: inject mode only; defaults to the only configured workload.
-        inject_allow_unverified_callers: inject mode only; mint for a Check whose caller has no
-            kernel-verified credentials (TCP). Off by default: then any client of the endpoint could obtain
-            tokens for `inject_spiffe_id`.
-    """
-
-    name: str
-    match: PolicyMatch = field(default_factory=PolicyMatch)
-    audiences: tuple[str, ...] = ()
-    allow: tuple[AllowRule, ...] = ()
-    require_token: bool = True
-    dry_run: bool = False
-    keep_token: bool = False
+    name: Str
+    """Unique; 1-64 of letters, digits, `_ . : -` (it becomes a metric label)."""
+    match: Annotated[PolicyMatch, _Section, DocDefault("`{}` (everything)")] = field(
+        default_factory=PolicyMatch
+    )
+    """Which requests the policy applies to (below)."""
+    audiences: StrList = ()
+    """`validate` with `require_token: true`: required, non-empty; the token's `aud` must contain at least
+    one of them. `inject`: the audiences a route may ask for with `context_extensions: {audience: ...}`; a
+    single entry may stand in for `inject_audience`."""
+    allow: AllowList = ()
+    """`validate` with `require_token: true`: required, non-empty; who may pass (below). Not allowed in
+    `inject` mode."""
+    require_token: Bool = True
+    """`false`: a public route; every request matching this policy passes without any token being looked
+    at (`audiences` and `allow` may then be empty)."""
+    dry_run: Bool = False
+    """Decide and record (log, metrics) but never deny (warned about)."""
+    keep_token: Bool = False
+    """Forward the token header upstream (by default it is removed once validated)."""
     mode: Literal["validate", "inject"] = "validate"
-    inject_audience: str | None = None
-    inject_spiffe_id: SpiffeId | None = None
-    inject_allow_unverified_callers: bool = False
+    """`validate`: check the caller's JWT-SVID. `inject`: mint a JWT-SVID and add it to the request
+    (egress)."""
+    inject_audience: Str | None = None
+    """`inject` only: the audience of the minted token (required unless `audiences` has exactly one
+    entry). A route's `context_extensions: {audience: ...}` overrides it per route, but only with an
+    audience listed in `audiences` (or equal to `inject_audience`); any other is denied with
+    `audience_not_allowed`, so that a caller cannot mint tokens for services the policy does not name."""
+    inject_spiffe_id: Annotated[SpiffeIdValue | None, DocDefault("the only workload")] = None
+    """`inject` only: whose JWT-SVID to mint; must be one of `workloads[]`. Required when there is not
+    exactly one workload ID."""
+    inject_allow_unverified_callers: Bool = False
+    """`inject` only. **Risky.** Also mint for a Check whose caller has no kernel-verified credentials (it
+    came over TCP, not through svidgate's unix socket). By default such a Check is denied with
+    `unverified_caller`, because everything in a CheckRequest, including `context_extensions`, is whatever
+    the sender claims: with this on, *any* process that can connect to the Check listener obtains
+    JWT-SVIDs of `inject_spiffe_id` for the policy's audiences. Turn it on only where the network path to
+    the Check listener is itself the authentication. A configuration with an inject policy and Check on
+    TCP is warned about either way."""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class DecisionLogConfig:
-    sample_rate: float = 1.0
-    max_per_second: float = 100.0
+    """``authz.decision_log``: which decisions are logged."""
+
+    sample_rate: Fraction = 1.0
+    """Fraction (0..1) of decisions logged."""
+    max_per_second: Rate = 100.0
+    """Upper bound on decision log lines per second."""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class AuthzConfig:
     """ext_authz: where the token is, the policies, and what happens when none matches."""
 
-    token_header: str = "authorization"  # noqa: S105 -- a header name
-    token_prefix: str = "Bearer "  # noqa: S105 -- a scheme prefix
-    policies: tuple[Policy, ...] = ()
+    token_header: Annotated[Str, BeforeValidator(_lower)] = "authorization"  # noqa: S105 -- a header name
+    """Request header carrying the JWT-SVID (lower-cased)."""
+    token_prefix: AnyStr = "Bearer "  # noqa: S105 -- a scheme prefix
+    """Prefix before the token in that header; `""` for none."""
+    policies: Annotated[tuple[Policy, ...], _list_of("a list of policies")] = ()
+    """Ordered policies; the first whose `match` holds decides."""
     default: Literal["deny", "allow"] = "deny"
-    leeway: float = 30.0
-    hide_details: bool = False
-    cache_size: int = 10000
-    decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
+    """What happens when no policy matches: `deny` or `allow` (warned about)."""
+    leeway: DurationOrZero = 30.0
+    """Clock skew tolerated on `exp`/`iat`; zero allowed."""
+    hide_details: Bool = False
+    """Deny responses carry only a generic reason (details still go to the log)."""
+    cache_size: Count = 10000
+    """Entries of the validated-token cache and, as many again, of the decision fast path (a repeated
+    Check -- same token header, host, path, method and context extensions -- answered from its earlier
+    decision while the configuration, the bundles and the token are unchanged and unexpired); `0` turns
+    both off."""
+    decision_log: Annotated[DecisionLogConfig, _Section] = field(default_factory=DecisionLogConfig)
+    """Which decisions are logged."""
     # How long a Check waits for the bundle fetch an unknown JWT-SVID key triggers before its deny is final.
     # Half of Envoy's default ext_authz timeout (200 ms), so the answer still reaches Envoy in time.
-    unknown_key_wait: float = 0.1
+    unknown_key_wait: DurationOrZero = 0.1
+    """How long a Check waits for the bundle fetch that a JWT-SVID with an unknown `kid` triggers (see
+    `federation`) before its deny is final; `0` = do not wait (the fetch still runs, later Checks
+    benefit); at most `10s`. Keep it below Envoy's ext_authz `timeout` (default 200 ms). The threaded
+    `listen.check` server blocks its thread that long at most; on the grpc.aio listeners (`listen.grpc`,
+    `listen.workload_api`) the wait is awaited and blocks nothing."""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class SourceConfig:
-    """Where svidgate's own identities come from.
-
-    Attributes:
-        kind: ``builtin`` (the built-in CA mints SVIDs for `workloads`), ``spire`` (an upstream SPIRE agent's
-            Workload API at `spire_socket`) or ``files`` (watched PEM files).
-        poll_interval: seconds between checks of watched files (files source and federation bundle files).
-    """
+    """Where svidgate's own identities come from."""
 
     kind: Literal["builtin", "spire", "files"] = "builtin"
-    spire_socket: str | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    bundle_file: Path | None = None
-    poll_interval: float = DEFAULT_POLL_INTERVAL
+    """`builtin`: the built-in CA (in `state_dir`) mints an SVID per workload. `spire`: SVIDs and bundles
+    from a SPIRE agent's Workload API. `files`: a watched SVID + bundle on disk."""
+    spire_socket: Str | None = None
+    """`spire` only, required: the agent's socket (`unix:///run/spire/agent.sock` or a bare absolute
+    path)."""
+    cert_file: FilePath | None = None
+    """`files` only, required: the X.509-SVID chain, leaf first (PEM or DER)."""
+    key_file: FilePath | None = None
+    """`files` only, required: its private key (PKCS#8 PEM or DER)."""
+    bundle_file: FilePath | None = None
+    """`files` only, required: the own trust domain's bundle (PEM or SPIFFE JSON)."""
+    poll_interval: Duration = DEFAULT_POLL_INTERVAL
+    """How often watched files (the `files` source and federation `bundle_file`s) are checked."""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class KubernetesConfig:
     """Kubernetes workload attestation (read by `svidgate.attest.k8s`); used when a workload has a `k8s:`
-    selector.
+    selector."""
 
-    Attributes:
-        kubelet_url: the kubelet's authenticated HTTPS port (``GET /pods``).
-        token_file: bearer token for the kubelet (re-read on every pod list fetch: tokens are rotated).
-        kubelet_ca_file: PEM roots that verify the kubelet's serving certificate; None only with
-            `kubelet_insecure_skip_verify`.
-        kubelet_insecure_skip_verify: do not verify the kubelet's certificate (explicit, warned).
-        proc_root: where the caller's ``<pid>/cgroup`` and ``<pid>/stat`` are read (``/host/proc`` when the
-            host's /proc is mounted into the container).
-        pod_cache_ttl: seconds a fetched pod list answers before it is fetched again.
-        attest_timeout: seconds one attestation may take in total, kubelet retries included.
-    """
+    kubelet_url: Str = "https://127.0.0.1:10250"
+    """The kubelet's authenticated port, `https://host[:port]` only (plain HTTP would send the token in
+    the clear). Its serving certificate must name this host."""
+    token_file: FilePath = DEFAULT_K8S_TOKEN_FILE
+    """Bearer token for the kubelet, re-read on every fetch (projected tokens rotate). Never logged."""
+    kubelet_ca_file: FilePath | None = DEFAULT_K8S_CA_FILE
+    """PEM roots that verify the kubelet's serving certificate (chain and host name). Cannot be combined
+    with `kubelet_insecure_skip_verify`."""
+    kubelet_insecure_skip_verify: Bool = False
+    """`true` = do not verify the kubelet's certificate. Reported as a warning: whoever answers on
+    `kubelet_url` then decides which pod a caller is, and receives the token."""
+    proc_root: FilePath = Path("/proc")
+    """Where `<pid>/cgroup` and `<pid>/stat` are read. The PIDs come from svidgate's PID namespace, so
+    svidgate must share the host's (`hostPID: true`); `/host/proc` only if the host's /proc is mounted
+    there in a container that shares the host PID namespace."""
+    pod_cache_ttl: DurationOrZero = 5.0
+    """How long a fetched pod list answers lookups; zero allowed (every attestation fetches)."""
+    attest_timeout: Duration = 5.0
+    """Total time one attestation may take, kubelet retries included."""
 
-    kubelet_url: str = "https://127.0.0.1:10250"
-    token_file: Path = DEFAULT_K8S_TOKEN_FILE
-    kubelet_ca_file: Path | None = DEFAULT_K8S_CA_FILE
-    kubelet_insecure_skip_verify: bool = False
-    proc_root: Path = Path("/proc")
-    pod_cache_ttl: float = 5.0
-    attest_timeout: float = 5.0
 
-
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class ServerConfig:
-    """Process-level settings (read by `svidgate.server`).
+    """Process-level settings (read by `svidgate.server`)."""
 
-    Attributes:
-        drain_grace: seconds SIGTERM waits for in-flight calls before cancelling what is left.
-        reflection: serve gRPC server reflection (debugging only).
-        config_poll_interval: seconds between checks of the config file for changes; 0 = off (SIGHUP still
-            reloads).
-        socket_mode: permission bits of the unix sockets svidgate creates.
-        check_workers: threads of the threaded Check server (`listen.check`).
-    """
-
-    drain_grace: float = 10.0
-    reflection: bool = False
-    config_poll_interval: float = 2.0
-    socket_mode: int = 0o660
+    drain_grace: DurationOrZero = 10.0
+    """On SIGTERM, how long in-flight calls may finish before the rest is cancelled; zero allowed. The
+    process exits within `drain_grace` + 5 s in every state (also during start-up, e.g. while waiting for
+    an absent SPIRE agent)."""
+    reflection: Bool = False
+    """Serve gRPC server reflection (debugging)."""
+    config_poll_interval: DurationOrZero = 2.0
+    """How often the config file is checked for changes; `0` = only on SIGHUP."""
+    socket_mode: SocketMode = 0o660
+    """Permission bits of the unix sockets svidgate creates; must include owner read/write. Write `0660`
+    (YAML reads it as octal) or the string `"0o660"`."""
     # Check is CPU-bound under the GIL, so extra threads add contention: bench/check_bench.py measured cached
     # Checks at 90% of the fastest no-op baseline's throughput with 2 workers and 83% with 4. Raise it only
     # when inject mode mints through a SPIRE agent, where a cache miss blocks a worker on the agent.
-    check_workers: int = 2
+    check_workers: PositiveCount = 2
+    """Threads of the threaded Check server (`listen.check`). Check is CPU-bound under Python's GIL: 2
+    measured fastest on 2 cores (`bench/check_bench.py`). Raise it when inject mode mints through a SPIRE
+    agent, where a token-cache miss blocks a thread on the agent."""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class LogConfig:
+    """Log output."""
+
     format: Literal["json", "logfmt"] = "json"
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    """`json` (one JSON object per line) or `logfmt`."""
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
+    """`debug`, `info`, `warning`, `error` (case-insensitive)."""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
+class WorkloadEntry:
+    """One ``workloads[]`` entry of the file; the config builds a `Workload` (identity) from it."""
+
+    spiffe_id: WorkloadId
+    """The SVID's SPIFFE ID; must be in `trust_domain` and have a path. May be a **template** with
+    `{k8s:...}` placeholders in the path (see below)."""
+    selectors: Annotated[SelectorList, DocDefault("required, non-empty")] = ()
+    """SPIRE-style `type:key:value` strings; a caller is entitled when **all** of them match."""
+    dns_names: StrList = ()
+    """Extra DNS SANs on the X.509-SVID (lower-case DNS names, `*.` wildcard allowed)."""
+    hint: AnyStr = ""
+    """The Workload API `hint` of this SVID."""
+
+
+def _workloads(entries: tuple[WorkloadEntry, ...]) -> tuple[Workload, ...]:
+    return tuple(Workload(e.spiffe_id, e.selectors, e.dns_names, e.hint) for e in entries)
+
+
+def _are_workloads(value: object) -> bool:
+    return isinstance(value, tuple) and all(isinstance(w, Workload) for w in value)
+
+
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
+class BundleEndpointEntry:
+    """``federation.<trust domain>.bundle_endpoint``: a SPIFFE bundle endpoint to fetch from."""
+
+    url: Str
+    """`https://` URL of the endpoint. Redirects are not followed; bodies over 1 MiB are refused."""
+    profile: Literal["https_web", "https_spiffe"]
+    """`https_web` or `https_spiffe`."""
+    endpoint_spiffe_id: SpiffeIdValue | None = None
+    """Required for (and only allowed with) `https_spiffe`: the SPIFFE ID the server must present."""
+    refresh: Duration = DEFAULT_BUNDLE_REFRESH
+    """Time between fetches when the bundle carries no `spiffe_refresh_hint`."""
+    ca_file: FilePath | None = None
+    """`https_web` only: PEM roots to trust instead of the system store (private PKI)."""
+    timeout: Duration = DEFAULT_FETCH_TIMEOUT
+    """Total deadline of one fetch: connect, TLS, request, headers and body together (at most `5m`). An
+    endpoint that answers slowly (one byte every few seconds) fails at this deadline instead of holding
+    the fetch."""
+
+
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
+class FederationEntry:
+    """``federation.<trust domain>``: where that trust domain's bundle comes from."""
+
+    bundle_file: FilePath | None = None
+    """A bundle file, SPIFFE JSON (JWKS) or PEM certificates (detected from the content). Checked every
+    `source.poll_interval`; applied when its bytes change."""
+    bundle_endpoint: BundleEndpointEntry | None = None
+    """A SPIFFE bundle endpoint (below)."""
+
+
+def _federation_mapping(value: object) -> object:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str | TrustDomain):
+                fail(f"{PATH}: keys must be trust domain names, got {key!r}")
+        return {k: {} if v is None else v for k, v in value.items()}
+    return fail(f"{PATH}: expected a mapping of trust domain names, got {type_name(value)}")
+
+
+def _federation(entries: dict[TrustDomain, FederationEntry]) -> Mapping[TrustDomain, FederationSettings]:
+    built: dict[TrustDomain, FederationSettings] = {}
+    for trust_domain, entry in entries.items():
+        endpoint = entry.bundle_endpoint
+        built[trust_domain] = FederationSettings(
+            bundle_file=entry.bundle_file,
+            bundle_endpoint=None
+            if endpoint is None
+            else BundleEndpoint(
+                endpoint.url,
+                endpoint.profile,
+                endpoint.endpoint_spiffe_id,
+                endpoint.refresh,
+                endpoint.ca_file,
+                endpoint.timeout,
+            ),
+        )
+    return built
+
+
+def _is_federation(value: object) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(v, FederationSettings) for v in value.values())
+
+
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
+class BundleEndpointServerEntry:
+    """``bundle_endpoint``: what the own SPIFFE bundle endpoint (``listen.bundle_endpoint``) presents."""
+
+    profile: Literal["https_web", "https_spiffe"] = "https_spiffe"
+    """`https_spiffe`: the server presents an X.509-SVID for `spiffe_id`, issued by the own identity
+    source and rotated like every SVID (new TLS handshakes get the new certificate, no restart).
+    `https_web`: it presents `cert_file`/`key_file`."""
+    spiffe_id: SpiffeIdValue | None = None
+    """Required with (and only allowed with) `https_spiffe`: the endpoint's SPIFFE ID, a path in the own
+    trust domain (e.g. `spiffe://example.org/bundle-endpoint`). The built-in CA mints its SVID; no caller
+    is entitled to it. With `source.kind: spire`/`files` the source must hold an SVID for it. Partners
+    configure it as their `endpoint_spiffe_id`."""
+    cert_file: FilePath | None = None
+    """`https_web` only, required: PEM certificate chain (leaf first) from a Web PKI CA. Re-read within
+    `source.poll_interval` when it changes; a pair that does not load (half-written renewal) is logged
+    (`bundle_endpoint.certificate_rejected`) and the last good one stays."""
+    key_file: FilePath | None = None
+    """`https_web` only, required: the PEM private key of `cert_file`."""
+    refresh_hint: Duration | None = None
+    """The `spiffe_refresh_hint` served. `null`: the bundle's own hint — the built-in CA's is min(5 m,
+    `ca.ca_ttl` / 12), so partners see the next authority well before it signs — else `5m`."""
+    oidc_issuer: Str | None = None
+    """An `https://` URL: also serve OpenID Connect discovery for JWT-SVID relying parties (cloud IAM,
+    Vault), as SPIRE's OIDC discovery provider does: `<issuer path>/.well-known/openid-configuration`
+    (`issuer`, `jwks_uri` = issuer + `/keys`, `authorization_endpoint: ""`, `response_types_supported:
+    [id_token]`, `subject_types_supported: []`, `id_token_signing_alg_values_supported` = the algorithms
+    of the keys held) and `<issuer path>/keys` (the JWT-SVID keys with `use: sig` and `alg`; never an
+    X.509 authority). `null` = not served. OIDC relying parties check the server with Web PKI, so serve
+    them with `profile: https_web` (a certificate for the issuer's host name)."""
+
+
+def _bundle_endpoint_server(entry: BundleEndpointServerEntry) -> BundleEndpointServerSettings:
+    return BundleEndpointServerSettings(
+        profile=entry.profile,
+        spiffe_id=entry.spiffe_id,
+        cert_file=entry.cert_file,
+        key_file=entry.key_file,
+        refresh_hint=entry.refresh_hint,
+        oidc_issuer=entry.oidc_issuer,
+    )
+
+
+@pydantic_dataclass(frozen=True, slots=True, config=_SECTION)
 class Config:
     """The whole configuration, validated. Build it with `load_config` or `parse_config`."""
 
-    trust_domain: TrustDomain
-    state_dir: Path
-    listen: ListenConfig
-    ca: CaConfig = field(default_factory=CaConfig)
-    workloads: tuple[Workload, ...] = ()
-    federation: Mapping[TrustDomain, FederationSettings] = field(default_factory=dict)
-    bundle_endpoint: BundleEndpointServerSettings = field(default_factory=BundleEndpointServerSettings)
-    sds: SdsConfig = field(default_factory=SdsConfig)
-    authz: AuthzConfig = field(default_factory=AuthzConfig)
-    source: SourceConfig = field(default_factory=SourceConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    trust_domain: TrustDomainValue
+    """The own trust domain **name** (lower case, no `spiffe://`). Every workload ID is in it."""
+    state_dir: FilePath
+    """Where the built-in CA keeps its state (`ca/ca.json`, mode 0600, directory 0700). `serve` locks it
+    (`serve.lock`, whatever the source) so that two instances never share it. `mint`, `bundle` and
+    `explain` only read the CA `serve` created and fail with one line naming the file when it is not there
+    (run them as the server's user, with its configuration)."""
+    listen: Annotated[ListenConfig, _Section]
+    """Listening addresses."""
+    ca: Annotated[CaConfig, _Section] = field(default_factory=CaConfig)
+    """The built-in CA and SVID lifetimes."""
+    workloads: Annotated[
+        tuple[Workload, ...],
+        _built(tuple[WorkloadEntry, ...], _workloads, _are_workloads),
+        _list_of("a list of workloads"),
+    ] = ()
+    """The identities svidgate issues and who may receive them."""
+    federation: Annotated[
+        Mapping[TrustDomain, FederationSettings],
+        _built(dict[TrustDomainValue, FederationEntry], _federation, _is_federation),
+        BeforeValidator(_federation_mapping),
+    ] = field(default_factory=dict)
+    """Trust bundles of other trust domains (reloaded live)."""
+    bundle_endpoint: Annotated[
+        BundleEndpointServerSettings,
+        _built(
+            BundleEndpointServerEntry,
+            _bundle_endpoint_server,
+            lambda v: isinstance(v, BundleEndpointServerSettings),
+        ),
+        _Section,
+    ] = field(default_factory=BundleEndpointServerSettings)
+    """What the own SPIFFE bundle endpoint (`listen.bundle_endpoint`) presents and serves."""
+    sds: Annotated[SdsConfig, _Section] = field(default_factory=SdsConfig)
+    """SDS resource names."""
+    authz: Annotated[AuthzConfig, _Section] = field(default_factory=AuthzConfig)
+    """ext_authz token location and policies."""
+    source: Annotated[SourceConfig, _Section] = field(default_factory=SourceConfig)
+    """Where the own identities come from."""
+    log: Annotated[LogConfig, _Section] = field(default_factory=LogConfig)
+    """Log output."""
+    server: Annotated[ServerConfig, _Section] = field(default_factory=ServerConfig)
+    """Process-level settings."""
+    kubernetes: Annotated[KubernetesConfig, _Section] = field(default_factory=KubernetesConfig)
+    """Kubernetes workload attestation (used when a workload has a `k8s:` selector)."""
 
     @property
     def attests_kubernetes(self) -> bool:
@@ -446,7 +698,7 @@ class Config:
         bundle_endpoint = (
             ""
             if served is None
-            else f", bundle endpoint on {_bracket(served[0])}:{served[1]} ({self.bundle_endpoint.profile})"
+            else f", bundle endpoint on {bracket(served[0])}:{served[1]} ({self.bundle_endpoint.profile})"
         )
         return (
             f"trust domain {self.trust_domain}, source {self.source.kind}, "
@@ -465,6 +717,7 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 __all__ = [
     "CONFIG_ENV",
     "DEFAULT_CHECK_ADDRESS",
+    "DEFAULT_HTTP_ADDRESS",
     "DEFAULT_K8S_CA_FILE",
     "DEFAULT_K8S_TOKEN_FILE",
     "DEFAULT_TRUST_DOMAIN",
@@ -478,12 +731,15 @@ __all__ = [
     "AllowRule",
     "AuthzConfig",
     "BundleEndpoint",
+    "BundleEndpointEntry",
     "BundleEndpointServerConfig",
+    "BundleEndpointServerEntry",
     "CaConfig",
     "CallerLike",
     "Config",
     "DecisionLogConfig",
     "FederationConfig",
+    "FederationEntry",
     "KubernetesConfig",
     "ListenConfig",
     "LogConfig",
@@ -495,4 +751,5 @@ __all__ = [
     "SourceConfig",
     "UpstreamConfig",
     "Workload",
+    "WorkloadEntry",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from svidgate.config.model import (
@@ -55,7 +56,7 @@ def _changed_paths(old: object, new: object, path: str) -> list[str]:
     # trust domain, a list -- is one key's value and is reported whole.
     if type(old) is type(new) and isinstance(old, _SECTION_TYPES):
         found: list[str] = []
-        for name in old.__dataclass_fields__:
+        for name in (f.name for f in dataclasses.fields(old)):
             found += _changed_paths(getattr(old, name), getattr(new, name), f"{path}.{name}")
         return found
     if isinstance(old, Mapping) and isinstance(new, Mapping):
