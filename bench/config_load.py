@@ -42,11 +42,12 @@ _PROGRAM = textwrap.dedent(
 
 
 def main() -> None:
+    program = _PROGRAM.replace("{n}", str(N))
     samples = [
         [
             float(x)
             for x in subprocess.run(
-                [sys.executable, "-c", _PROGRAM.replace("{n}", str(N))], capture_output=True, text=True, check=True
+                [sys.executable, "-c", program], capture_output=True, text=True, check=True
             ).stdout.split()
         ]
         for _ in range(7)

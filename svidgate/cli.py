@@ -24,10 +24,10 @@ from svidgate.errors import CaError, ConfigError, SourceError, SpiffeIdError, Sv
 from svidgate.identity.bundle import Bundle, bundle_map_json, pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa, ca_state_file
 from svidgate.identity.clock import system_clock
-from svidgate.identity.sources import load_upstream
-from svidgate.identity.sources.federation import parse_bundle_document
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.preflight import preflight
+from svidgate.sources import load_upstream
+from svidgate.sources.federation import parse_bundle_document
 
 PROG = "svidgate"
 EXIT_OK = 0
@@ -312,7 +312,7 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
 def _bundles(config: Config) -> dict[TrustDomain, Bundle]:
     """Own and federated bundles, as the server holds them once its first fetches are done (files read,
     endpoints fetched once, each under its deadline)."""
-    from svidgate.identity.sources import federated_bundles
+    from svidgate.sources import federated_bundles
 
     own: dict[TrustDomain, Bundle] = {}
     if config.source.kind == "builtin":

@@ -41,8 +41,8 @@ from svidgate.identity.clock import Clock, system_clock
 if TYPE_CHECKING:
     from svidgate.identity.bundle import Bundle
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-    from svidgate.identity.sources.base import SourceStatus
     from svidgate.identity.spiffe_id import TrustDomain
+    from svidgate.sources.base import SourceStatus
 
 __all__ = ["CHECK_BUCKETS", "CheckRecorder", "Metrics", "MetricsInterceptor"]
 

@@ -25,9 +25,9 @@ from svidgate.errors import BundleError, CaError, ConfigError, X509SvidError
 from svidgate.identity.bundle import bundle_update_rejection
 from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.sources.federation import FileTooLargeError, WatchedFile, parse_bundle_document
 from svidgate.identity.x509svid import parse_x509_svid, verify_x509_svid
 from svidgate.peercred import socket_dir_problem
+from svidgate.sources.federation import FileTooLargeError, WatchedFile, parse_bundle_document
 
 __all__ = ["preflight"]
 

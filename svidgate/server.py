@@ -87,10 +87,6 @@ from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.entitlement import CallerInfo
 from svidgate.identity.snapshot import IdentitySnapshot
-from svidgate.identity.sources import create_source
-from svidgate.identity.sources.base import IdentitySource, SourceStatus, TemplatedSvids
-from svidgate.identity.sources.builtin import BuiltinSource
-from svidgate.identity.sources.bundle_server import BundleEndpointServer, BundleSequence
 from svidgate.logs import configure_logging
 from svidgate.metrics import Metrics
 from svidgate.peercred import (
@@ -103,9 +99,13 @@ from svidgate.peercred import (
 from svidgate.preflight import preflight
 from svidgate.sds.servicer import SERVER_OPTIONS as SDS_SERVER_OPTIONS
 from svidgate.sds.servicer import SecretDiscoveryServicer
+from svidgate.sources import create_source
+from svidgate.sources.base import IdentitySource, SourceStatus, TemplatedSvids
+from svidgate.sources.builtin import BuiltinSource
+from svidgate.sources.bundle_server import BundleEndpointServer, BundleSequence
+from svidgate.sources.spire import SpireSource
 from svidgate.workloadapi import SECURITY_HEADER
 from svidgate.workloadapi.server import MintJwtSvid, WorkloadApiServicer
-from svidgate.workloadapi.spire_source import SpireSource
 
 log = logging.getLogger(__name__)
 

@@ -57,9 +57,9 @@ if TYPE_CHECKING:
     from svidgate.identity.bundle import Bundle
     from svidgate.identity.entitlement import CallerInfo
     from svidgate.identity.snapshot import SnapshotFeed
-    from svidgate.identity.sources.federation import BundleRefresher
     from svidgate.identity.spiffe_id import TrustDomain
     from svidgate.metrics import Metrics
+    from svidgate.sources.federation import BundleRefresher
 
 __all__ = [
     "MISSING_SECURITY_HEADER",

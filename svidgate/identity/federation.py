@@ -2,7 +2,7 @@
 bundle endpoint presents.
 
 The configuration builds these from ``federation.<trust domain>`` and ``bundle_endpoint``; the federation
-watcher and the bundle endpoint server (`svidgate.identity.sources`) receive them and nothing else of the
+watcher and the bundle endpoint server (`svidgate.sources`) receive them and nothing else of the
 configuration. Their defaults are declared here, once. This module never imports the configuration.
 """
 

@@ -70,11 +70,11 @@ from svidgate.sds.stream import (
 if TYPE_CHECKING:
     from svidgate.identity.entitlement import Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-    from svidgate.identity.sources.base import TemplatedSvids
     from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
     from svidgate.metrics import Metrics
     from svidgate.peercred import PeerRegistry
     from svidgate.sds.resources import Validation
+    from svidgate.sources.base import TemplatedSvids
 
 log = logging.getLogger(__name__)
 

@@ -51,9 +51,9 @@ from svidgate.workloadapi.messages import (
 if TYPE_CHECKING:
     from svidgate.identity.entitlement import Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-    from svidgate.identity.sources.base import TemplatedSvids
     from svidgate.metrics import Metrics
     from svidgate.peercred import PeerRegistry
+    from svidgate.sources.base import TemplatedSvids
 
 __all__ = ["MintJwtSvid", "WorkloadApiServicer"]
 

@@ -21,10 +21,10 @@ from svidgate.config import BundleEndpoint, BundleEndpointServerConfig
 from svidgate.errors import SourceError
 from svidgate.identity.bundle import Bundle
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources.bundle_server import BundleEndpointServer, BundleSequence
-from svidgate.identity.sources.federation import fetch_bundle, parse_bundle_document
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
+from svidgate.sources.bundle_server import BundleEndpointServer, BundleSequence
+from svidgate.sources.federation import fetch_bundle, parse_bundle_document
 from tests.support.ca import TestCA
 
 TD = TrustDomain("example.org")
@@ -288,6 +288,6 @@ async def test_malformed_requests_get_400_and_one_line_without_traceback(
         assert (await reader.read(64)).startswith(b"HTTP/1.0 400 ")
         writer.close()
     await asyncio.sleep(0.05)
-    lines = [r for r in caplog.records if r.name.startswith("svidgate.identity.sources.bundle_server.http")]
+    lines = [r for r in caplog.records if r.name.startswith("svidgate.sources.bundle_server.http")]
     assert [r.getMessage() for r in lines] == ["bundle_endpoint.bad_request"] * 2
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

@@ -14,9 +14,9 @@ from svidgate.config import Selector, Workload
 from svidgate.identity.ca import PREPARE_AT, BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.keys import KeyType
-from svidgate.identity.sources.builtin import CA_RETRY_FIRST, BuiltinSource
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import verify_x509_svid
+from svidgate.sources.builtin import CA_RETRY_FIRST, BuiltinSource
 from tests.support.files import read_only_directory
 from tests.support.tempdir import short_dir
 

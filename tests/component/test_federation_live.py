@@ -23,10 +23,10 @@ from svidgate.identity.bundle import spiffe_bundle_json
 from svidgate.identity.clock import system_clock
 from svidgate.identity.keys import generate_private_key, key_id
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources import create_source
-from svidgate.identity.sources.builtin import BuiltinSource
-from svidgate.identity.sources.bundle_server import BundleEndpointServer, BundleSequence
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.sources import create_source
+from svidgate.sources.builtin import BuiltinSource
+from svidgate.sources.bundle_server import BundleEndpointServer, BundleSequence
 from tests.component.runtime_support import check_request
 from tests.support.ca import TestCA
 

@@ -21,12 +21,12 @@ from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.entitlement import CallerInfo, KubernetesWorkload
 from svidgate.identity.keys import KeyType
-from svidgate.identity.sources import BuiltinSource
-from svidgate.identity.sources.builtin import TEMPLATED_IDLE
 from svidgate.identity.spiffe_id import SpiffeId
 from svidgate.identity.template import SpiffeIdTemplate
 from svidgate.metrics import Metrics
 from svidgate.peercred import PeerRegistry
+from svidgate.sources import BuiltinSource
+from svidgate.sources.builtin import TEMPLATED_IDLE
 from tests.component.sds_fixtures import TD, Responses, sds_server, secrets_of, sotw_request, stub
 
 MESH = Workload(

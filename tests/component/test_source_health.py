@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from svidgate.config import load_config
 from svidgate.identity.clock import FakeClock
 from svidgate.server import READY_MIN_LIFETIME_LEFT, Server
-from svidgate.workloadapi.spire_source import SpireSource
+from svidgate.sources.spire import SpireSource
 from tests.component.runtime_support import Layout, http_get, scrape, value, write_config
 from tests.support.tempdir import short_dir
 from tests.support.workloadapi import APP, serve_workload_api

@@ -22,7 +22,7 @@ from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.jwtsvid import validate_jwt_svid
 from svidgate.identity.snapshot import IdentitySnapshot
 from svidgate.identity.spiffe_id import TrustDomain
-from svidgate.workloadapi.spire_source import SpireSource
+from svidgate.sources.spire import SpireSource
 from tests.support.ca import TestCA
 from tests.support.tempdir import short_dir
 from tests.support.workloadapi import APP, APP_ADMIN, TRUST_DOMAIN, Harness, serve_workload_api

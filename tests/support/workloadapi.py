@@ -23,10 +23,10 @@ from svidgate.identity.clock import FakeClock
 from svidgate.identity.jwtsvid import JwtSvid
 from svidgate.identity.keys import KeyType
 from svidgate.identity.snapshot import SnapshotFeed
-from svidgate.identity.sources.builtin import BuiltinSource
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.metrics import Metrics
 from svidgate.peercred import PeerCredFront, PeerRegistry
+from svidgate.sources.builtin import BuiltinSource
 from svidgate.workloadapi.server import MintJwtSvid, WorkloadApiServicer
 from tests.support.tempdir import short_dir
 

@@ -30,7 +30,8 @@ from svidgate.identity.bundle import (
     spiffe_bundle_json,
 )
 from svidgate.identity.clock import FakeClock, system_clock
-from svidgate.identity.sources.federation import (
+from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.sources.federation import (
     FIRST_RETRY,
     MIN_REFRESH,
     UNKNOWN_KEY_FETCH_INTERVAL,
@@ -40,7 +41,6 @@ from svidgate.identity.sources.federation import (
     fetch_bundle,
     parse_bundle_document,
 )
-from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from tests.support.ca import TestCA
 from tests.support.files import replace_file
 

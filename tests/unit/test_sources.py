@@ -17,10 +17,10 @@ from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.jwtsvid import validate_jwt_svid
 from svidgate.identity.keys import KeyType
-from svidgate.identity.sources import BuiltinSource, FileSource, create_source
-from svidgate.identity.sources.federation import FederatedBundles
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import verify_x509_svid
+from svidgate.sources import BuiltinSource, FileSource, create_source
+from svidgate.sources.federation import FederatedBundles
 from tests.support.ca import TestCA
 from tests.support.files import replace_file
 

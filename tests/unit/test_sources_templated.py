@@ -9,11 +9,11 @@ from svidgate.errors import SourceError
 from svidgate.identity.ca import BuiltinCa
 from svidgate.identity.clock import FakeClock
 from svidgate.identity.keys import KeyType
-from svidgate.identity.sources import BuiltinSource
-from svidgate.identity.sources.builtin import TEMPLATED_IDLE
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.template import SpiffeIdTemplate
 from svidgate.identity.x509svid import verify_x509_svid
+from svidgate.sources import BuiltinSource
+from svidgate.sources.builtin import TEMPLATED_IDLE
 
 TD = TrustDomain("example.org")
 HOUR = 3600.0

@@ -70,9 +70,9 @@ from svidgate.identity.bundle import (
 )
 from svidgate.identity.clock import Clock
 from svidgate.identity.federation import DEFAULT_POLL_INTERVAL, BundleEndpoint, FederationSettings
-from svidgate.identity.sources.base import SourceHealth, SourceStatus
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import spiffe_id_of
+from svidgate.sources.base import SourceHealth, SourceStatus
 
 log = logging.getLogger(__name__)
 

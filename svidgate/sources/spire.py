@@ -45,9 +45,9 @@ from svidgate.identity.bundle import (
 from svidgate.identity.clock import Clock, system_clock
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources.base import SourceStatus
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
+from svidgate.sources.base import SourceStatus
 from svidgate.workloadapi import SECURITY_HEADER, SERVICE_NAME
 from svidgate.workloadapi.client import WorkloadApiClient, WorkloadApiError, grpc_target
 from svidgate.workloadapi.messages import X509Context

@@ -34,16 +34,16 @@ from svidgate.identity.clock import Clock
 from svidgate.identity.federation import DEFAULT_POLL_INTERVAL, FederationSettings
 from svidgate.identity.jwtsvid import JwtSvid
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources.base import SourceHealth, SourceStatus
-from svidgate.identity.sources.federation import (
+from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
+from svidgate.identity.x509svid import X509Svid, parse_x509_svid, verify_x509_svid
+from svidgate.sources.base import SourceHealth, SourceStatus
+from svidgate.sources.federation import (
     FederatedBundles,
     FileTooLargeError,
     WatchedFile,
     parse_bundle_document,
     same_bundle,
 )
-from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
-from svidgate.identity.x509svid import X509Svid, parse_x509_svid, verify_x509_svid
 
 log = logging.getLogger(__name__)
 

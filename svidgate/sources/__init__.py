@@ -1,9 +1,14 @@
 """Identity sources: where svidgate's SVIDs and trust bundles come from.
 
 `IdentitySource` (base) is the protocol the runtime and services depend on; `BuiltinSource` (the built-in
-CA) and `FileSource` (watched PEM files) implement it here, and `FederatedBundles` adds other trust domains'
-bundles to either. The SPIRE source speaks gRPC and therefore lives in `svidgate.workloadapi.spire_source`;
-nothing in this package imports gRPC.
+CA), `FileSource` (watched PEM files) and `SpireSource` (`spire`, an upstream SPIRE agent's Workload API)
+implement it, and `FederatedBundles` adds other trust domains' bundles to the built-in and file sources;
+`bundle_server` serves the own trust domain's bundle to federation partners.
+
+Layering (the import-linter contract in pyproject.toml): this package sits between the services
+(`svidgate.sds`, `svidgate.extauthz`, `svidgate.workloadapi.server`) and `svidgate.identity`; it may use the
+Workload API client (`svidgate.workloadapi.client`, for SPIRE) but never imports a service, the runtime or the
+CLI.
 """
 
 from __future__ import annotations
@@ -13,11 +18,11 @@ from svidgate.errors import SourceError
 from svidgate.identity.bundle import BundleRejectionSink
 from svidgate.identity.ca import BuiltinCa, UpstreamAuthority
 from svidgate.identity.clock import Clock, system_clock
-from svidgate.identity.sources.base import IdentitySource, SourceHealth, SourceStatus
-from svidgate.identity.sources.builtin import BuiltinSource
-from svidgate.identity.sources.federation import FederatedBundles, fetch_bundle
-from svidgate.identity.sources.files import FileSource
 from svidgate.identity.spiffe_id import SpiffeId
+from svidgate.sources.base import IdentitySource, SourceHealth, SourceStatus
+from svidgate.sources.builtin import BuiltinSource
+from svidgate.sources.federation import FederatedBundles, fetch_bundle
+from svidgate.sources.files import FileSource
 
 
 def load_upstream(config: Config, clock: Clock = system_clock) -> UpstreamAuthority | None:
@@ -69,8 +74,8 @@ def create_source(
         The source, its first snapshot already published.
 
     Raises:
-        SourceError: the kind is ``spire`` (built by `svidgate.workloadapi.spire_source`, which speaks
-            gRPC) or the source cannot produce its first snapshot.
+        SourceError: the kind is ``spire`` (built by the runtime from `svidgate.sources.spire`) or the
+            source cannot produce its first snapshot.
         CaError: the built-in CA state cannot be loaded or created.
     """
     # Always a watcher, empty when nothing is federated yet, so that a reload can add trust domains.

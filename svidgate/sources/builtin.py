@@ -46,10 +46,10 @@ from svidgate.identity.entitlement import Workload
 from svidgate.identity.federation import FederationSettings
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
-from svidgate.identity.sources.base import SourceHealth, SourceStatus
-from svidgate.identity.sources.federation import FederatedBundles
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import X509Svid
+from svidgate.sources.base import SourceHealth, SourceStatus
+from svidgate.sources.federation import FederatedBundles
 
 log = logging.getLogger(__name__)
 
