@@ -9,8 +9,13 @@ Modules: `model` (each key declared once: the frozen sections and `Config`, pyda
 (SPIFFE IDs, durations, addresses, paths for the schema library), `values` (the value readers), `rules`
 (rules across keys), `errors` (the library's errors in svidgate's form), `loader` (file → `Config`, the JSON
 Schema), `strict_yaml`, `environment` (defaults that depend on ``XDG_*``/``HOME``), `reload` (what a reload
-can apply). This package imports only the identity domain types; never gRPC, never the services;
-and nothing under `svidgate.identity` imports it.
+can apply), `reference` (docs/configuration.md's key tables).
+
+Adding a key: one field with its docstring in `model` (and a rule in `rules` if it depends on other keys),
+then ``python scripts/gen_config_docs.py``.
+
+This package imports only the identity domain types; never gRPC, never the services; and nothing under
+`svidgate.identity` imports it.
 """
 
 from svidgate.config.environment import default_config_text, default_runtime_dir, default_state_dir

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, GetCoreSchemaHandler, GetPydanticSchema
+from pydantic import BeforeValidator, ConfigDict, GetCoreSchemaHandler, GetPydanticSchema, WithJsonSchema
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import core_schema
 
@@ -118,6 +118,17 @@ _Section = BeforeValidator(_none_is_empty)
 
 def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
+
+
+#: `log.level` values; the file may write them in any case (``DEBUG``).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _any_case_schema(words: tuple[str, ...]) -> WithJsonSchema:
+    """The JSON Schema of a choice the loader lower-cases first: any case passes (JSON Schema has no
+    case-insensitive enum, so a pattern spells each letter both ways)."""
+    alternatives = "|".join("".join(f"[{c.lower()}{c.upper()}]" for c in word) for word in words)
+    return WithJsonSchema({"type": "string", "pattern": f"^({alternatives})$"})
 
 
 def _built(schema: object, build: Callable[[Any], Any], is_built: Callable[[Any], bool]) -> GetPydanticSchema:
@@ -432,7 +443,9 @@ class LogConfig:
 
     format: Literal["json", "logfmt"] = "json"
     """`json` (one JSON object per line) or `logfmt`."""
-    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
+    level: Annotated[
+        Literal["debug", "info", "warning", "error"], BeforeValidator(_lower), _any_case_schema(LOG_LEVELS)
+    ] = "info"
     """`debug`, `info`, `warning`, `error` (case-insensitive)."""
 
 

@@ -74,9 +74,7 @@ def apply_rules(config: Config, raw: Mapping[str, Any]) -> Config:
     authz = _authz(config.authz, config, _raw_policies(raw))
     source = _source(config.source)
     kubernetes_raw = raw.get("kubernetes")
-    kubernetes = _kubernetes(
-        config.kubernetes, isinstance(kubernetes_raw, Mapping) and "kubelet_ca_file" in kubernetes_raw
-    )
+    kubernetes = _kubernetes(config.kubernetes, kubernetes_raw if isinstance(kubernetes_raw, Mapping) else {})
     return dataclasses.replace(config, authz=authz, source=source, kubernetes=kubernetes)
 
 
@@ -439,7 +437,7 @@ def _source(source: SourceConfig) -> SourceConfig:
     return dataclasses.replace(source, spire_socket=spire_socket)
 
 
-def _kubernetes(kubernetes: KubernetesConfig, ca_file_given: bool) -> KubernetesConfig:
+def _kubernetes(kubernetes: KubernetesConfig, raw: Mapping[str, Any]) -> KubernetesConfig:
     url = kubernetes.kubelet_url
     if re.fullmatch(r"https://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?", url) is None:
         raise ConfigError(
@@ -447,6 +445,11 @@ def _kubernetes(kubernetes: KubernetesConfig, ca_file_given: bool) -> Kubernetes
             f"plain http would send the token in the clear), got {url!r}"
         )
     ca_file = kubernetes.kubelet_ca_file
+    ca_file_given = "kubelet_ca_file" in raw
+    if ca_file_given and raw["kubelet_ca_file"] is None and not kubernetes.kubelet_insecure_skip_verify:
+        # Absent means the pod's mounted cluster CA; null is no way to say "do not verify" (that is
+        # kubelet_insecure_skip_verify, explicit and warned).
+        raise ConfigError("kubernetes.kubelet_ca_file: expected a string, got null")
     if kubernetes.kubelet_insecure_skip_verify:
         if ca_file_given:
             raise ConfigError(

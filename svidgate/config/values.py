@@ -129,10 +129,6 @@ def read_str(value: object, path: str, *, empty_ok: bool = False) -> str:
     return value
 
 
-def read_opt_str(value: object, path: str) -> str | None:
-    return None if value is None else read_str(value, path)
-
-
 def read_bool(value: object, path: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{path}: expected true or false, got {type_name(value)}")

@@ -94,6 +94,12 @@ def test_the_json_schema_refuses_what_the_loader_refuses(document: dict[str, obj
         jsonschema.validate(document, config_json_schema(), cls=jsonschema.Draft202012Validator)
 
 
+def test_the_json_schema_takes_log_levels_in_any_case_as_the_loader_does() -> None:
+    for level in ("debug", "DEBUG", "Warning"):
+        jsonschema.validate({"log": {"level": level}}, config_json_schema())
+        assert parse_config(f"log: {{level: {level}}}\n", "t").log.level == level.lower()
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"), [(3600, "1h"), (5400, "1h30m"), (0.1, "100ms"), (365 * 86400, "365d"), (90, "1m30s")]
 )
