@@ -38,10 +38,10 @@ def key_path(loc: Sequence[str | int]) -> str:
 
 
 def translate(error: ValidationError, schema: Mapping[str, Any]) -> str:
-    """The one message svidgate reports for `error`: its first problem, unknown keys first.
+    """The one message svidgate reports for `error`: its first problem in file order, unknown keys first.
 
-    A mapping's unknown keys are reported before its values' problems, as an operator fixes a misspelt key
-    before anything else.
+    A mapping's unknown keys are reported before the problems of its values (an operator fixes a misspelt key
+    before anything else), not before the problems of the keys that come before that mapping.
 
     Args:
         error: what pydantic raised.
@@ -51,8 +51,13 @@ def translate(error: ValidationError, schema: Mapping[str, Any]) -> str:
         ``<key path>: <problem>``.
     """
     details = error.errors(include_url=False)
-    unknown = [d for d in details if d["type"] in _UNKNOWN_KEY]
-    return _message((unknown or details)[0], schema)
+    first = details[0]
+    for detail in details:
+        mapping = tuple(detail["loc"][:-1])
+        if detail["type"] in _UNKNOWN_KEY and tuple(first["loc"][: len(mapping)]) == mapping:
+            first = detail
+            break
+    return _message(first, schema)
 
 
 def _message(detail: ErrorDetails, schema: Mapping[str, Any]) -> str:
@@ -63,7 +68,8 @@ def _message(detail: ErrorDetails, schema: Mapping[str, Any]) -> str:
     if kind == ERROR_TYPE:
         return str(ctx["message"]).replace(PATH, path)
     if kind in _MISSING:
-        return f"{path}: required"
+        choices = _node_at(schema, detail["loc"]).get("enum")
+        return f"{path}: required ({' or '.join(choices)})" if choices else f"{path}: required"
     if kind in _UNKNOWN_KEY:
         keys = ", ".join(_keys_at(schema, detail["loc"][:-1]))
         return f"{path}: unknown key (expected one of: {keys})"
@@ -81,6 +87,11 @@ def _message(detail: ErrorDetails, schema: Mapping[str, Any]) -> str:
 
 def _keys_at(schema: Mapping[str, Any], loc: Sequence[str | int]) -> list[str]:
     """The keys the mapping at `loc` may have, in declaration order."""
+    return list(_node_at(schema, loc).get("properties", {}))
+
+
+def _node_at(schema: Mapping[str, Any], loc: Sequence[str | int]) -> Mapping[str, Any]:
+    """The JSON Schema of the value at `loc`."""
     defs: Mapping[str, Any] = schema.get("$defs", {})
     node: Mapping[str, Any] = schema
     for part in (*loc, None):
@@ -91,9 +102,10 @@ def _keys_at(schema: Mapping[str, Any], loc: Sequence[str | int]) -> list[str]:
             node = node.get("items", {})
         elif "properties" in node and part in node["properties"]:
             node = node["properties"][part]
-        else:
-            node = node.get("additionalProperties", {})
-    return list(node.get("properties", {}))
+        else:  # a mapping of names (federation's trust domains): its value schema
+            values = [*node.get("patternProperties", {}).values(), node.get("additionalProperties", {})]
+            node = values[0]
+    return node
 
 
 def _resolve(node: Mapping[str, Any], defs: Mapping[str, Any]) -> Mapping[str, Any]:

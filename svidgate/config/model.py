@@ -16,6 +16,7 @@ This module imports only the identity domain types; never gRPC, never the servic
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import field
 from pathlib import Path
@@ -44,6 +45,7 @@ from svidgate.config.types import (
     PositiveCount,
     Rate,
     Regex,
+    RequiredFilePath,
     SelectorList,
     SocketMode,
     SpiffeIdValue,
@@ -62,7 +64,14 @@ from svidgate.config.values import (
     bracket,
     type_name,
 )
-from svidgate.identity.ca import BACKDATE_SECONDS, DEFAULT_CA_TTL, DEFAULT_JWT_SVID_TTL, DEFAULT_X509_SVID_TTL
+from svidgate.errors import CaError
+from svidgate.identity.ca import (
+    BACKDATE_SECONDS,
+    DEFAULT_CA_TTL,
+    DEFAULT_JWT_SVID_TTL,
+    DEFAULT_X509_SVID_TTL,
+    UpstreamAuthority,
+)
 from svidgate.identity.entitlement import Workload
 from svidgate.identity.federation import (
     DEFAULT_BUNDLE_REFRESH,
@@ -152,7 +161,10 @@ def _list_of(what: str) -> BeforeValidator:
             return ()
         if not isinstance(value, list | tuple):
             fail(f"{PATH}: expected {what}, got {type_name(value)}")
-        return value
+        if isinstance(value, tuple):
+            return value  # built in code (or copied by dataclasses.replace)
+        # An entry with nothing under it (``- ``) is an empty mapping: its required keys are named.
+        return [{} if item is None else item for item in value]
 
     return BeforeValidator(check)
 
@@ -197,13 +209,22 @@ class ListenConfig:
 class UpstreamConfig:
     """``ca.upstream``: a root shared by several svidgates; each one's CA becomes an intermediate under it."""
 
-    cert_file: FilePath
+    cert_file: RequiredFilePath
     """PEM with exactly one certificate: the self-signed root (basicConstraints CA:TRUE, pathlen unset or
     >= 1, keyCertSign). Checked when the config is loaded (`check-config` too): it must be valid now. Read
     again at start-up; replacing it takes a restart."""
-    key_file: FilePath
+    key_file: RequiredFilePath
     """The root's unencrypted private key (PEM; EC P-256/P-384 or RSA); must match `cert_file`. Keep it
     readable by svidgate's user only (a Kubernetes Secret in `../envoy-examples/kubernetes/`)."""
+
+    def __post_init__(self) -> None:
+        # Validated as the file is read (before the keys after `ca`, as an operator reads the file), so that
+        # check-config and serve refuse a bad root with the same one line; the CA reads it again when it
+        # starts (the key is never kept in the configuration object).
+        try:
+            UpstreamAuthority.load(self.cert_file, self.key_file, time.time())
+        except CaError as exc:
+            fail(str(exc))  # a validation error in file order, like every other value's
 
 
 @pydantic_dataclass(frozen=True, slots=True, config=_SECTION)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import time
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -42,8 +41,7 @@ from svidgate.config.values import (
     Address,
     parse_address,
 )
-from svidgate.errors import CaError, ConfigError
-from svidgate.identity.ca import UpstreamAuthority
+from svidgate.errors import ConfigError
 from svidgate.identity.entitlement import Workload
 from svidgate.identity.federation import BundleEndpoint, FederationSettings
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
@@ -129,13 +127,7 @@ def _ca(ca: CaConfig) -> None:
         raise ConfigError("ca.x509_svid_ttl: must be at least 60s (SVIDs are re-minted at half TTL)")
     if ca.jwt_svid_ttl < 10:
         raise ConfigError("ca.jwt_svid_ttl: must be at least 10s")
-    if ca.upstream is not None:
-        # Validated here, so that check-config and serve refuse a bad root with the same one line; the CA
-        # reads it again when it starts (the key is never kept in the configuration object).
-        try:
-            UpstreamAuthority.load(ca.upstream.cert_file, ca.upstream.key_file, time.time())
-        except CaError as exc:
-            raise ConfigError(str(exc)) from None
+    # ca.upstream's root is checked as the section is read (`UpstreamConfig.__post_init__`).
 
 
 def _workloads(workloads: tuple[Workload, ...], trust_domain: TrustDomain, source_kind: str) -> None:

@@ -133,9 +133,10 @@ TrustDomainValue = Annotated[
 
 
 def _trust_domain_name(value: object, path: str) -> TrustDomain:
-    if isinstance(value, str) and "://" in value:
+    trust_domain = read_trust_domain(value, path)
+    if isinstance(value, str) and "://" in value:  # spiffe://td parses, but the key takes the name
         raise ConfigError(f"{path}: give the trust domain name, without spiffe://")
-    return read_trust_domain(value, path)
+    return trust_domain
 
 
 def _address(value: object) -> Address:
@@ -156,6 +157,8 @@ AddressValue = Annotated[Address, *_reader(_address, _ADDRESS_SCHEMA)]
 def _addresses(value: object) -> tuple[Address, ...]:
     if isinstance(value, tuple) and all(isinstance(a, Address) for a in value):
         return value
+    if value is None:
+        return ()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
@@ -216,6 +219,17 @@ def _path_validator(value: Any, info: ValidationInfo) -> Path:
     except ConfigError as exc:
         fail(str(exc))
 
+
+def _required_path_validator(value: Any, info: ValidationInfo) -> Path:
+    if value is None:
+        fail(f"{PATH}: required")
+    return _path_validator(value, info)
+
+
+#: A file that must be named (null is "required"), read like `FilePath`.
+RequiredFilePath = Annotated[
+    Path, PlainValidator(_required_path_validator), WithJsonSchema({"type": "string", "minLength": 1})
+]
 
 #: A file or directory; relative paths are relative to the config file's directory, ``~`` is expanded.
 FilePath = Annotated[
