@@ -787,6 +787,15 @@ authz:
         parse_config(text, "test")
 
 
+def test_check_processes_default_bounds_and_listener() -> None:
+    assert parse("trust_domain: example.org\n").server.check_processes == 1
+    assert parse("server: {check_processes: 2}\n").server.check_processes == 2
+    with pytest.raises(ConfigError, match=r"server\.check_processes"):
+        parse("server: {check_processes: 0}\n")
+    with pytest.raises(ConfigError, match=r"server\.check_processes: 2 processes share listen\.check"):
+        parse("server: {check_processes: 2}\nlisten: {check: null}\n")
+
+
 def test_check_workers_default_and_bounds() -> None:
     assert parse("trust_domain: example.org\n").server.check_workers == 4
     assert parse("server: {check_workers: 6}\n").server.check_workers == 6
