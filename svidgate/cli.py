@@ -1,4 +1,4 @@
-"""The `svidgate` command line: serve, mint, bundle, check-config, explain, version.
+"""The `svidgate` command line: serve, mint, bundle, check-config, config-schema, explain, demo, version.
 
 This is an edge: every `SvidgateError` and `OSError` is turned into one line on standard error
 (``svidgate: error: ...``) and an exit code -- 2 for a usage error, 1 for anything that failed at run time --
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from svidgate import __version__
-from svidgate.config import Config, config_path_from_env, load_config, parse_duration
+from svidgate.config import Config, config_json_schema, config_path_from_env, load_config, parse_duration
 from svidgate.errors import CaError, ConfigError, SourceError, SpiffeIdError, SvidgateError
 from svidgate.identity.bundle import Bundle, bundle_map_json, pem_bundle, spiffe_bundle_json
 from svidgate.identity.ca import BuiltinCa, ca_state_file
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: $SVIDGATE_CONFIG")
+
+    commands.add_parser(
+        "config-schema",
+        help="print the JSON Schema of the configuration file (for editors: yaml-language-server)",
+    )
 
     explain = commands.add_parser("explain", help="show how ext_authz would decide a request")
     config_option(explain)
@@ -360,6 +366,11 @@ def _cmd_check_config(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
     return EXIT_OK
 
 
+def _cmd_config_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    out.write(json.dumps(config_json_schema(), indent=2) + "\n")
+    return EXIT_OK
+
+
 def _pairs(items: Sequence[str], option: str) -> dict[str, str]:
     result: dict[str, str] = {}
     for item in items:
@@ -410,6 +421,7 @@ _COMMANDS: Mapping[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
     "mint": _cmd_mint,
     "bundle": _cmd_bundle,
     "check-config": _cmd_check_config,
+    "config-schema": _cmd_config_schema,
     "explain": _cmd_explain,
     "demo": _cmd_demo,
     "version": _cmd_version,

@@ -40,7 +40,8 @@ from svidgate.identity.entitlement import CallerInfo, entitled_ids
 
 if TYPE_CHECKING:
     from svidgate.changes import ChangeSignal
-    from svidgate.config import Policy, Workload
+    from svidgate.config import Policy
+    from svidgate.identity.entitlement import Workload
     from svidgate.identity.jwtsvid import JwtSvid
     from svidgate.identity.spiffe_id import SpiffeId
 

@@ -69,7 +69,9 @@ __all__ = [
     "ACTIVATE_AT",
     "BACKDATE_SECONDS",
     "DEFAULT_CA_TTL",
+    "DEFAULT_JWT_SVID_TTL",
     "DEFAULT_REFRESH_HINT",
+    "DEFAULT_X509_SVID_TTL",
     "PREPARE_AT",
     "Authority",
     "BuiltinCa",
@@ -77,7 +79,10 @@ __all__ = [
     "ca_state_file",
 ]
 
+#: Defaults of ``ca.ca_ttl``, ``ca.x509_svid_ttl`` and ``ca.jwt_svid_ttl`` (seconds), declared once here.
 DEFAULT_CA_TTL = 365 * 86400.0
+DEFAULT_X509_SVID_TTL = 3600.0
+DEFAULT_JWT_SVID_TTL = 300.0
 #: Certificates are dated this far into the past so that peers whose clocks lag a little accept them at once.
 BACKDATE_SECONDS = 60.0
 #: Fractions of the current lifetime at which the next authority is prepared and activated (as in SPIRE).

@@ -21,10 +21,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from svidgate.errors import SpiffeIdError
+from svidgate.identity.selectors import CallerLike, Selector
 from svidgate.identity.template import SpiffeIdTemplate
 
 if TYPE_CHECKING:
-    from svidgate.config import Workload
     from svidgate.identity.spiffe_id import SpiffeId
 
 
@@ -62,6 +62,32 @@ class KubernetesWorkload:
             "k8s_pod_uid": self.pod_uid,
             "k8s_container": self.container_name,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """An identity svidgate hands out, and who may receive it (one ``workloads[]`` entry of the config).
+
+    Attributes:
+        spiffe_id: the SVID's SPIFFE ID (always in the configured trust domain), or a template filled from
+            each attested caller (`svidgate.identity.template`; the workload then has a `k8s:` selector).
+        selectors: a caller is entitled when ALL of them match (never empty).
+        dns_names: extra DNS SANs on the X.509-SVID.
+        hint: the Workload API `hint` for this SVID ("" = none).
+    """
+
+    spiffe_id: SpiffeId | SpiffeIdTemplate
+    selectors: tuple[Selector, ...]
+    dns_names: tuple[str, ...] = ()
+    hint: str = ""
+
+    @property
+    def templated(self) -> bool:
+        return isinstance(self.spiffe_id, SpiffeIdTemplate)
+
+    def matches(self, caller: CallerLike) -> bool:
+        """True when every selector matches the caller."""
+        return bool(self.selectors) and all(s.matches(caller) for s in self.selectors)
 
 
 @dataclass(frozen=True, slots=True)

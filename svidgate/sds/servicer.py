@@ -33,7 +33,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -74,7 +74,7 @@ from svidgate.sds.stream import (
 )
 
 if TYPE_CHECKING:
-    from svidgate.config import SdsConfig, Workload
+    from svidgate.identity.entitlement import Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
     from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
     from svidgate.peercred import PeerRegistry
@@ -132,8 +132,25 @@ def _serialize(message: Any) -> bytes:
     return message if type(message) is bytes else message.SerializeToString()
 
 
-def naming_from_config(sds: SdsConfig, trust_domain: TrustDomain) -> Naming:
-    """The `Naming` rules from the `sds:` config section and the own trust domain."""
+class SdsSettings(Protocol):
+    """What the SDS servicer reads of its settings (the ``sds:`` section, `svidgate.config.SdsConfig`)."""
+
+    @property
+    def default_svid_name(self) -> str: ...
+    @property
+    def own_bundle_name(self) -> str: ...
+    @property
+    def all_bundles_name(self) -> str: ...
+    @property
+    def validation(self) -> Validation: ...
+    @property
+    def istio_compat(self) -> bool: ...
+    @property
+    def pool_trust_domain_roots_unsafe(self) -> bool: ...
+
+
+def naming_from_config(sds: SdsSettings, trust_domain: TrustDomain) -> Naming:
+    """The `Naming` rules from the SDS settings (the ``sds:`` section) and the own trust domain."""
     return Naming(
         trust_domain=trust_domain,
         default_svid_name=sds.default_svid_name,
@@ -199,7 +216,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         self,
         feed: SnapshotFeed,
         workloads: Sequence[Workload],
-        sds: SdsConfig,
+        sds: SdsSettings,
         trust_domain: TrustDomain,
         peers: PeerRegistry | None = None,
         metrics: SdsMetrics | None = None,

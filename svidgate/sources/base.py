@@ -14,7 +14,7 @@ from svidgate.identity.snapshot import SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId
 
 if TYPE_CHECKING:
-    from svidgate.config import Workload
+    from svidgate.identity.entitlement import Workload
 
 
 @dataclass(frozen=True, slots=True)

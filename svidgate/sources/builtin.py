@@ -33,11 +33,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from svidgate.bounded import BoundedDict
-from svidgate.config import FederationConfig, Workload
 from svidgate.errors import CaError, JwtSvidError, SourceError, SvidgateError
 from svidgate.identity.bundle import Bundle
-from svidgate.identity.ca import ACTIVATE_AT, PREPARE_AT, BuiltinCa
+from svidgate.identity.ca import (
+    ACTIVATE_AT,
+    DEFAULT_JWT_SVID_TTL,
+    DEFAULT_X509_SVID_TTL,
+    PREPARE_AT,
+    BuiltinCa,
+)
 from svidgate.identity.clock import Clock
+from svidgate.identity.entitlement import Workload
+from svidgate.identity.federation import FederationSettings
 from svidgate.identity.jwtsvid import JwtSvid, parse_jwt_svid_insecure
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
@@ -100,8 +107,8 @@ class BuiltinSource:
         federation: FederatedBundles | None,
         clock: Clock,
         *,
-        x509_svid_ttl: float = 3600.0,
-        jwt_svid_ttl: float = 300.0,
+        x509_svid_ttl: float = DEFAULT_X509_SVID_TTL,
+        jwt_svid_ttl: float = DEFAULT_JWT_SVID_TTL,
         internal_ids: Sequence[SpiffeId] = (),
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -204,7 +211,7 @@ class BuiltinSource:
             return True
         return False
 
-    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
+    def set_federation(self, federation: Mapping[TrustDomain, FederationSettings]) -> None:
         """Apply a reloaded ``federation`` section (`FederatedBundles.set_federation`); call on the loop.
 
         A removed trust domain leaves the published snapshot before this returns; a new one is fetched at

@@ -7,7 +7,7 @@ JWKS of the JWT-SVID keys at ``<issuer path>/keys``, the two documents SPIRE's o
 
 Both endpoint profiles of the spec (section 5):
 
-- ``https_spiffe``: the server presents an X.509-SVID for `BundleEndpointServerConfig.spiffe_id` taken from
+- ``https_spiffe``: the server presents an X.509-SVID for `BundleEndpointServerSettings.spiffe_id` taken from
   the identity snapshot, so it rotates like every SVID; a new snapshot reloads the TLS context's
   certificate and new handshakes present the new one without a restart.
 - ``https_web``: the server presents `cert_file`/`key_file`, re-read when their content changes (a certificate
@@ -46,9 +46,10 @@ from pathlib import Path
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from svidgate.config import BundleEndpointServerConfig
 from svidgate.errors import BundleError, SourceError
 from svidgate.identity.bundle import Bundle
+from svidgate.identity.ca import DEFAULT_REFRESH_HINT
+from svidgate.identity.federation import DEFAULT_POLL_INTERVAL, BundleEndpointServerSettings
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.identity.spiffe_id import TrustDomain
 from svidgate.identity.x509svid import X509Svid
@@ -73,8 +74,6 @@ KEEPALIVE_TIMEOUT = 5.0
 #: Request line and each header field; aiohttp answers 400 beyond it.
 MAX_LINE = 8190
 MAX_HEADERS = 32
-#: The served ``spiffe_refresh_hint`` when neither the config nor the bundle sets one.
-DEFAULT_REFRESH_HINT = 300
 SEQUENCE_DIR = "bundle_endpoint"
 SEQUENCE_FILE = "sequence.json"
 
@@ -331,12 +330,12 @@ class BundleEndpointServer:
         self,
         host: str,
         port: int,
-        settings: BundleEndpointServerConfig,
+        settings: BundleEndpointServerSettings,
         trust_domain: TrustDomain,
         feed: SnapshotFeed,
         sequence: BundleSequence,
         *,
-        poll_interval: float = 5.0,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_connections: int = MAX_CONNECTIONS,
         connection_lifetime: float = CONNECTION_LIFETIME,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,

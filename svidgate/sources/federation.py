@@ -60,7 +60,6 @@ import aiohttp
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, LineTooLong, TransferEncodingError
 from cryptography import x509
 
-from svidgate.config import BundleEndpoint, FederationConfig
 from svidgate.errors import BundleError, SourceError, X509SvidError
 from svidgate.identity.bundle import (
     MAX_BUNDLE_BYTES,
@@ -75,6 +74,7 @@ from svidgate.identity.bundle import (
     report_rejected_authorities,
 )
 from svidgate.identity.clock import Clock
+from svidgate.identity.federation import DEFAULT_POLL_INTERVAL, BundleEndpoint, FederationSettings
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
 from svidgate.identity.x509svid import spiffe_id_of
 from svidgate.sources.base import SourceHealth, SourceStatus
@@ -438,7 +438,7 @@ class _SpiffeEndpointContext(ssl.SSLContext):
 @dataclass(slots=True)
 class _FederatedTrustDomain:
     trust_domain: TrustDomain
-    config: FederationConfig
+    config: FederationSettings
     file: WatchedFile | None
     health: SourceHealth
     bundle: Bundle | None = None
@@ -467,9 +467,9 @@ class FederatedBundles:
 
     def __init__(
         self,
-        federation: Mapping[TrustDomain, FederationConfig],
+        federation: Mapping[TrustDomain, FederationSettings],
         clock: Clock,
-        poll_interval: float = 5.0,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
         fetch: Fetcher = fetch_bundle,
         on_rejected: BundleRejectionSink | None = None,
     ) -> None:
@@ -485,7 +485,7 @@ class FederatedBundles:
         # Guards the unknown-key bookkeeping (`pending`, `last_unknown_key_fetch`) across Check threads.
         self._lock = threading.Lock()
 
-    def _new_domain(self, trust_domain: TrustDomain, config: FederationConfig) -> _FederatedTrustDomain:
+    def _new_domain(self, trust_domain: TrustDomain, config: FederationSettings) -> _FederatedTrustDomain:
         return _FederatedTrustDomain(
             trust_domain=trust_domain,
             config=config,
@@ -594,7 +594,7 @@ class FederatedBundles:
                 task.cancel()
             await asyncio.gather(federation, owner, return_exceptions=True)
 
-    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> bool:
+    def set_federation(self, federation: Mapping[TrustDomain, FederationSettings]) -> bool:
         """Apply a reloaded ``federation`` section; call on the event loop.
 
         An unchanged trust domain keeps its bundle, schedule and task. A removed one is dropped: its task is

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
-from svidgate.config import FederationConfig
 from svidgate.errors import BundleError, SourceError, X509SvidError
 from svidgate.identity.bundle import (
     Bundle,
@@ -32,6 +31,7 @@ from svidgate.identity.bundle import (
     report_rejected_authorities,
 )
 from svidgate.identity.clock import Clock
+from svidgate.identity.federation import DEFAULT_POLL_INTERVAL, FederationSettings
 from svidgate.identity.jwtsvid import JwtSvid
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.identity.spiffe_id import SpiffeId, TrustDomain
@@ -79,7 +79,7 @@ class FileSource:
         federation: FederatedBundles | None,
         clock: Clock,
         *,
-        poll_interval: float = 5.0,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
         sleep: Sleep = asyncio.sleep,
         on_bundle_rejected: BundleRejectionSink | None = None,
     ) -> None:
@@ -148,7 +148,7 @@ class FileSource:
                 self._publish()
             await self._sleep(min(max(self.next_due() - self._clock(), 0.0), MAX_SLEEP))
 
-    def set_federation(self, federation: Mapping[TrustDomain, FederationConfig]) -> None:
+    def set_federation(self, federation: Mapping[TrustDomain, FederationSettings]) -> None:
         """Apply a reloaded ``federation`` section (`FederatedBundles.set_federation`); call on the loop."""
         if self._federation.set_federation(federation):
             self._publish()

@@ -49,7 +49,7 @@ from svidgate.workloadapi.messages import (
 )
 
 if TYPE_CHECKING:
-    from svidgate.config import Workload
+    from svidgate.identity.entitlement import Workload
     from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
     from svidgate.peercred import PeerRegistry
     from svidgate.sources.base import TemplatedSvids

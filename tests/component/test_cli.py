@@ -426,3 +426,13 @@ def test_check_config_refuses_a_state_dir_of_another_ca_than_the_upstream_root(t
     assert result.code != 0
     assert result.err.count("\n") == 1, result.err
     assert "was not issued by ca.upstream" in result.err
+
+
+def test_config_schema_prints_the_json_schema_editors_point_at() -> None:
+    result = run("config-schema")
+    assert result.code == 0, result.err
+    schema = json.loads(result.out)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert list(schema["properties"])[:3] == ["trust_domain", "state_dir", "listen"]
+    # The documentation an editor shows on hover is the key's docstring in the model.
+    assert "SDS listeners" in json.dumps(schema["$defs"]["ListenConfig"]["properties"]["grpc"])

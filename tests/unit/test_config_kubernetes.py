@@ -125,3 +125,16 @@ authz:
 """
     with pytest.raises(ConfigError, match="inject_spiffe_id: required with mode: inject"):
         parse_config(text)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        # Absent is the mounted cluster CA; null does not turn verification off (as before the schema model).
+        ("{kubelet_ca_file: null}", "kubernetes.kubelet_ca_file: expected a string, got null"),
+        ("{kubelet_ca_file: null, kubelet_insecure_skip_verify: true}", "set either kubelet_ca_file or"),
+    ],
+)
+def test_kubelet_ca_file_null_is_refused(section: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TEMPLATED + f"kubernetes: {section}\n")
