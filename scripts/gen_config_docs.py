@@ -3,7 +3,7 @@
 
 Usage: ``python scripts/gen_config_docs.py`` rewrites the tables between the page's
 ``<!-- generated: NAME -->`` and ``<!-- end generated -->`` markers; ``--check`` only reports (exit 1)
-when the committed page differs from what the model says (tests/unit/test_config_docs.py runs it).
+when the committed page differs from what the model says (tests/unit/config/test_reference.py runs it).
 """
 
 from __future__ import annotations

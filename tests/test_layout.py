@@ -3,7 +3,7 @@ helpers live in one support package.
 
 - tests/unit/<package>/test_<module>.py for svidgate/<package>/<module>.py; tests/unit/test_<module>.py for a
   top-level module. No gRPC: a test that needs a gRPC server is a component test.
-- tests/component/<package>/ (real gRPC servers), with tests/component/runtime/ for whole servers.
+- tests/component/<package>/ (real gRPC servers); tests/component/runtime/ runs whole servers.
 - tests/e2e/ (real Envoy).
 - tests/support/: the one place for helpers; test modules never import each other across these directories.
 """
@@ -17,9 +17,6 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 PACKAGE = REPO / "svidgate"
-
-#: What each tests/component/<name>/ stands for when svidgate/<name> is not (yet) a package of that name.
-COMPONENT_GROUPS = {"runtime": "whole servers (svidgate.server, the lifecycle owner)"}
 
 #: Unit tests that load gRPC through a third party, and why that is not a gRPC dependency of theirs.
 LOADS_GRPC_THROUGH_A_PEER = {
@@ -59,8 +56,7 @@ def test_unit_test_directories_mirror_svidgate_packages() -> None:
 def test_component_test_directories_mirror_svidgate_packages() -> None:
     directories = (p for p in (TESTS / "component").iterdir() if p.is_dir() and p.name != "__pycache__")
     for directory in sorted(directories):
-        package = (PACKAGE / directory.name / "__init__.py").is_file()
-        assert package or directory.name in COMPONENT_GROUPS, f"tests/component/{directory.name}/"
+        assert (PACKAGE / directory.name / "__init__.py").is_file(), f"tests/component/{directory.name}/"
         assert (directory / "__init__.py").is_file(), f"tests/component/{directory.name}/__init__.py"
 
 

@@ -12,7 +12,7 @@ Fail closed, always with a response: a denial is a normal `CheckResponse` with a
 RPC error, because Envoy with ``failure_mode_allow: true`` lets a request through when the RPC fails. Any
 exception inside `check` becomes a denial with reason ``internal_error`` (logged), never an allow.
 
-Why one module of ~770 lines: Check's hot path is here end to end (pre-encoded response parts, the decision
+Why one module (over 600 lines): Check's hot path is here end to end (pre-encoded response parts, the decision
 fast path, the unknown-key refresh, sampling of the decision log) so that its cost can be read and measured
 in one place (bench/check_bench_callgrind.py). The response encoding and the decision log are the seams
 along which it splits when it stops being one hot path.

@@ -21,7 +21,7 @@ Accepted authority keys: RSA of at least `MIN_RSA_BITS` (2048) bits, and EC on P
 JWT-SVID's RS/PS/ES algorithms verify and what SPIRE and svidgate's own CA issue. Ed25519/Ed448 keys have no
 JWT-SVID algorithm (JWT-SVID.md 2.1) and are rejected for both uses.
 
-Why one module of ~700 lines: the parsers, the writers and both layers of acceptance rules are one contract
+Why one module (over 600 lines): the parsers, the writers and both layers of acceptance rules are one contract
 (what a bundle may hold); the per-authority rules run inside the parsers, and a parser in one module with
 its rules in another is how the two drift apart. The sections below follow that contract: format, PEM, JWK
 keys, per-authority rules, per-update rules, bundle map.

@@ -20,7 +20,7 @@ Only `cryptography` does signature work here: pyjwt's verify step measured the s
 reference machine; the signature is most of a whole validation), so it would add a code path for nothing.
 Must never import gRPC or anything outside `svidgate.errors` and `svidgate.identity`.
 
-Why one module of ~600 lines: validation and minting share the encoding rules (base64url without padding,
+Why one module (over 600 lines): validation and minting share the encoding rules (base64url without padding,
 compact JSON, the algorithm each key type signs with), so a token svidgate mints is always one it accepts;
 the reason codes below are the one list every caller reports.
 """

@@ -24,9 +24,9 @@ A templated workload's SVID (``spiffe://td/ns/{k8s:ns}/...``) exists only while 
 entitled to one holds it through `TemplatedSvids.acquire` (the source mints it on the first hold) before it
 answers, and releases it when the stream ends or a reload takes the entitlement away.
 
-Why one module of ~800 lines: the three RPCs share one per-stream life (identify the caller, hold and
+Why one module (over 600 lines): the three RPCs share one per-stream life (identify the caller, hold and
 release templated SVIDs, re-evaluate the entitlement on a reload, refuse oversized requests, report once)
-and the servicer-wide wake-up; what can be pure already lives in `stream` and `resources`. What is left is
+and the wake-up they wait on; what can be pure already lives in `stream` and `resources`. What is left is
 the gRPC edge of one protocol, read top to bottom.
 """
 

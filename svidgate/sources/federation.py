@@ -34,9 +34,9 @@ Rules (SPIFFE_Federation.md):
 
 Never imports gRPC.
 
-Why one module of ~750 lines: the per-trust-domain schedule, the bundle endpoint client and the update rules
-are one state machine per partner (fetch, apply or reject, back off, refetch on an unknown key); the client
-(`fetch_bundle`) is the seam along which it splits.
+Why one module (over 600 lines): the per-trust-domain schedule, the bundle endpoint client and the update
+rules are one state machine per partner (fetch, apply or reject, back off, refetch on an unknown key); the
+client (`fetch_bundle`) is the seam along which it splits.
 """
 
 from __future__ import annotations

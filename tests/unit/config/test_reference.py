@@ -13,7 +13,7 @@ import yaml
 from svidgate.config import config_json_schema, parse_config
 from svidgate.config.reference import duration_text, render
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PAGE = REPO / "docs" / "configuration.md"
 
 

@@ -607,7 +607,7 @@ def test_public_policy_needs_no_audiences_or_allow() -> None:
 
 def test_documented_example_is_valid(tmp_path: Path) -> None:
     """The complete example in docs/configuration.md loads (so the reference cannot drift from the loader)."""
-    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    doc = (Path(__file__).parents[3] / "docs" / "configuration.md").read_text()
     example = doc.split("## A complete example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     config = parse_config(example, "example", base_dir=tmp_path, env=ENV)
     assert config.trust_domain == TrustDomain("example.org")
@@ -615,7 +615,7 @@ def test_documented_example_is_valid(tmp_path: Path) -> None:
 
 
 def test_every_key_is_documented() -> None:
-    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    doc = (Path(__file__).parents[3] / "docs" / "configuration.md").read_text()
     import svidgate.config as module
 
     for cls in (
