@@ -43,11 +43,19 @@ class PolicyHolder:
 
         Returns:
             The compiled configuration now in force.
-
-        Raises:
-            ConfigError: the configuration cannot be compiled; the previous one stays in force.
         """
-        compiled = compile_authz(config)
+        return self.install(compile_authz(config))
+
+    def install(self, compiled: CompiledAuthz) -> CompiledAuthz:
+        """Make an already compiled configuration current (a reload compiles once, before it applies).
+
+        Args:
+            compiled: the compiled ``authz`` section.
+
+        Returns:
+            `compiled`.
+        """
+        config = compiled.config
         self.current = compiled
         self.generation += 1
         log.info(

@@ -157,7 +157,8 @@ class Services:
         Raises:
             ConfigError: the new configuration cannot be applied (the old one stays).
         """
-        compile_authz(new.authz)  # raises ConfigError: nothing swapped yet
+        # Compiled once, here, before anything is swapped: apply() installs exactly this object.
+        authz = compile_authz(new.authz)
         workloads = new.workloads
         federation = new.federation
 
@@ -167,7 +168,7 @@ class Services:
                 built.set_workloads(workloads)
             if built.set_federation is not None:  # a SPIRE agent delivers federated bundles itself
                 built.set_federation(federation)
-            self.policies.swap(new.authz)
+            self.policies.install(authz)
             self.changes.swap_rules(workloads)  # SDS, the Workload API and token injection read these
             self._set_kubernetes(new)
 
