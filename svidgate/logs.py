@@ -230,3 +230,36 @@ def configure_logging(
     # per-connection debug chatter unless debug was asked for.
     logging.getLogger("grpc").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
     return handler
+
+
+class _ClientErrorLine(logging.Filter):
+    """Turns aiohttp's report of a request it could not parse (a traceback at ERROR for an over-long line, at
+    DEBUG for others) into one debug line without a traceback: the client got its 400, and whoever can reach
+    the port must not be able to fill the log with tracebacks."""
+
+    def __init__(self, event: str) -> None:
+        super().__init__()
+        self.event = event
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            exc = record.exc_info[1]
+            reason = str(exc).strip().splitlines()[0][:120] if exc is not None else ""
+            record.fields = {"error": type(exc).__name__, "reason": reason}
+            record.msg, record.args = self.event, ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def aiohttp_server_logger(name: str, event: str) -> logging.Logger:
+    """The logger to hand an aiohttp server: a request it cannot parse becomes one debug line `event`.
+
+    Args:
+        name: the logger's name.
+        event: the event of that line (``http.bad_request``).
+    """
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _ClientErrorLine) for f in logger.filters):
+        logger.addFilter(_ClientErrorLine(event))
+    return logger

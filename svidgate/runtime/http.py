@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from svidgate.logs import aiohttp_server_logger
 from svidgate.runtime.listeners import bind_error, bracket_host
 
 __all__ = ["HttpEndpoint"]
@@ -42,23 +43,7 @@ _TEXT = "text/plain"
 _HEADERS = {"Cache-Control": "no-store", "Server": "svidgate"}
 
 
-class _ClientErrorLine(logging.Filter):
-    """Turns aiohttp's report of a request it could not parse (with a traceback) into one debug line: the
-    client got its 400, and whoever reaches the port must not be able to fill the log with tracebacks."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info:
-            exc = record.exc_info[1]
-            reason = str(exc).strip().splitlines()[0][:120] if exc is not None else ""
-            record.fields = {"error": type(exc).__name__, "reason": reason}
-            record.msg, record.args = "http.bad_request", ()
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-_aiohttp_log = logging.getLogger(__name__ + ".aiohttp")
-_aiohttp_log.addFilter(_ClientErrorLine())
+_aiohttp_log = aiohttp_server_logger(__name__ + ".aiohttp", "http.bad_request")
 
 
 class HttpEndpoint:

@@ -53,6 +53,7 @@ from svidgate.identity.federation import DEFAULT_POLL_INTERVAL, BundleEndpointSe
 from svidgate.identity.snapshot import IdentitySnapshot, SnapshotFeed
 from svidgate.identity.spiffe_id import TrustDomain
 from svidgate.identity.x509svid import X509Svid
+from svidgate.logs import aiohttp_server_logger
 from svidgate.sources.bundle_documents import (
     authorities_digest,
     bundle_document,
@@ -228,24 +229,7 @@ def load_cert_files(context: ssl.SSLContext, cert_file: Path, key_file: Path) ->
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _ClientErrorLine(logging.Filter):
-    """Turns aiohttp's report of a request it could not parse (a traceback at ERROR for an over-long line, at
-    DEBUG for others) into one debug line without a traceback: the client got its 400, and whoever can reach
-    the endpoint must not be able to fill the log with tracebacks."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info:
-            exc = record.exc_info[1]
-            reason = str(exc).strip().splitlines()[0][:120] if exc is not None else ""
-            record.fields = {"error": type(exc).__name__, "reason": reason}
-            record.msg, record.args = "bundle_endpoint.bad_request", ()
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-_http_log = logging.getLogger(__name__ + ".http")
-_http_log.addFilter(_ClientErrorLine())
+_http_log = aiohttp_server_logger(__name__ + ".http", "bundle_endpoint.bad_request")
 
 
 class _Guarded(asyncio.Protocol):
